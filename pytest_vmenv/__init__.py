@@ -1,0 +1,43 @@
+"""pytest-vmenv: declarative test machines for pytest.
+
+Declare what a test needs with ``@pytest.mark.vm(...)`` or ``@pytest.mark.vmenv("NAME")``;
+the plugin hands real, isolated machines to the test through the ``vm``/``vms`` fixtures and
+destroys them afterwards.
+"""
+
+from .backend import Backend, Capabilities, MachineRef, MachineState, Result, Session, Snapshot
+from .errors import (
+    BackendError,
+    BackendUnavailable,
+    BootTimeout,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    MachineGone,
+    ProvisionError,
+    VmenvError,
+)
+from .machine import Machine
+from .spec import MachineSpec
+
+__all__ = [
+    "Backend",
+    "BackendError",
+    "BackendUnavailable",
+    "BootTimeout",
+    "Capabilities",
+    "CommandFailed",
+    "CommandTimeout",
+    "ConfigError",
+    "Machine",
+    "MachineGone",
+    "MachineRef",
+    "MachineSpec",
+    "MachineState",
+    "ProvisionError",
+    "Result",
+    "Session",
+    "Snapshot",
+    "VmenvError",
+]
+__version__ = "0.1.0"

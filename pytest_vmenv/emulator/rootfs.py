@@ -1,0 +1,176 @@
+"""Build a guest's root inside its own mount namespace, then pivot into it (runs as PID 1).
+
+Everything here runs in the guest's PID 1, after ``unshare`` and before it serves commands,
+so every mount lands in the guest's private mount namespace and vanishes with it: nothing is
+ever mounted in the host's namespace. The layout follows Docker's defaults: a fresh ``/proc``
+with ``/proc/sys`` read-only and the sensitive files masked, a read-only ``/sys``, a tiny
+``/dev`` tmpfs with only the harmless character devices (no block device, and ``mknod``
+is impossible once CAP_MKNOD is dropped), and Docker's default capability set minus
+CAP_MKNOD.
+
+Paths inside the new root are never followed through a symlink before ``pivot_root``: an
+image could point ``/proc`` at a host path, so each mount point must be a real directory.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from . import _sys
+
+__all__ = ["DOCKER_CAPS", "HOST_BASE", "build_root"]
+
+HOST_BASE = "@host"
+"""Stack entry meaning "a read-only view of the host's /" (mounted per guest)."""
+
+# Docker's default capability set, without CAP_MKNOD (27): CHOWN 0, DAC_OVERRIDE 1, FOWNER 3,
+# FSETID 4, KILL 5, SETGID 6, SETUID 7, SETPCAP 8, NET_BIND_SERVICE 10, NET_RAW 13,
+# SYS_CHROOT 18, AUDIT_WRITE 29, SETFCAP 31.
+DOCKER_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31})
+
+_DEVICES = {
+    "null": (1, 3),
+    "zero": (1, 5),
+    "full": (1, 7),
+    "random": (1, 8),
+    "urandom": (1, 9),
+    "tty": (5, 0),
+}
+_MASKED_FILES = (
+    "kcore",
+    "keys",
+    "latency_stats",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "sysrq-trigger",
+)
+_MASKED_DIRS = (
+    "proc/acpi",
+    "proc/asound",
+    "proc/scsi",
+    "sys/firmware",
+    "sys/devices/virtual/powercap",
+)
+_READONLY = ("proc/sys", "proc/bus", "proc/fs", "proc/irq")
+_NOSUID_NODEV_NOEXEC = _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC
+
+
+def _real_dir(path: str) -> None:
+    """Make ``path`` exist as a directory, refusing a symlink in its place."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        os.mkdir(path, 0o755)
+        return
+    if not stat.S_ISDIR(st.st_mode):
+        raise OSError(f"{path!r} in the image is not a directory (a symlink?); cannot mount on it")
+
+
+def _mount_stack(cfg: Mapping[str, Any], root: str) -> None:
+    gdir = cfg["gdir"]
+    lowers: list[str] = []
+    for entry in cfg["stack"]:
+        if entry == HOST_BASE:
+            # overlay refuses lowerdir=/ alone and layers nested in it (ELOOP); a read-only
+            # overlay of / plus an empty tmpfs is a distinct filesystem to stack over.
+            _sys.mount("tmpfs", f"{gdir}/empty", "tmpfs", _sys.MS_RDONLY, "size=4k,mode=755")
+            _sys.mount(
+                "overlay", f"{gdir}/base", "overlay", _sys.MS_RDONLY, f"lowerdir=/:{gdir}/empty"
+            )
+            lowers.append(f"{gdir}/base")
+        else:
+            lowers.append(entry)
+    os.chdir(cfg["layers_root"])  # relative lowerdirs keep the option string short
+    options = f"lowerdir={':'.join(lowers)},upperdir={gdir}/upper,workdir={gdir}/work,index=off"
+    _sys.mount("overlay", root, "overlay", 0, options)
+
+
+def _mount_dev(root: str, console: str) -> None:
+    dev = f"{root}/dev"
+    _real_dir(dev)
+    _sys.mount("tmpfs", dev, "tmpfs", _sys.MS_NOSUID | _sys.MS_NOEXEC, "mode=755,size=65536k")
+    for name, (major, minor) in _DEVICES.items():
+        os.mknod(f"{dev}/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
+        os.chmod(f"{dev}/{name}", 0o666)
+    os.mkdir(f"{dev}/pts", 0o755)
+    _sys.mount(
+        "devpts",
+        f"{dev}/pts",
+        "devpts",
+        _sys.MS_NOSUID | _sys.MS_NOEXEC,
+        "newinstance,ptmxmode=0666,mode=0620",
+    )
+    os.symlink("pts/ptmx", f"{dev}/ptmx")
+    os.mkdir(f"{dev}/shm", 0o1777)
+    _sys.mount("shm", f"{dev}/shm", "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
+    for i, name in enumerate(("stdin", "stdout", "stderr")):
+        os.symlink(f"/proc/self/fd/{i}", f"{dev}/{name}")
+    os.symlink("/proc/self/fd", f"{dev}/fd")
+    os.symlink("/proc/kcore", f"{dev}/core")
+    with open(f"{dev}/console", "wb"):
+        pass
+    _sys.mount(console, f"{dev}/console", None, _sys.MS_BIND)
+
+
+def _mount_proc_sys(root: str) -> None:
+    _real_dir(f"{root}/proc")
+    _sys.mount("proc", f"{root}/proc", "proc", _NOSUID_NODEV_NOEXEC)
+    _real_dir(f"{root}/sys")
+    _sys.mount("sysfs", f"{root}/sys", "sysfs", _NOSUID_NODEV_NOEXEC | _sys.MS_RDONLY)
+    for rel in _READONLY:
+        path = f"{root}/{rel}"
+        if os.path.isdir(path):
+            _sys.mount(path, path, None, _sys.MS_BIND | _sys.MS_REC)
+            _sys.mount(
+                path,
+                path,
+                None,
+                _sys.MS_BIND | _sys.MS_REMOUNT | _sys.MS_RDONLY | _NOSUID_NODEV_NOEXEC,
+            )
+    for name in _MASKED_FILES:
+        path = f"{root}/proc/{name}"
+        if os.path.exists(path):
+            _sys.mount(f"{root}/dev/null", path, None, _sys.MS_BIND)
+    for rel in _MASKED_DIRS:
+        path = f"{root}/{rel}"
+        if os.path.isdir(path):
+            _sys.mount("tmpfs", path, "tmpfs", _sys.MS_RDONLY, "size=0")
+
+
+def build_root(cfg: Mapping[str, Any]) -> None:
+    """Mount the guest's root from ``cfg`` and make it ``/`` (then drop capabilities).
+
+    ``cfg`` keys: ``gdir`` (guest dir with ``upper``, ``work``, ``root``, ``base``,
+    ``empty``), ``stack`` (lower layers, top first; :data:`HOST_BASE` for the host's /),
+    ``layers_root`` (directory relative stack entries are resolved from), ``hostname``,
+    ``console`` (file bound on ``/dev/console``).
+    """
+    _sys.mount("none", "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
+    root = f"{cfg['gdir']}/root"
+    _mount_stack(cfg, root)
+    _mount_dev(root, cfg["console"])
+    _mount_proc_sys(root)
+    for rel in ("tmp", "run"):
+        path = f"{root}/{rel}"
+        if not os.path.lexists(path):
+            os.mkdir(path, 0o1777 if rel == "tmp" else 0o755)
+    _sys.sethostname(cfg["hostname"])
+    _sys.link_up("lo")
+    os.chdir(root)
+    _sys.pivot_root(".", ".")
+    _sys.umount2(".", _sys.MNT_DETACH)
+    os.chdir("/")
+    _sys.drop_capabilities(DOCKER_CAPS)
+
+
+def close_fds_except(keep: Sequence[int]) -> None:
+    """Close every descriptor above 2 that is not in ``keep``."""
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)

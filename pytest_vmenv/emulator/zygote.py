@@ -1,0 +1,145 @@
+"""The zygote: a single-threaded helper that forks guests on request.
+
+Why it exists: forking a guest straight from pytest is unsafe (pytest may have threads, and
+``PR_SET_PDEATHSIG`` fires when the parent *thread* exits), and starting a fresh Python per
+guest costs 40-60 ms. The zygote has imported everything a guest needs, so a fork is ready
+to work at once.
+
+Protocol (SEQPACKET, :mod:`wire`): ``{"op": "spawn", "cfg": {...}, "cgroups": [paths]}``
+with the guest end of its control socket attached; the answer is ``{"ok": true, "pid": N}``
+(N is the guest's keeper process) or ``{"error": "..."}``. The guest itself reports
+``ready`` (with PID 1's host pid) on its control socket.
+
+Process chain: zygote -> keeper (host PID namespace, joins the guest's cgroups, unshares the
+namespaces) -> PID 1 of the new PID namespace. Each link has ``PR_SET_PDEATHSIG=SIGKILL``
+on its parent, and the zygote kills every keeper when its own socket reaches end-of-file
+(pytest exited or died), so no guest outlives the process that made it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import select
+import signal
+import socket
+import sys
+import traceback
+from collections.abc import Mapping
+from typing import Any
+
+from . import _sys, guest, rootfs, wire
+
+__all__ = ["GUEST_NAMESPACES", "main"]
+
+GUEST_NAMESPACES = (
+    _sys.CLONE_NEWNS
+    | _sys.CLONE_NEWUTS
+    | _sys.CLONE_NEWIPC
+    | _sys.CLONE_NEWNET
+    | _sys.CLONE_NEWPID
+    | _sys.CLONE_NEWCGROUP
+)
+_PR_SET_PDEATHSIG = 1
+
+
+def _keeper(cfg: Mapping[str, Any], cgroups: list[str], ctl_fd: int, zygote: int) -> None:
+    """Runs in the forked child: join cgroups, unshare, fork PID 1, wait for it."""
+    try:
+        _sys.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != zygote:
+            os._exit(1)
+        signal.set_wakeup_fd(-1)
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        rootfs.close_fds_except([ctl_fd])
+        for procs in cgroups:
+            with open(procs, "w", encoding="ascii") as f:
+                f.write("0")
+        _sys.unshare(GUEST_NAMESPACES)
+        pid1 = os.fork()
+        if pid1 == 0:
+            _sys.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            guest.pid1_main(cfg, ctl_fd)
+            os._exit(0)
+        os.close(ctl_fd)
+        while True:
+            try:
+                os.waitpid(pid1, 0)
+                break
+            except ChildProcessError:
+                break
+            except InterruptedError:
+                continue
+    except BaseException:  # noqa: BLE001 - a forked child must never return to the loop
+        with contextlib.suppress(OSError):
+            wire.send(socket.socket(fileno=ctl_fd), {"error": traceback.format_exc()[-4000:]})
+        os._exit(1)
+    os._exit(0)
+
+
+def _reap(children: set[int]) -> None:
+    while children:
+        try:
+            pid, _status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            children.clear()
+            return
+        if pid == 0:
+            return
+        children.discard(pid)
+
+
+def serve(sock: socket.socket) -> None:
+    """Serve spawn requests until ``sock`` reaches end-of-file, then kill every keeper."""
+    me = os.getpid()
+    children: set[int] = set()
+    rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
+    poll = select.poll()
+    poll.register(sock.fileno(), select.POLLIN)
+    poll.register(rfd, select.POLLIN)
+    while True:
+        for fd, _ev in poll.poll():
+            if fd == rfd:
+                with contextlib.suppress(BlockingIOError):
+                    os.read(rfd, 512)
+                _reap(children)
+                continue
+            try:
+                msg, fds = wire.recv(sock)
+            except OSError:
+                msg, fds = None, []
+            if msg is None:
+                for pid in children:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                os._exit(0)
+            if msg.get("op") != "spawn" or len(fds) != 1:
+                for x in fds:
+                    os.close(x)
+                wire.send(sock, {"error": f"bad request {msg.get('op')!r}"})
+                continue
+            try:
+                pid = os.fork()
+            except OSError as exc:
+                os.close(fds[0])
+                wire.send(sock, {"error": f"fork failed: {exc}"})
+                continue
+            if pid == 0:
+                _keeper(msg["cfg"], list(msg.get("cgroups", [])), fds[0], me)
+            os.close(fds[0])
+            children.add(pid)
+            wire.send(sock, {"ok": True, "pid": pid})
+
+
+def main() -> None:
+    """Entry point: ``python -m pytest_vmenv.emulator.zygote FD``."""
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    os.set_inheritable(sock.fileno(), False)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in pytest must not kill guests early
+    serve(sock)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,212 @@
+"""Machine: the verbs a test author uses, written once over the backend's ``execute``."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shlex
+import tempfile
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from .backend import Backend, MachineRef, Result, Snapshot
+from .errors import CommandFailed, CommandTimeout
+from .paths import state_dir
+
+if TYPE_CHECKING:
+    from .spec import MachineSpec
+
+__all__ = ["CommandRecord", "Machine"]
+
+log = logging.getLogger("pytest_vmenv")
+Command = str | Sequence[str]
+
+
+@dataclass(frozen=True)
+class CommandRecord:
+    """One command a test ran, for the failure report."""
+
+    command: str
+    exit_code: int | None  # None: timed out
+    duration: float
+
+
+def _argv(command: Command) -> list[str]:
+    if isinstance(command, str):
+        return ["/bin/sh", "-c", command]
+    return [str(a) for a in command]
+
+
+def _show(command: Command) -> str:
+    return command if isinstance(command, str) else shlex.join(command)
+
+
+class Machine:
+    """A running machine handed to a test.
+
+    Commands given as a string run through ``/bin/sh -c``; a list runs as argv. ``run`` never
+    raises on a non-zero exit; ``succeed``/``fail`` raise :class:`CommandFailed` (an
+    ``AssertionError``) showing the command, exit code and output tails.
+    """
+
+    def __init__(
+        self, backend: Backend, ref: MachineRef, spec: MachineSpec, scratch: Path | None = None
+    ) -> None:
+        self.backend = backend
+        self.ref = ref
+        self.spec = spec
+        self.history: list[CommandRecord] = []
+        self._scratch = scratch or state_dir() / "scratch"
+        self._scratch.mkdir(parents=True, exist_ok=True)
+
+    def __repr__(self) -> str:
+        return f"<Machine {self.name!r} backend={self.backend.name} id={self.ref.id}>"
+
+    @property
+    def name(self) -> str:
+        return self.spec.name
+
+    @property
+    def ip(self) -> str | None:
+        """The machine's address on its network, ``None`` when it has none."""
+        return self.ref.ip
+
+    def run(
+        self,
+        command: Command,
+        *,
+        input: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        user: str | None = None,
+    ) -> Result:
+        """Run ``command``; raise :class:`CommandTimeout` if ``timeout`` seconds pass."""
+        data = input.encode() if isinstance(input, str) else input
+        start = time.monotonic()
+        try:
+            result = self.backend.execute(
+                self.ref, _argv(command), input=data, env=env, user=user, timeout=timeout
+            )
+        except CommandTimeout:
+            self.history.append(CommandRecord(_show(command), None, time.monotonic() - start))
+            raise
+        self.history.append(CommandRecord(_show(command), result.exit_code, result.duration))
+        return result
+
+    def succeed(self, command: Command, **kwargs: object) -> str:
+        """Run ``command``, require exit status 0, return its stdout."""
+        result = self.run(command, **kwargs)  # type: ignore[arg-type]
+        if result.exit_code != 0:
+            raise CommandFailed(self.name, command, result.exit_code, result.stdout, result.stderr)
+        return result.stdout
+
+    def fail(self, command: Command, **kwargs: object) -> str:
+        """Run ``command``, require a non-zero exit status, return its stdout."""
+        result = self.run(command, **kwargs)  # type: ignore[arg-type]
+        if result.exit_code == 0:
+            raise CommandFailed(
+                self.name, command, 0, result.stdout, result.stderr, expected="a non-zero status"
+            )
+        return result.stdout
+
+    def wait_until_succeeds(
+        self, command: Command, timeout: float = 30, interval: float = 0.1
+    ) -> str:
+        """Retry ``command`` until it exits 0; on the last try raise with its output."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            result = self.run(command, timeout=max(left, 1.0))
+            if result.exit_code == 0:
+                return result.stdout
+            if time.monotonic() + interval >= deadline:
+                raise CommandFailed(
+                    self.name, command, result.exit_code, result.stdout, result.stderr,
+                    expected=f"exit status 0 within {timeout:g}s",
+                )  # fmt: skip
+            time.sleep(interval)
+            interval = min(interval * 1.5, 1.0)
+
+    def wait_until_fails(self, command: Command, timeout: float = 30) -> str:
+        """Retry ``command`` until it exits non-zero."""
+        deadline = time.monotonic() + timeout
+        while True:
+            result = self.run(command, timeout=max(deadline - time.monotonic(), 1.0))
+            if result.exit_code != 0:
+                return result.stdout
+            if time.monotonic() >= deadline:
+                raise CommandFailed(
+                    self.name, command, 0, result.stdout, result.stderr,
+                    expected=f"a non-zero status within {timeout:g}s",
+                )  # fmt: skip
+            time.sleep(0.2)
+
+    def listening_ports(self) -> set[int]:
+        """TCP ports in LISTEN state inside the machine (read from /proc/net/tcp{,6})."""
+        ports: set[int] = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            try:
+                text = self.read_text(table)
+            except Exception:  # noqa: BLE001 - a kernel without IPv6 has no tcp6
+                continue
+            for line in text.splitlines()[1:]:
+                fields = line.split()
+                if len(fields) > 3 and fields[3] == "0A":
+                    ports.add(int(fields[1].rsplit(":", 1)[1], 16))
+        return ports
+
+    def wait_for_port(self, port: int, timeout: float = 30) -> None:
+        """Wait until something in the machine listens on TCP ``port``.
+
+        Reads the kernel's socket tables through the backend's file channel, so it needs no
+        tool (``nc``, ``ss``) inside the image.
+        """
+        deadline = time.monotonic() + timeout
+        delay = 0.02
+        while port not in self.listening_ports():
+            if time.monotonic() >= deadline:
+                raise CommandFailed(
+                    self.name, f"wait_for_port({port})", 1, "", "",
+                    expected=f"a listener on TCP port {port} within {timeout:g}s",
+                )  # fmt: skip
+            time.sleep(delay)
+            delay = min(delay * 2, 0.5)
+
+    def put(self, local: str | os.PathLike[str], remote: str) -> None:
+        """Copy the local file ``local`` to ``remote`` inside the machine."""
+        self.backend.copy_in(self.ref, Path(local), remote)
+
+    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
+        """Copy the file ``remote`` from the machine to the local path ``local``."""
+        self.backend.copy_out(self.ref, remote, Path(local))
+
+    def write_bytes(self, remote: str, data: bytes) -> None:
+        with tempfile.NamedTemporaryFile(dir=self._scratch, prefix="put-") as tmp:
+            tmp.write(data)
+            tmp.flush()
+            self.put(tmp.name, remote)
+
+    def read_bytes(self, remote: str) -> bytes:
+        with tempfile.TemporaryDirectory(dir=self._scratch, prefix="get-") as tmp:
+            target = Path(tmp) / "data"
+            self.get(remote, target)
+            return target.read_bytes()
+
+    def write_text(self, remote: str, text: str) -> None:
+        self.write_bytes(remote, text.encode())
+
+    def read_text(self, remote: str) -> str:
+        return self.read_bytes(remote).decode("utf-8", "replace")
+
+    def snapshot(self, name: str = "snapshot") -> Snapshot:
+        """Freeze the machine's current state; ``revert`` returns to it."""
+        return self.backend.snapshot(self.ref, name)
+
+    def revert(self, snapshot: Snapshot) -> None:
+        self.backend.revert(self.ref, snapshot)
+
+    def console_log(self) -> str:
+        return self.backend.console_log(self.ref)

@@ -1,0 +1,325 @@
+"""Templates, clones, scopes and teardown: the machine lifecycle of one pytest session.
+
+* A template is built once per distinct key (a hash of everything that shapes its disk), up
+  front and in parallel as soon as the selected tests are known, then cloned for every test.
+* ``scope="function"`` machines live for one test; ``"module"``/``"session"`` ones are
+  shared and released when their scope ends. ``isolation="revert"`` keeps one machine per
+  spec and reverts it to its template after each test instead of cloning anew.
+* Teardown releases every machine in its own ``try``: one failing destroy never keeps the
+  others alive; the errors are raised together afterwards.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import statistics
+import threading
+import time
+from collections import defaultdict
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, replace
+from typing import Any
+
+from .backend import Backend, Session, Snapshot
+from .errors import BackendUnavailable, BootTimeout, CommandFailed, CommandTimeout, VmenvError
+from .machine import Machine
+from .spec import MachineSpec
+
+__all__ = ["Orchestrator", "TeardownError", "template_key"]
+
+log = logging.getLogger("pytest_vmenv")
+
+
+class TeardownError(VmenvError):
+    """One or more machines could not be released; each failure is listed."""
+
+
+def _file_identity(value: str) -> Any:
+    """Size and mtime of a file an image points at, so a rebuilt image gets a new key."""
+    try:
+        st = os.stat(value)
+    except OSError:
+        return value
+    return [value, st.st_size, st.st_mtime_ns]
+
+
+def template_key(spec: MachineSpec) -> str:
+    """Hash of what shapes a template's disk: backend, image identity, provision, disk size."""
+    image_config = {
+        k: _file_identity(v) if isinstance(v, str) and os.path.isabs(v) else v
+        for k, v in sorted(spec.image_config.items())
+    }
+    shape = {
+        "backend": spec.backend,
+        "image": spec.image,
+        "image_config": image_config,
+        "provision": [list(p) if isinstance(p, tuple) else p for p in spec.provision],
+        "disk": spec.disk,
+    }
+    data = json.dumps(shape, sort_keys=True, default=str).encode()
+    return hashlib.sha256(data).hexdigest()[:20]
+
+
+def _identity(spec: MachineSpec) -> str:
+    return json.dumps(asdict(spec), sort_keys=True, default=str)
+
+
+@dataclass
+class _Timing:
+    phase: str
+    backend: str
+    machine: str
+    seconds: float
+
+
+class Orchestrator:
+    """Owns every backend, template and machine of one session (one xdist worker)."""
+
+    def __init__(
+        self,
+        session: Session,
+        make_backend: Callable[[str], Backend],
+        *,
+        parallel: int = 2,
+        on_template: Callable[[MachineSpec, Snapshot, float], None] | None = None,
+    ) -> None:
+        self.session = session
+        self._make_backend = make_backend
+        self._backends: dict[str, Backend | BackendUnavailable] = {}
+        self._templates: dict[str, Future[Snapshot]] = {}
+        self._template_specs: dict[str, MachineSpec] = {}
+        self._executor = ThreadPoolExecutor(max(1, parallel), thread_name_prefix="vmenv-build")
+        self._lock = threading.RLock()
+        self._scoped: dict[str, dict[str, Machine]] = defaultdict(dict)
+        self._pool: dict[str, Machine] = {}
+        self._pool_dirty: set[str] = set()
+        self._on_template = on_template
+        self.timings: list[_Timing] = []
+        self.scratch = session.state_dir / "scratch" / f"{session.id}-{session.worker_id}"
+        self.scratch.mkdir(parents=True, exist_ok=True)
+
+    # -- backends ---------------------------------------------------------------------------
+
+    def backend(self, name: str) -> Backend:
+        """The backend ``name``, created and checked once; raises BackendUnavailable."""
+        with self._lock:
+            found = self._backends.get(name)
+            if found is None:
+                try:
+                    found = self._make_backend(name)
+                    found.check()
+                except BackendUnavailable as exc:
+                    found = exc
+                self._backends[name] = found
+        if isinstance(found, BackendUnavailable):
+            raise found
+        return found
+
+    def unavailable(self, name: str) -> str | None:
+        """Why backend ``name`` cannot run here, or None if it can."""
+        try:
+            self.backend(name)
+        except BackendUnavailable as exc:
+            return exc.reason
+        return None
+
+    # -- templates --------------------------------------------------------------------------
+
+    def key(self, spec: MachineSpec) -> str:
+        base = template_key(spec)
+        if self.session.reuse:
+            return base
+        return f"{base}-{self.session.id}-{self.session.worker_id}"
+
+    def prepare(self, specs: Iterable[MachineSpec]) -> None:
+        """Start building the templates of ``specs`` in the background (parallel)."""
+        for spec in specs:
+            self._template_future(spec)
+
+    def _template_future(self, spec: MachineSpec) -> Future[Snapshot]:
+        key = self.key(spec)
+        with self._lock:
+            future = self._templates.get(key)
+            if future is None:
+                future = self._executor.submit(self._build, spec, key)
+                self._templates[key] = future
+                self._template_specs[key] = spec
+        return future
+
+    def _build(self, spec: MachineSpec, key: str) -> Snapshot:
+        backend = self.backend(spec.backend)
+        start = time.monotonic()
+        snapshot = backend.build_template(spec, key, self.session)
+        seconds = time.monotonic() - start
+        self._record("template", spec, seconds)
+        if self._on_template:
+            self._on_template(spec, snapshot, seconds)
+        return snapshot
+
+    def template(self, spec: MachineSpec) -> Snapshot:
+        """The template for ``spec``; waits for its build (and raises what the build raised)."""
+        return self._template_future(spec).result()
+
+    # -- machines ---------------------------------------------------------------------------
+
+    def acquire(
+        self, specs: Sequence[MachineSpec], scope_keys: Mapping[str, str]
+    ) -> dict[str, Machine]:
+        """Machines for one test. ``scope_keys`` maps a scope to the id of its current owner
+        (``{"function": nodeid, "module": module nodeid, "session": ""}``)."""
+        machines: dict[str, Machine] = {}
+        try:
+            for spec in specs:
+                machines[spec.name] = self._acquire_one(spec, scope_keys)
+        except BaseException:
+            self.release(f"function:{scope_keys['function']}")
+            raise
+        return machines
+
+    def _acquire_one(self, spec: MachineSpec, scope_keys: Mapping[str, str]) -> Machine:
+        owner = f"{spec.scope}:{scope_keys[spec.scope]}"
+        backend_spec = spec
+        if spec.network is not None:
+            instance = hashlib.sha256(owner.encode()).hexdigest()[:10]
+            backend_spec = replace(spec, network=f"{spec.network}#{instance}")
+        if spec.scope == "function" and spec.isolation == "revert":
+            pool_key = _identity(spec)
+            with self._lock:
+                machine = self._pool.get(pool_key)
+            if machine is None:
+                machine = self._clone(spec, backend_spec)
+                with self._lock:
+                    self._pool[pool_key] = machine
+            elif pool_key in self._pool_dirty:
+                pooled = machine
+                self._timed("revert", spec, lambda: pooled.revert(self.template(spec)))
+            with self._lock:
+                self._pool_dirty.add(pool_key)
+            return machine
+        ident = _identity(spec)
+        with self._lock:
+            machine = self._scoped[owner].get(ident)
+        if machine is None:
+            machine = self._clone(spec, backend_spec)
+            with self._lock:
+                self._scoped[owner][ident] = machine
+        return machine
+
+    def _clone(self, spec: MachineSpec, backend_spec: MachineSpec) -> Machine:
+        backend = self.backend(spec.backend)
+        snapshot = self.template(spec)
+        deadline = time.monotonic() + spec.timeout
+        ref = self._timed(
+            "clone", spec, lambda: backend.clone(snapshot, backend_spec, self.session)
+        )
+        machine = Machine(backend, ref, spec, scratch=self.scratch)
+        if spec.ready:
+            try:
+                self._timed("ready", spec, lambda: self._wait_ready(machine, deadline))
+            except BaseException:
+                self._destroy(machine)
+                raise
+        return machine
+
+    def _wait_ready(self, machine: Machine, deadline: float) -> None:
+        ready = machine.spec.ready or ""
+        left = max(deadline - time.monotonic(), 0.5)
+        try:
+            if ready.startswith("port:"):
+                machine.wait_for_port(int(ready[5:]), timeout=left)
+            else:
+                machine.wait_until_succeeds(ready, timeout=left)
+        except (CommandFailed, CommandTimeout) as exc:
+            try:
+                tail = "\n".join(machine.console_log().splitlines()[-30:])
+            except VmenvError:
+                tail = ""
+            raise BootTimeout(
+                f"machine {machine.name!r} was not ready (ready={ready!r}) within "
+                f"{machine.spec.timeout:g}s: {str(exc).splitlines()[0]}",
+                tail,
+            ) from None
+
+    def release(self, owner: str) -> None:
+        """Release the machines of one scope owner (``"function:<nodeid>"`` ...)."""
+        with self._lock:
+            machines = list(self._scoped.pop(owner, {}).values())
+        errors = []
+        for machine in machines:
+            try:
+                self._destroy(machine)
+            except Exception as exc:  # noqa: BLE001 - every machine gets its release
+                errors.append(f"{machine.name} ({machine.ref.id}): {exc}")
+        if errors:
+            raise TeardownError("could not destroy:\n  " + "\n  ".join(errors))
+
+    def owners(self, prefix: str) -> list[str]:
+        with self._lock:
+            return [o for o in self._scoped if o.startswith(prefix)]
+
+    def _destroy(self, machine: Machine) -> None:
+        self._timed("teardown", machine.spec, lambda: machine.backend.destroy(machine.ref))
+
+    def close(self) -> list[str]:
+        """Destroy every machine and (unless reused) every template; return the failures."""
+        errors: list[str] = []
+        with self._lock:
+            machines = [m for group in self._scoped.values() for m in group.values()]
+            machines += list(self._pool.values())
+            self._scoped.clear()
+            self._pool.clear()
+        for machine in machines:
+            try:
+                self._destroy(machine)
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"machine {machine.name} ({machine.ref.id}): {exc}")
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        for key, future in list(self._templates.items()):
+            if self.session.reuse or future.cancelled() or future.exception() is not None:
+                continue
+            spec = self._template_specs[key]
+            try:
+                self.backend(spec.backend).remove_template(future.result())
+            except Exception as exc:  # noqa: BLE001
+                errors.append(f"template {key}: {exc}")
+        for name, backend in self._backends.items():
+            close = getattr(backend, "close", None)
+            if callable(close):
+                try:
+                    close()
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(f"backend {name}: {exc}")
+        shutil.rmtree(self.scratch, ignore_errors=True)
+        return errors
+
+    # -- timings ----------------------------------------------------------------------------
+
+    def _timed(self, phase: str, spec: MachineSpec, fn: Callable[[], Any]) -> Any:
+        start = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self._record(phase, spec, time.monotonic() - start)
+
+    def _record(self, phase: str, spec: MachineSpec, seconds: float) -> None:
+        with self._lock:
+            self.timings.append(_Timing(phase, spec.backend, spec.name, seconds))
+
+    def timing_summary(self) -> list[str]:
+        """Lines for the terminal summary: per backend and phase, count, median and max."""
+        groups: dict[tuple[str, str], list[float]] = defaultdict(list)
+        for t in self.timings:
+            groups[(t.backend, t.phase)].append(t.seconds)
+        lines = []
+        for (backend, phase), values in sorted(groups.items()):
+            median = statistics.median(values)
+            lines.append(
+                f"{backend:<10} {phase:<9} n={len(values):<5} median={median:.3f}s "
+                f"max={max(values):.3f}s"
+            )
+        return lines

@@ -1,0 +1,407 @@
+"""pytest hooks: options, markers, fixtures, collection-time validation and reporting.
+
+The plugin is registered through the ``pytest11`` entry point. It costs next to nothing in a
+session that declares no machine: configuration, backends and the orchestrator are created on
+first need only.
+"""
+
+from __future__ import annotations
+
+import itertools
+import secrets
+import time
+from collections.abc import Generator, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from .backend import Backend, Session
+from .config import VmenvConfig, load_config
+from .errors import BackendUnavailable, ConfigError
+from .machine import Machine
+from .options import Options, add_options
+from .orchestrator import Orchestrator
+from .paths import state_dir
+from .registry import Registry
+from .spec import MachineSpec, SpecParser
+
+__all__ = ["VmenvPlugin"]
+
+VM_MARKER = (
+    'vm(image="host", *, name="vm", backend=None, cpus=1, memory="512M", disk=None, '
+    'network=None, provision=(), ready=None, scope="function", isolation="clone", '
+    "timeout=300, labels=None): give the test a machine (fixtures vm, vms); several marks "
+    "with distinct names make one environment"
+)
+VMENV_MARKER = "vmenv(name): give the test the machines of [environments.NAME] in vmenv.toml"
+
+specs_key = pytest.StashKey[list[MachineSpec]]()
+machines_key = pytest.StashKey[dict[str, Machine]]()
+plugin_key = pytest.StashKey["VmenvPlugin"]()
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    add_options(parser)
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line("markers", VM_MARKER)
+    config.addinivalue_line("markers", VMENV_MARKER)
+    try:
+        options = Options.from_config(config)
+    except ConfigError as exc:
+        raise pytest.UsageError(str(exc)) from None
+    plugin = VmenvPlugin(config, options)
+    config.stash[plugin_key] = plugin
+    config.pluginmanager.register(plugin, "vmenv-session")
+    if config.pluginmanager.hasplugin("xdist"):
+        config.pluginmanager.register(_XdistHooks(plugin), "vmenv-xdist")
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_vmenv_make_backend(
+    name: str, cls: type[Any], options: Mapping[str, Any], config: pytest.Config
+) -> Backend:
+    backend: Backend = cls(options)
+    return backend
+
+
+class _XdistHooks:
+    """Hands the controller's session id to every xdist worker: one session, many workers."""
+
+    def __init__(self, plugin: VmenvPlugin) -> None:
+        self.plugin = plugin
+
+    def pytest_configure_node(self, node: Any) -> None:
+        node.workerinput["vmenv_session_id"] = self.plugin.session_id
+
+
+def _new_session_id() -> str:
+    return time.strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
+
+
+class VmenvPlugin:
+    """Per-session state: configuration, spec parsing, the orchestrator."""
+
+    def __init__(self, config: pytest.Config, options: Options) -> None:
+        self.config = config
+        self.options = options
+        workerinput = getattr(config, "workerinput", None)
+        self.worker_id = workerinput["workerid"] if workerinput else "master"
+        self.session_id = (
+            workerinput["vmenv_session_id"]
+            if workerinput and "vmenv_session_id" in workerinput
+            else _new_session_id()
+        )
+        self._vmenv_config: VmenvConfig | None = None
+        self._registry: Registry | None = None
+        self._parser: SpecParser | None = None
+        self._orchestrator: Orchestrator | None = None
+        self._factory_ids = itertools.count()
+
+    # -- lazily built parts -----------------------------------------------------------------
+
+    @property
+    def registry(self) -> Registry:
+        if self._registry is None:
+            self._registry = Registry()
+        return self._registry
+
+    @property
+    def vmenv_config(self) -> VmenvConfig:
+        if self._vmenv_config is None:
+            self._vmenv_config = load_config(
+                Path(self.config.rootpath),
+                self.options.config,
+                cli_vars=self.options.vars,
+                worker_id=self.worker_id,
+                session_id=self.session_id,
+            )
+        return self._vmenv_config
+
+    @property
+    def parser(self) -> SpecParser:
+        if self._parser is None:
+            default = self.options.backend or self.vmenv_config.backend or "emulator"
+            if default not in self.registry:
+                raise ConfigError(
+                    f"backend {default!r} (--vm-backend / VMENV_BACKEND / vmenv.toml backend) "
+                    f"is not installed. Choose one of: {', '.join(self.registry) or '(none)'}"
+                )
+            self._parser = SpecParser(self.vmenv_config, default, self.registry)
+        return self._parser
+
+    @property
+    def orchestrator(self) -> Orchestrator:
+        if self._orchestrator is None:
+            session = Session(
+                id=self.session_id,
+                state_dir=state_dir(),
+                worker_id=self.worker_id,
+                reuse=self.options.reuse,
+            )
+            self._orchestrator = Orchestrator(
+                session,
+                self._make_backend,
+                parallel=self.options.parallel,
+                on_template=self._template_built,
+            )
+        return self._orchestrator
+
+    def _make_backend(self, name: str) -> Backend:
+        cls = self.registry.load(name)
+        options = self.vmenv_config.backends.get(name, {})
+        if name == "kvm" and not options:
+            options = self.vmenv_config.backends.get("libvirt", {})
+        backend: Backend = self.config.hook.pytest_vmenv_make_backend(
+            name=name, cls=cls, options=options, config=self.config
+        )
+        return backend
+
+    def _template_built(self, spec: MachineSpec, snapshot: Any, seconds: float) -> None:
+        self.config.hook.pytest_vmenv_template_built(spec=spec, snapshot=snapshot, seconds=seconds)
+
+    # -- collection -------------------------------------------------------------------------
+
+    def specs_for(self, item: pytest.Item) -> list[MachineSpec]:
+        """Machines of ``item``: the closest level with ``vm`` marks, plus a ``vmenv`` mark."""
+        where = item.nodeid
+        closest: list[pytest.Mark] = []
+        owner = None
+        for node, mark in item.iter_markers_with_node("vm"):
+            if owner is None:
+                owner = node
+            if node is not owner:
+                break
+            closest.append(mark)
+        specs = []
+        for mark in reversed(closest):
+            if len(mark.args) > 1:
+                raise ConfigError(
+                    f"{where}: @pytest.mark.vm takes at most one positional argument (the "
+                    f"image), got {mark.args!r}"
+                )
+            fields = dict(mark.kwargs)
+            if mark.args:
+                if "image" in fields:
+                    raise ConfigError(f"{where}: @pytest.mark.vm got image twice")
+                fields["image"] = mark.args[0]
+            specs.append(self.parser.machine(fields, f"{where}: @pytest.mark.vm"))
+        env_mark = item.get_closest_marker("vmenv")
+        if env_mark is not None:
+            if len(env_mark.args) != 1 or env_mark.kwargs or not isinstance(env_mark.args[0], str):
+                raise ConfigError(
+                    f'{where}: use @pytest.mark.vmenv("NAME") with the name of an environment'
+                )
+            specs += self.parser.environment(env_mark.args[0], f"{where}: @pytest.mark.vmenv")
+        seen: set[str] = set()
+        for spec in specs:
+            if spec.name in seen:
+                raise ConfigError(
+                    f"{where}: two machines are named {spec.name!r}; give each vm mark a "
+                    "distinct name=..."
+                )
+            seen.add(spec.name)
+        if not specs and "vm" in getattr(item, "fixturenames", ()):
+            specs = [self.parser.machine({}, f"{where}: fixture vm")]
+        if "vm" in getattr(item, "fixturenames", ()) and len(specs) != 1:
+            raise ConfigError(
+                f"{where}: the fixture 'vm' needs exactly one machine, but the test has "
+                f"{len(specs)} ({', '.join(sorted(seen))}); use the 'vms' fixture: vms['NAME']"
+            )
+        return specs
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_collection_modifyitems(self, items: list[pytest.Item]) -> None:
+        errors = []
+        for item in items:
+            uses = getattr(item, "fixturenames", ())
+            if (
+                "vm" not in uses
+                and "vms" not in uses
+                and item.get_closest_marker("vm") is None
+                and item.get_closest_marker("vmenv") is None
+            ):
+                continue
+            try:
+                item.stash[specs_key] = self.specs_for(item)
+            except ConfigError as exc:
+                errors.append(str(exc))
+        if errors:
+            more = f"\n(and {len(errors) - 10} more)" if len(errors) > 10 else ""
+            raise pytest.UsageError("pytest-vmenv:\n" + "\n".join(errors[:10]) + more)
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtestloop(self, session: pytest.Session) -> Generator[None, object, object]:
+        if not session.config.option.collectonly:
+            self._prepare(session.items)
+        return (yield)
+
+    def _prepare(self, items: list[pytest.Item]) -> None:
+        """Start building every template the selected tests will clone, in parallel."""
+        wanted: list[MachineSpec] = []
+        for item in items:
+            uses = getattr(item, "fixturenames", ())
+            if "vm" in uses or "vms" in uses:
+                specs: list[MachineSpec] = item.stash.get(specs_key, [])
+                wanted += specs
+        if not wanted:
+            return
+        orchestrator = self.orchestrator
+        for spec in wanted:
+            if orchestrator.unavailable(spec.backend) is None:
+                orchestrator.prepare([spec])
+
+    # -- machines for a test ----------------------------------------------------------------
+
+    def machines_for(self, item: pytest.Item) -> dict[str, Machine]:
+        if machines_key in item.stash:
+            return item.stash[machines_key]
+        specs: list[MachineSpec] = item.stash.get(specs_key, [])
+        if not specs:
+            item.stash[machines_key] = {}
+            return {}
+        module = item.getparent(pytest.Module)
+        scope_keys = {
+            "function": item.nodeid,
+            "module": module.nodeid if module else "",
+            "session": "",
+        }
+        for spec in specs:
+            reason = self.orchestrator.unavailable(spec.backend)
+            if reason is not None:
+                message = f"backend {spec.backend!r} is unavailable: {reason}"
+                if self.options.unavailable == "skip":
+                    pytest.skip(message)
+                pytest.fail(
+                    f"{item.nodeid}: {message} (--vm-unavailable=skip skips such tests)",
+                    pytrace=False,
+                )
+        item.stash[machines_key] = {}
+        machines = self.orchestrator.acquire(specs, scope_keys)
+        item.stash[machines_key] = machines
+        for machine in machines.values():
+            self.config.hook.pytest_vmenv_machine_ready(machine=machine, item=item)
+        return machines
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        if self._orchestrator is None:
+            return
+        self._orchestrator.release(f"function:{item.nodeid}")
+        module = item.getparent(pytest.Module)
+        next_module = nextitem.getparent(pytest.Module) if nextitem else None
+        if module is not None and (next_module is None or next_module.nodeid != module.nodeid):
+            self._orchestrator.release(f"module:{module.nodeid}")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        machines = item.stash.get(machines_key, None)
+        if report.failed and machines:
+            for machine in machines.values():
+                lines = [
+                    f"$ {r.command}  -> "
+                    + ("timed out" if r.exit_code is None else f"exit {r.exit_code}")
+                    + f" ({r.duration * 1000:.1f} ms)"
+                    for r in machine.history[-50:]
+                ]
+                if lines:
+                    report.sections.append((f"vmenv {machine.name}: commands", "\n".join(lines)))
+                try:
+                    tail = "\n".join(machine.console_log().splitlines()[-30:])
+                except Exception:  # noqa: BLE001 - a dead machine has no console to read
+                    tail = ""
+                if tail:
+                    report.sections.append((f"vmenv {machine.name}: console (tail)", tail))
+        return report
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self._orchestrator is None:
+            return
+        errors = self._orchestrator.close()
+        if errors:
+            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+            if reporter is not None:
+                reporter.write_line("pytest-vmenv: teardown failures:", red=True)
+                for error in errors:
+                    reporter.write_line(f"  {error}", red=True)
+
+    def pytest_terminal_summary(self, terminalreporter: Any) -> None:
+        if self._orchestrator is None or not self._orchestrator.timings:
+            return
+        terminalreporter.write_sep("-", f"vmenv timings (session {self.session_id})")
+        for line in self._orchestrator.timing_summary():
+            terminalreporter.write_line(line)
+
+    # -- imperative machines ----------------------------------------------------------------
+
+    def factory_create(self, fields: Mapping[str, Any]) -> Machine:
+        spec = self.parser.machine(dict(fields), "vm_factory.create()")
+        spec_session = spec if spec.scope == "session" else _with_scope(spec, "session")
+        owner = f"factory-{next(self._factory_ids)}"
+        machines = self.orchestrator.acquire(
+            [spec_session], {"function": owner, "module": owner, "session": owner}
+        )
+        return machines[spec.name]
+
+
+def _with_scope(spec: MachineSpec, scope: str) -> MachineSpec:
+    from dataclasses import replace
+
+    return replace(spec, scope=scope)
+
+
+class VmFactory:
+    """Creates machines imperatively; all of them are destroyed at session end."""
+
+    def __init__(self, plugin: VmenvPlugin) -> None:
+        self._plugin = plugin
+
+    def create(self, image: str = "host", name: str = "vm", **spec: Any) -> Machine:
+        """``create(image=..., name=..., cpus=..., ...)``: the fields of the ``vm`` marker."""
+        return self._plugin.factory_create({"image": image, "name": name, **spec})
+
+    def destroy(self, machine: Machine) -> None:
+        machine.backend.destroy(machine.ref)
+
+
+@pytest.fixture(scope="session")
+def vm_factory(pytestconfig: pytest.Config) -> VmFactory:
+    """Session-scoped factory: ``vm_factory.create(image="host", name="db", cpus=2)``."""
+    return VmFactory(pytestconfig.stash[plugin_key])
+
+
+@pytest.fixture
+def vms(request: pytest.FixtureRequest) -> Iterator[dict[str, Machine]]:
+    """Every machine of the test, by name."""
+    yield request.config.stash[plugin_key].machines_for(request.node)
+
+
+@pytest.fixture
+def vm(vms: dict[str, Machine]) -> Machine:
+    """The machine of a test that has exactly one (checked at collection time)."""
+    (machine,) = vms.values()
+    return machine
+
+
+@pytest.fixture(scope="session")
+def vmenv_backend(pytestconfig: pytest.Config) -> Backend:
+    """The active default backend object (``--vm-backend``, vmenv.toml, else emulator)."""
+    plugin: VmenvPlugin = pytestconfig.stash[plugin_key]
+    name = plugin.parser.default_backend
+    try:
+        return plugin.orchestrator.backend(name)
+    except BackendUnavailable as exc:
+        if plugin.options.unavailable == "skip":
+            pytest.skip(str(exc))
+        raise

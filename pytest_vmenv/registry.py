@@ -1,0 +1,71 @@
+"""Find backends through the ``pytest_vmenv.backends`` entry-point group, lazily.
+
+Each entry point is ``NAME = "module:Class"``; the built-in emulator is registered exactly the
+same way, so the path a third-party backend takes is always exercised. Nothing is imported
+until a backend is used (a libvirt or vSphere import is costly, and may be missing): an import
+failure becomes :class:`BackendUnavailable` with an install hint.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from importlib.metadata import EntryPoint, entry_points
+from typing import Any
+
+from .errors import BackendUnavailable, ConfigError
+
+__all__ = ["GROUP", "Registry"]
+
+GROUP = "pytest_vmenv.backends"
+_HINTS = {
+    "libvirt": "pip install pytest-vmenv-libvirt",
+    "kvm": "pip install pytest-vmenv-libvirt",
+    "vsphere": "pip install pytest-vmenv-vsphere",
+}
+
+
+class Registry(Mapping[str, Sequence[str]]):
+    """Installed backends by name; ``registry[name]`` is the images that backend provides."""
+
+    def __init__(self, eps: Sequence[EntryPoint] | None = None) -> None:
+        found = entry_points(group=GROUP) if eps is None else eps
+        self._eps = {ep.name: ep for ep in found}
+        self._classes: dict[str, type[Any]] = {}
+        self._lock = threading.Lock()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(self._eps))
+
+    def __len__(self) -> int:
+        return len(self._eps)
+
+    def __getitem__(self, name: str) -> Sequence[str]:
+        if name not in self._eps:
+            raise KeyError(name)
+        try:
+            cls = self.load(name)
+        except BackendUnavailable:
+            return ()
+        return tuple(getattr(cls, "builtin_images", ()))
+
+    def load(self, name: str) -> type[Any]:
+        """Import and return the backend class registered as ``name``."""
+        with self._lock:
+            if name in self._classes:
+                return self._classes[name]
+            ep = self._eps.get(name)
+            if ep is None:
+                hint = f" ({_HINTS[name]})" if name in _HINTS else ""
+                raise ConfigError(
+                    f"unknown backend {name!r}{hint}. Choose one of: {', '.join(self) or '(none)'}"
+                )
+            try:
+                cls: type[Any] = ep.load()
+            except ImportError as exc:
+                hint = _HINTS.get(name, f"install the distribution that provides {ep.value}")
+                raise BackendUnavailable(
+                    name, f"cannot import {ep.value}: {exc} ({hint})"
+                ) from None
+            self._classes[name] = cls
+            return cls

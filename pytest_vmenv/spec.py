@@ -1,0 +1,230 @@
+"""MachineSpec: what one machine must be, parsed and validated from a marker or config."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import VmenvConfig
+from .errors import ConfigError
+
+__all__ = ["ISOLATIONS", "SCOPES", "MachineSpec", "SpecParser", "parse_size"]
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """A validated machine declaration.
+
+    ``image`` is the name as the user wrote it; ``image_config`` is that image's entry for
+    ``backend`` from ``[tool.vmenv.images.NAME]`` (paths made absolute), or empty when the
+    backend interprets ``image`` itself (the emulator's ``"host"``, a rootfs path).
+    ``memory``/``disk`` are bytes. ``provision`` items are shell strings or argv tuples.
+    """
+
+    name: str = "vm"
+    image: str = "host"
+    backend: str = "emulator"
+    cpus: int = 1
+    memory: int = 512 * 1024**2
+    disk: int | None = None
+    network: str | None = None
+    provision: tuple[str | tuple[str, ...], ...] = ()
+    ready: str | None = None
+    timeout: float = 300.0
+    scope: str = "function"
+    isolation: str = "clone"
+    labels: Mapping[str, str] = field(default_factory=dict)
+    image_config: Mapping[str, Any] = field(default_factory=dict)
+
+
+_FIELDS = (
+    "name", "image", "backend", "cpus", "memory", "disk", "network", "provision",
+    "ready", "timeout", "scope", "isolation", "labels",
+)  # fmt: skip
+SCOPES = ("function", "module", "session")
+ISOLATIONS = ("clone", "revert")
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+_SIZE_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,62}$")
+
+
+def parse_size(value: object, where: str, field_name: str) -> int:
+    """``512M``, ``2G``, ``1.5GiB`` or an int of bytes -> bytes (binary units)."""
+    if isinstance(value, bool):
+        value = str(value)
+    if isinstance(value, int) and value > 0:
+        return value
+    match = _SIZE_RE.match(value) if isinstance(value, str) else None
+    if not match or float(match.group(1)) <= 0:
+        raise ConfigError(
+            f"{where}: {field_name}={value!r} is not a size. "
+            f'Use bytes or a number with K, M, G or T, e.g. "512M" or "2G"'
+        )
+    return int(float(match.group(1)) * _UNITS[match.group(2).upper()])
+
+
+class SpecParser:
+    """Turns marker kwargs and config tables into validated :class:`MachineSpec` objects.
+
+    ``backends`` maps each installed backend name to the images it provides itself
+    (``{"emulator": ("host",)}``); an image is valid if the config names it, the backend
+    provides it, or it is an existing path (a rootfs directory or tarball).
+    """
+
+    def __init__(
+        self, config: VmenvConfig, default_backend: str, backends: Mapping[str, Sequence[str]]
+    ) -> None:
+        self.config = config
+        self.default_backend = default_backend
+        self.backends = backends
+
+    def machine(self, fields: Mapping[str, Any], where: str) -> MachineSpec:
+        """Validate one machine's fields; ``where`` names the test or config key for errors."""
+        unknown = sorted(set(fields) - set(_FIELDS))
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown field {unknown[0]!r}. Choose one of: {', '.join(_FIELDS)}"
+            )
+        get = fields.get
+        name = get("name", "vm")
+        if not isinstance(name, str) or not _NAME_RE.match(name):
+            raise ConfigError(
+                f"{where}: name={name!r} is not a machine name. Use letters, digits and '-' "
+                "(a hostname label, at most 63 characters)"
+            )
+        backend = get("backend") or self.default_backend
+        if backend not in self.backends:
+            raise ConfigError(
+                f"{where}: backend={backend!r} is not installed. "
+                f"Choose one of: {', '.join(sorted(self.backends))}"
+            )
+        image, image_config = self._image(get("image", "host"), backend, where)
+        cpus = get("cpus", 1)
+        if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+            raise ConfigError(f"{where}: cpus={cpus!r} must be a whole number >= 1, e.g. cpus=2")
+        memory = parse_size(get("memory", "512M"), where, "memory")
+        disk = None if get("disk") is None else parse_size(get("disk"), where, "disk")
+        network = get("network")
+        if network is not None and (not isinstance(network, str) or not network or "#" in network):
+            raise ConfigError(f'{where}: network={network!r} must be a name like "lan" or a CIDR')
+        provision = _provision(get("provision", ()), where)
+        ready = get("ready")
+        if ready is not None and not isinstance(ready, str):
+            raise ConfigError(f'{where}: ready={ready!r} must be a command or "port:N"')
+        if isinstance(ready, str) and ready.startswith("port:") and not ready[5:].isdigit():
+            raise ConfigError(f"{where}: ready={ready!r}: the port must be a number, e.g. port:22")
+        timeout = get("timeout", 300)
+        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+            raise ConfigError(f"{where}: timeout={timeout!r} must be a positive number of seconds")
+        scope = get("scope", "function")
+        if scope not in SCOPES:
+            raise ConfigError(f"{where}: scope={scope!r}. Choose one of: {', '.join(SCOPES)}")
+        isolation = get("isolation", "clone")
+        if isolation not in ISOLATIONS:
+            raise ConfigError(
+                f"{where}: isolation={isolation!r}. Choose one of: {', '.join(ISOLATIONS)}"
+            )
+        labels = get("labels") or {}
+        if not isinstance(labels, Mapping) or not all(
+            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+        ):
+            raise ConfigError(f"{where}: labels={labels!r} must map strings to strings")
+        return MachineSpec(
+            name=name, image=image, backend=backend, cpus=cpus, memory=memory, disk=disk,
+            network=network, provision=provision, ready=ready, timeout=float(timeout),
+            scope=scope, isolation=isolation, labels=dict(labels), image_config=image_config,
+        )  # fmt: skip
+
+    def environment(self, env_name: str, where: str) -> list[MachineSpec]:
+        """The machines of ``[environments.NAME]``; each joins the environment's network."""
+        envs = self.config.environments
+        if env_name not in envs:
+            choices = ", ".join(sorted(envs)) or "(none defined in vmenv.toml)"
+            raise ConfigError(
+                f"{where}: unknown environment {env_name!r} ({self.config.where}). "
+                f"Choose one of: {choices}"
+            )
+        table = envs[env_name]
+        key = f"environments.{env_name}"
+        machines = table.get("machines")
+        if not isinstance(machines, Mapping) or not machines:
+            raise ConfigError(f"{self.config.where}: {key}.machines must name at least one machine")
+        network = table.get("network", "lan")
+        specs = []
+        for name, entry in machines.items():
+            if isinstance(entry, str):
+                if entry not in self.config.machines:
+                    raise ConfigError(
+                        f"{self.config.where}: {key}.machines.{name} = {entry!r} names no "
+                        f"[machines.{entry}]. Choose one of: "
+                        f"{', '.join(sorted(self.config.machines)) or '(none defined)'}"
+                    )
+                fields = dict(self.config.machines[entry])
+            elif isinstance(entry, Mapping):
+                fields = dict(entry)
+            else:
+                raise ConfigError(
+                    f"{self.config.where}: {key}.machines.{name} must be a machine name or a table"
+                )
+            fields.setdefault("name", name)
+            fields.setdefault("network", network)
+            specs.append(
+                self.machine(fields, f"{where} ({self.config.where}: {key}.machines.{name})")
+            )
+        return specs
+
+    def _image(self, image: object, backend: str, where: str) -> tuple[str, Mapping[str, Any]]:
+        if not isinstance(image, str) or not image:
+            raise ConfigError(f"{where}: image={image!r} must be a string")
+        if image in self.config.images:
+            entries = self.config.images[image]
+            if backend not in entries:
+                raise ConfigError(
+                    f"{where}: image {image!r} has no entry for backend {backend!r} in "
+                    f"{self.config.where}; add images.{image}.{backend}, or choose a backend of: "
+                    f"{', '.join(sorted(entries)) or '(none)'}"
+                )
+            return image, _absolute_paths(entries[backend], self.config.base_dir)
+        if image in self.backends[backend]:
+            return image, {}
+        path = Path(image)
+        if not path.is_absolute():
+            path = self.config.base_dir / path
+        if path.exists():
+            return image, {"rootfs": str(path.resolve())}
+        choices = sorted(set(self.backends[backend]) | set(self.config.images))
+        raise ConfigError(
+            f"{where}: unknown image {image!r} for backend {backend!r}. Choose one of: "
+            f"{', '.join(choices)}, or an existing path to a rootfs directory or tarball"
+        )
+
+
+def _provision(value: object, where: str) -> tuple[str | tuple[str, ...], ...]:
+    if isinstance(value, str):
+        value = [value]
+    if not isinstance(value, list | tuple):
+        raise ConfigError(f"{where}: provision={value!r} must be a list of commands")
+    steps: list[str | tuple[str, ...]] = []
+    for step in value:
+        if isinstance(step, str):
+            steps.append(step)
+        elif isinstance(step, list | tuple) and step and all(isinstance(a, str) for a in step):
+            steps.append(tuple(step))
+        else:
+            raise ConfigError(
+                f"{where}: provision step {step!r} must be a shell string or an argv list"
+            )
+    return tuple(steps)
+
+
+def _absolute_paths(entry: Mapping[str, Any], base: Path) -> Mapping[str, Any]:
+    """Make the path-valued keys of an image entry absolute, relative to the config file."""
+    out = dict(entry)
+    for key in ("rootfs", "disk", "kernel", "initrd", "path"):
+        value = out.get(key)
+        if isinstance(value, str) and value and not Path(value).is_absolute():
+            out[key] = str(base / value)
+    return out
