@@ -94,6 +94,9 @@ class Orchestrator:
         self._templates: dict[str, Future[Snapshot]] = {}
         self._template_specs: dict[str, MachineSpec] = {}
         self._executor = ThreadPoolExecutor(max(1, parallel), thread_name_prefix="vmenv-build")
+        self._warmer = ThreadPoolExecutor(1, thread_name_prefix="vmenv-warm")
+        self._spares: dict[str, Future[Machine]] = {}
+        self._closed = False
         self._lock = threading.RLock()
         self._scoped: dict[str, dict[str, Machine]] = defaultdict(dict)
         self._pool: dict[str, Machine] = {}
@@ -204,11 +207,34 @@ class Orchestrator:
         ident = _identity(spec)
         with self._lock:
             machine = self._scoped[owner].get(ident)
+            spare = self._spares.pop(ident, None) if machine is None else None
+        if machine is not None:
+            return machine
+        if spare is not None:
+            try:
+                machine = spare.result()
+            except Exception:  # noqa: BLE001 - a failed spare is retried in the open below
+                machine = None
         if machine is None:
             machine = self._clone(spec, backend_spec)
-            with self._lock:
-                self._scoped[owner][ident] = machine
+        with self._lock:
+            self._scoped[owner][ident] = machine
         return machine
+
+    def warm(self, specs: Sequence[MachineSpec]) -> None:
+        """Clone one spare of each of ``specs`` in the background (the next test's machines).
+
+        Only fresh, networkless, function-scoped clones are warmed: a network or a shared
+        machine belongs to its owner and cannot be made before the owner exists.
+        """
+        for spec in specs:
+            if spec.scope != "function" or spec.isolation != "clone" or spec.network:
+                continue
+            ident = _identity(spec)
+            with self._lock:
+                if ident in self._spares or self._closed:
+                    continue
+                self._spares[ident] = self._warmer.submit(self._clone, spec, spec)
 
     def _clone(self, spec: MachineSpec, backend_spec: MachineSpec) -> Machine:
         backend = self.backend(spec.backend)
@@ -258,10 +284,6 @@ class Orchestrator:
         if errors:
             raise TeardownError("could not destroy:\n  " + "\n  ".join(errors))
 
-    def owners(self, prefix: str) -> list[str]:
-        with self._lock:
-            return [o for o in self._scoped if o.startswith(prefix)]
-
     def _destroy(self, machine: Machine) -> None:
         self._timed("teardown", machine.spec, lambda: machine.backend.destroy(machine.ref))
 
@@ -269,7 +291,13 @@ class Orchestrator:
         """Destroy every machine and (unless reused) every template; return the failures."""
         errors: list[str] = []
         with self._lock:
-            machines = [m for group in self._scoped.values() for m in group.values()]
+            self._closed = True
+            spares = list(self._spares.values())
+            self._spares.clear()
+        self._warmer.shutdown(wait=True, cancel_futures=True)
+        machines = [s.result() for s in spares if not s.cancelled() and s.exception() is None]
+        with self._lock:
+            machines += [m for group in self._scoped.values() for m in group.values()]
             machines += list(self._pool.values())
             self._scoped.clear()
             self._pool.clear()

@@ -12,7 +12,7 @@ import secrets
 import time
 from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -21,10 +21,12 @@ from .config import VmenvConfig, load_config
 from .errors import BackendUnavailable, ConfigError
 from .machine import Machine
 from .options import Options, add_options
-from .orchestrator import Orchestrator
 from .paths import state_dir
 from .registry import Registry
 from .spec import MachineSpec, SpecParser
+
+if TYPE_CHECKING:
+    from .orchestrator import Orchestrator
 
 __all__ = ["VmenvPlugin"]
 
@@ -83,6 +85,47 @@ class _XdistHooks:
         node.workerinput["vmenv_session_id"] = self.plugin.session_id
 
 
+class _MachineHooks:
+    """Per-test hooks, registered only once a machine was made: unused, the plugin costs
+    nothing per test."""
+
+    def __init__(self, plugin: VmenvPlugin) -> None:
+        self.plugin = plugin
+
+    @pytest.hookimpl(trylast=True)
+    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
+        orchestrator = self.plugin.orchestrator
+        orchestrator.release(f"function:{item.nodeid}")
+        module = item.getparent(pytest.Module)
+        next_module = nextitem.getparent(pytest.Module) if nextitem else None
+        if module is not None and (next_module is None or next_module.nodeid != module.nodeid):
+            orchestrator.release(f"module:{module.nodeid}")
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(
+        self, item: pytest.Item, call: pytest.CallInfo[None]
+    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+        report = yield
+        machines = item.stash.get(machines_key, None)
+        if report.failed and machines:
+            for machine in machines.values():
+                lines = [
+                    f"$ {r.command}  -> "
+                    + ("timed out" if r.exit_code is None else f"exit {r.exit_code}")
+                    + f" ({r.duration * 1000:.1f} ms)"
+                    for r in machine.history[-50:]
+                ]
+                if lines:
+                    report.sections.append((f"vmenv {machine.name}: commands", "\n".join(lines)))
+                try:
+                    tail = "\n".join(machine.console_log().splitlines()[-30:])
+                except Exception:  # noqa: BLE001 - a dead machine has no console to read
+                    tail = ""
+                if tail:
+                    report.sections.append((f"vmenv {machine.name}: console (tail)", tail))
+        return report
+
+
 def _new_session_id() -> str:
     return time.strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
 
@@ -105,6 +148,7 @@ class VmenvPlugin:
         self._parser: SpecParser | None = None
         self._orchestrator: Orchestrator | None = None
         self._factory_ids = itertools.count()
+        self._next_specs: dict[str, list[MachineSpec]] = {}
 
     # -- lazily built parts -----------------------------------------------------------------
 
@@ -141,6 +185,8 @@ class VmenvPlugin:
     @property
     def orchestrator(self) -> Orchestrator:
         if self._orchestrator is None:
+            from .orchestrator import Orchestrator  # a session without machines never needs it
+
             session = Session(
                 id=self.session_id,
                 state_dir=state_dir(),
@@ -153,6 +199,7 @@ class VmenvPlugin:
                 parallel=self.options.parallel,
                 on_template=self._template_built,
             )
+            self.config.pluginmanager.register(_MachineHooks(self), "vmenv-machines")
         return self._orchestrator
 
     def _make_backend(self, name: str) -> Backend:
@@ -247,11 +294,15 @@ class VmenvPlugin:
     def _prepare(self, items: list[pytest.Item]) -> None:
         """Start building every template the selected tests will clone, in parallel."""
         wanted: list[MachineSpec] = []
+        previous: pytest.Item | None = None
         for item in items:
             uses = getattr(item, "fixturenames", ())
             if "vm" in uses or "vms" in uses:
                 specs: list[MachineSpec] = item.stash.get(specs_key, [])
                 wanted += specs
+                if previous is not None:
+                    self._next_specs[previous.nodeid] = specs
+            previous = item
         if not wanted:
             return
         orchestrator = self.orchestrator
@@ -287,43 +338,10 @@ class VmenvPlugin:
         item.stash[machines_key] = {}
         machines = self.orchestrator.acquire(specs, scope_keys)
         item.stash[machines_key] = machines
+        self.orchestrator.warm(self._next_specs.get(item.nodeid, []))
         for machine in machines.values():
             self.config.hook.pytest_vmenv_machine_ready(machine=machine, item=item)
         return machines
-
-    @pytest.hookimpl(trylast=True)
-    def pytest_runtest_teardown(self, item: pytest.Item, nextitem: pytest.Item | None) -> None:
-        if self._orchestrator is None:
-            return
-        self._orchestrator.release(f"function:{item.nodeid}")
-        module = item.getparent(pytest.Module)
-        next_module = nextitem.getparent(pytest.Module) if nextitem else None
-        if module is not None and (next_module is None or next_module.nodeid != module.nodeid):
-            self._orchestrator.release(f"module:{module.nodeid}")
-
-    @pytest.hookimpl(wrapper=True)
-    def pytest_runtest_makereport(
-        self, item: pytest.Item, call: pytest.CallInfo[None]
-    ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
-        report = yield
-        machines = item.stash.get(machines_key, None)
-        if report.failed and machines:
-            for machine in machines.values():
-                lines = [
-                    f"$ {r.command}  -> "
-                    + ("timed out" if r.exit_code is None else f"exit {r.exit_code}")
-                    + f" ({r.duration * 1000:.1f} ms)"
-                    for r in machine.history[-50:]
-                ]
-                if lines:
-                    report.sections.append((f"vmenv {machine.name}: commands", "\n".join(lines)))
-                try:
-                    tail = "\n".join(machine.console_log().splitlines()[-30:])
-                except Exception:  # noqa: BLE001 - a dead machine has no console to read
-                    tail = ""
-                if tail:
-                    report.sections.append((f"vmenv {machine.name}: console (tail)", tail))
-        return report
 
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self._orchestrator is None:

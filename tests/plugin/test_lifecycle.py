@@ -61,9 +61,17 @@ def test_function_scope_fresh_clone_and_gone_after(pytester: pytest.Pytester) ->
         @pytest.mark.vm(image="host")
         def test_b(vm):
             vm.fail("test -e /var/tmp/leftover")
+        def test_c():
+            # test_a's and test_b's machines are gone as soon as their tests end
+            import json, os
+            from pytest_vmenv.paths import state_dir
+            ids = [json.loads(l)["id"] for l in open(os.environ["VMENV_TEST_LOG"])]
+            assert len(ids) == 2
+            for guest_id in ids:
+                assert not (state_dir() / "emulator" / "guests" / guest_id).exists()
         """,
     )
-    result.assert_outcomes(passed=2)
+    result.assert_outcomes(passed=3)
     records = _records(pytester)
     assert len({r["id"] for r in records}) == 2
     assert not {r["id"] for r in records} & _live_guest_ids()
