@@ -34,6 +34,8 @@ __all__ = [
     "Result",
     "Session",
     "Snapshot",
+    "owner_alive",
+    "owner_token",
     "split_network",
 ]
 
@@ -63,14 +65,55 @@ class Capabilities:
     console_log: bool = False
 
 
+def boot_id() -> str:
+    """This host's boot id: an owner token from before a reboot is dead whatever its pid."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return "unknown-boot"
+
+
+def process_start(pid: int) -> str:
+    """The start time of ``pid`` in clock ticks since boot ("" if it does not exist).
+
+    A pid plus its start time names one process for ever: a reused pid has another start.
+    """
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+    except OSError:
+        return ""
+    return stat.rsplit(b")", 1)[1].split()[19].decode()
+
+
+def owner_token(pid: int | None = None) -> str:
+    """``BOOTID:PID:START`` of ``pid`` (default: this process): who owns a resource."""
+    pid = os.getpid() if pid is None else pid
+    return f"{boot_id()}:{pid}:{process_start(pid)}"
+
+
+def owner_alive(token: str) -> bool:
+    """Whether the process named by an :func:`owner_token` still runs (on this boot)."""
+    boot, _, rest = token.partition(":")
+    pid, _, start = rest.partition(":")
+    if boot != boot_id() or not pid.isdigit():
+        return False
+    return process_start(int(pid)) == start != ""
+
+
 @dataclass(frozen=True)
 class Session:
-    """One pytest run; every resource it makes carries ``id``."""
+    """One pytest run (one process of it: xdist workers share ``id``, not ``owner``).
+
+    Every resource carries ``id`` and ``owner`` on the backend side, so a sweep can tell a
+    dead owner's leftovers from a live session's machines.
+    """
 
     id: str
     state_dir: Path
     worker_id: str = "master"
-    owner_pid: int = field(default_factory=os.getpid)
+    owner: str = field(default_factory=owner_token)
     reuse: bool = False
 
 
@@ -100,6 +143,9 @@ class MachineRef:
     session: str
     ip: str | None = None
     data: Mapping[str, Any] = field(default_factory=dict)
+    owner: str = ""  # the owner token (see owner_token) it was labelled with
+    created: float = 0.0  # epoch seconds
+    kept: bool = False  # detached with keep(): outlives its session until gc
 
 
 @dataclass(frozen=True)
@@ -184,7 +230,12 @@ class Backend(Protocol):
     def console_log(self, ref: MachineRef) -> str: ...
 
     def destroy(self, ref: MachineRef) -> None:
-        """Remove the machine and everything it holds; already gone is success."""
+        """Remove the machine and everything it holds; already gone is success.
+
+        Works from any process on a ref from ``owned()`` (that is how ``vmenv gc`` sweeps)."""
+
+    def keep(self, ref: MachineRef) -> None:
+        """Let the machine outlive this process (``--vm-keep``) until ``destroy``."""
 
     def remove_template(self, snapshot: Snapshot) -> None:
         """Delete a template built by ``build_template``; already gone is success."""

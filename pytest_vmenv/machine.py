@@ -59,6 +59,7 @@ class Machine:
         self.ref = ref
         self.spec = spec
         self.history: list[CommandRecord] = []
+        self.intent: Path | None = None  # its ledger record, while the orchestrator owns it
         self._scratch = scratch or state_dir() / "scratch"
         self._scratch.mkdir(parents=True, exist_ok=True)
 

@@ -27,7 +27,9 @@ from typing import Any
 
 from .backend import Backend, Session, Snapshot
 from .errors import BackendUnavailable, BootTimeout, CommandFailed, CommandTimeout, VmenvError
+from .ledger import Ledger, file_lock, owners, remove_session_dir, session_templates
 from .machine import Machine
+from .reaper import Watchdog, sweep
 from .spec import MachineSpec
 
 __all__ = ["Orchestrator", "TeardownError", "template_key"]
@@ -86,9 +88,19 @@ class Orchestrator:
         make_backend: Callable[[str], Backend],
         *,
         parallel: int = 2,
+        keep: str = "never",
+        watchdog: bool = True,
         on_template: Callable[[MachineSpec, Snapshot, float], None] | None = None,
     ) -> None:
         self.session = session
+        self.keep_mode = keep
+        self.kept: list[Machine] = []
+        self.swept: list[str] = []
+        self._tainted: set[str] = set()
+        self._detached: list[Machine] = []
+        self.ledger = Ledger(session)
+        self.ledger.open()
+        self._watchdog = Watchdog(session) if watchdog else None
         self._make_backend = make_backend
         self._backends: dict[str, Backend | BackendUnavailable] = {}
         self._templates: dict[str, Future[Snapshot]] = {}
@@ -118,10 +130,21 @@ class Orchestrator:
                     found.check()
                 except BackendUnavailable as exc:
                     found = exc
+                else:
+                    self._adopt(found)
                 self._backends[name] = found
         if isinstance(found, BackendUnavailable):
             raise found
         return found
+
+    def _adopt(self, backend: Backend) -> None:
+        """Record a new backend in the ledger, then sweep what dead sessions left on it."""
+        self.ledger.add_backend(backend.name, getattr(backend, "options", {}))
+        with file_lock(self.session.state_dir, "sweep"):
+            report = sweep([backend], self.session.state_dir)
+        self.swept += report.removed
+        for error in report.errors:
+            log.warning("pytest-vmenv: sweep: %s", error)
 
     def unavailable(self, name: str) -> str | None:
         """Why backend ``name`` cannot run here, or None if it can."""
@@ -135,9 +158,7 @@ class Orchestrator:
 
     def key(self, spec: MachineSpec) -> str:
         base = template_key(spec)
-        if self.session.reuse:
-            return base
-        return f"{base}-{self.session.id}-{self.session.worker_id}"
+        return base if self.session.reuse else f"{base}-{self.session.id}"
 
     def prepare(self, specs: Iterable[MachineSpec]) -> None:
         """Start building the templates of ``specs`` in the background (parallel)."""
@@ -156,9 +177,19 @@ class Orchestrator:
 
     def _build(self, spec: MachineSpec, key: str) -> Snapshot:
         backend = self.backend(spec.backend)
-        start = time.monotonic()
-        snapshot = backend.build_template(spec, key, self.session)
-        seconds = time.monotonic() - start
+        record = self.ledger.template_intent(
+            key, backend.name, name=spec.image, reuse=self.session.reuse
+        )
+        # xdist workers share a session's templates: the first builds, the others wait here
+        # and then find it complete (build_template returns an existing template for a key).
+        # The time reported is the build's (or the lookup's), not the wait for the lock.
+        with file_lock(self.session.state_dir, f"template-{key}"):
+            start = time.monotonic()
+            snapshot = backend.build_template(spec, key, self.session)
+            seconds = time.monotonic() - start
+        self.ledger.update(
+            record, handle=snapshot.handle, name=snapshot.name, data=dict(snapshot.data)
+        )
         self._record("template", spec, seconds)
         if self._on_template:
             self._on_template(spec, snapshot, seconds)
@@ -240,10 +271,17 @@ class Orchestrator:
         backend = self.backend(spec.backend)
         snapshot = self.template(spec)
         deadline = time.monotonic() + spec.timeout
-        ref = self._timed(
-            "clone", spec, lambda: backend.clone(snapshot, backend_spec, self.session)
-        )
+        intent = self.ledger.intend("machine", backend.name, spec.name)
+        try:
+            ref = self._timed(
+                "clone", spec, lambda: backend.clone(snapshot, backend_spec, self.session)
+            )
+        except BaseException:
+            self.ledger.forget(intent)
+            raise
+        self.ledger.update(intent, id=ref.id)
         machine = Machine(backend, ref, spec, scratch=self.scratch)
+        machine.intent = intent
         if spec.ready:
             try:
                 self._timed("ready", spec, lambda: self._wait_ready(machine, deadline))
@@ -278,7 +316,7 @@ class Orchestrator:
         errors = []
         for machine in machines:
             try:
-                self._destroy(machine)
+                self._release(machine)
             except Exception as exc:  # noqa: BLE001 - every machine gets its release
                 errors.append(f"{machine.name} ({machine.ref.id}): {exc}")
         if errors:
@@ -286,6 +324,31 @@ class Orchestrator:
 
     def _destroy(self, machine: Machine) -> None:
         self._timed("teardown", machine.spec, lambda: machine.backend.destroy(machine.ref))
+        if machine.intent is not None:
+            self.ledger.forget(machine.intent)
+
+    def taint(self, machines: Iterable[Machine]) -> None:
+        """Mark machines of a failed test (``--vm-keep failed`` keeps them)."""
+        with self._lock:
+            for machine in machines:
+                self._tainted.add(machine.ref.id)
+                for key, pooled in list(self._pool.items()):
+                    if pooled is machine and self.keep_mode == "failed":
+                        del self._pool[key]  # not reverted for the next test: kept as it failed
+                        self._detached.append(machine)
+
+    def _release(self, machine: Machine) -> None:
+        """Destroy a machine, or keep it if ``--vm-keep`` says so."""
+        if self.keep_mode == "always" or (
+            self.keep_mode == "failed" and machine.ref.id in self._tainted
+        ):
+            machine.backend.keep(machine.ref)
+            with self._lock:
+                self.kept.append(machine)
+            if machine.intent is not None:
+                self.ledger.update(machine.intent, kept=True)
+            return
+        self._destroy(machine)
 
     def close(self) -> list[str]:
         """Destroy every machine and (unless reused) every template; return the failures."""
@@ -296,25 +359,24 @@ class Orchestrator:
             self._spares.clear()
         self._warmer.shutdown(wait=True, cancel_futures=True)
         machines = [s.result() for s in spares if not s.cancelled() and s.exception() is None]
-        with self._lock:
-            machines += [m for group in self._scoped.values() for m in group.values()]
-            machines += list(self._pool.values())
-            self._scoped.clear()
-            self._pool.clear()
-        for machine in machines:
+        for machine in machines:  # spares belong to no test: never kept
             try:
                 self._destroy(machine)
             except Exception as exc:  # noqa: BLE001
                 errors.append(f"machine {machine.name} ({machine.ref.id}): {exc}")
-        self._executor.shutdown(wait=True, cancel_futures=True)
-        for key, future in list(self._templates.items()):
-            if self.session.reuse or future.cancelled() or future.exception() is not None:
-                continue
-            spec = self._template_specs[key]
+        with self._lock:
+            machines = [m for group in self._scoped.values() for m in group.values()]
+            machines += list(self._pool.values()) + self._detached
+            self._scoped.clear()
+            self._pool.clear()
+            self._detached = []
+        for machine in machines:
             try:
-                self.backend(spec.backend).remove_template(future.result())
+                self._release(machine)
             except Exception as exc:  # noqa: BLE001
-                errors.append(f"template {key}: {exc}")
+                errors.append(f"machine {machine.name} ({machine.ref.id}): {exc}")
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        errors += self._remove_templates()
         for name, backend in self._backends.items():
             close = getattr(backend, "close", None)
             if callable(close):
@@ -323,6 +385,37 @@ class Orchestrator:
                 except Exception as exc:  # noqa: BLE001
                     errors.append(f"backend {name}: {exc}")
         shutil.rmtree(self.scratch, ignore_errors=True)
+        if self._watchdog is not None:
+            self._watchdog.goodbye()
+        return errors
+
+    def _remove_templates(self) -> list[str]:
+        """Leave the ledger; the session's last process out removes its templates."""
+        state = self.session.state_dir
+        errors: list[str] = []
+        with file_lock(state, f"session-{self.session.id}"):
+            self.ledger.goodbye()
+            if self.session.reuse or any(r.alive for r in owners(state, self.session.id)):
+                return errors
+            for path, data in session_templates(state, self.session.id):
+                backend = self._backends.get(str(data.get("backend")))
+                if backend is None or isinstance(backend, BackendUnavailable):
+                    continue  # another worker's backend: left for the sweep
+                if "handle" in data:
+                    snap = Snapshot(
+                        backend=backend.name,
+                        name=str(data.get("name", "")),
+                        handle=str(data["handle"]),
+                        key=str(data.get("key", "")),
+                        data=data.get("data", {}),
+                    )
+                    try:
+                        backend.remove_template(snap)
+                    except Exception as exc:  # noqa: BLE001
+                        errors.append(f"template {snap.key}: {exc}")
+                        continue
+                path.unlink(missing_ok=True)
+            remove_session_dir(state, self.session.id)
         return errors
 
     # -- timings ----------------------------------------------------------------------------
@@ -349,5 +442,13 @@ class Orchestrator:
             lines.append(
                 f"{backend:<10} {phase:<9} n={len(values):<5} median={median:.3f}s "
                 f"max={max(values):.3f}s"
+            )
+        slowest = sorted(self.timings, key=lambda t: t.seconds, reverse=True)[:3]
+        if slowest:
+            lines.append(
+                "slowest machines: "
+                + ", ".join(
+                    f"{t.machine} ({t.backend} {t.phase}) {t.seconds:.3f}s" for t in slowest
+                )
             )
         return lines

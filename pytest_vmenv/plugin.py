@@ -8,7 +8,10 @@ first need only.
 from __future__ import annotations
 
 import itertools
+import os
 import secrets
+import signal
+import threading
 import time
 from collections.abc import Generator, Iterator, Mapping
 from pathlib import Path
@@ -108,6 +111,7 @@ class _MachineHooks:
         report = yield
         machines = item.stash.get(machines_key, None)
         if report.failed and machines:
+            self.plugin.orchestrator.taint(machines.values())
             for machine in machines.values():
                 lines = [
                     f"$ {r.command}  -> "
@@ -116,14 +120,46 @@ class _MachineHooks:
                     for r in machine.history[-50:]
                 ]
                 if lines:
-                    report.sections.append((f"vmenv {machine.name}: commands", "\n".join(lines)))
+                    text = "\n".join(lines)
+                    report.sections.append((f"vmenv {machine.name}: commands", text))
+                    item.user_properties.append((f"vmenv {machine.name} commands", text))
                 try:
                     tail = "\n".join(machine.console_log().splitlines()[-30:])
                 except Exception:  # noqa: BLE001 - a dead machine has no console to read
                     tail = ""
                 if tail:
                     report.sections.append((f"vmenv {machine.name}: console (tail)", tail))
+                    item.user_properties.append((f"vmenv {machine.name} console", tail))
         return report
+
+
+class _Signals:
+    """SIGTERM and SIGHUP tear down in order like Ctrl-C; a second signal exits at once.
+
+    Installed only once machines exist (a suite without machines keeps pytest's own
+    behaviour). After the hard exit the watchdog sweeps what is left.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.previous: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread() or self.previous:
+            return
+        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            self.previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        self.count += 1
+        if self.count > 1:
+            os._exit(128 + signum)
+        raise KeyboardInterrupt(f"pytest-vmenv: {signal.Signals(signum).name}, tearing down")
+
+    def restore(self) -> None:
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous.clear()
 
 
 def _new_session_id() -> str:
@@ -149,6 +185,7 @@ class VmenvPlugin:
         self._orchestrator: Orchestrator | None = None
         self._factory_ids = itertools.count()
         self._next_specs: dict[str, list[MachineSpec]] = {}
+        self._signals = _Signals()
 
     # -- lazily built parts -----------------------------------------------------------------
 
@@ -197,9 +234,11 @@ class VmenvPlugin:
                 session,
                 self._make_backend,
                 parallel=self.options.parallel,
+                keep=self.options.keep,
                 on_template=self._template_built,
             )
             self.config.pluginmanager.register(_MachineHooks(self), "vmenv-machines")
+            self._signals.install()
         return self._orchestrator
 
     def _make_backend(self, name: str) -> Backend:
@@ -343,10 +382,14 @@ class VmenvPlugin:
             self.config.hook.pytest_vmenv_machine_ready(machine=machine, item=item)
         return machines
 
+    @pytest.hookimpl(trylast=True)  # after the runner tore fixtures down: they may use machines
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
         if self._orchestrator is None:
             return
-        errors = self._orchestrator.close()
+        try:
+            errors = self._orchestrator.close()
+        finally:
+            self._signals.restore()
         if errors:
             reporter = session.config.pluginmanager.get_plugin("terminalreporter")
             if reporter is not None:
@@ -355,11 +398,23 @@ class VmenvPlugin:
                     reporter.write_line(f"  {error}", red=True)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        if self._orchestrator is None or not self._orchestrator.timings:
+        orchestrator = self._orchestrator
+        if orchestrator is None:
             return
-        terminalreporter.write_sep("-", f"vmenv timings (session {self.session_id})")
-        for line in self._orchestrator.timing_summary():
-            terminalreporter.write_line(line)
+        if orchestrator.swept:
+            terminalreporter.write_sep("-", "vmenv: swept what dead sessions left")
+            for line in orchestrator.swept:
+                terminalreporter.write_line(f"removed {line}")
+        if orchestrator.kept:
+            terminalreporter.write_sep("-", "vmenv: kept machines (remove with: vmenv gc --all)")
+            for m in orchestrator.kept:
+                terminalreporter.write_line(
+                    f"{m.name} ({m.backend.name}, {m.ref.id}): vmenv shell {m.ref.id}"
+                )
+        if orchestrator.timings:
+            terminalreporter.write_sep("-", f"vmenv timings (session {self.session_id})")
+            for line in orchestrator.timing_summary():
+                terminalreporter.write_line(line)
 
     # -- imperative machines ----------------------------------------------------------------
 

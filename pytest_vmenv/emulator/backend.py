@@ -7,119 +7,53 @@ overlay layers under ``<state>/emulator/layers``; a clone is a new upper dir ove
 stack (:mod:`.layers`). ``live_snapshot`` is False: a revert restarts the guest's processes
 on the snapshot's files.
 
+Everything is labelled on disk (guest ``meta.json``, layer ``meta.json``: session, owner
+token, created), and every method that takes a :class:`MachineRef` also works from another
+process on a ref from :meth:`EmulatorBackend.owned`: ``destroy`` kills by the recorded
+cgroups and verified pids, the verbs (``execute``, ``copy_in``, ``copy_out``, ``shell``)
+connect to the guest's ``ctl.sock`` (see :mod:`.guest`). That is what ``vmenv gc``,
+``vmenv shell`` and the crash sweeper rely on.
+
 Every public method maps foreign exceptions into :mod:`pytest_vmenv.errors` here.
 """
 
 from __future__ import annotations
 
-import functools
 import os
 import shutil
 import sys
-import threading
 import time
 import uuid
 import warnings
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..backend import Capabilities, MachineRef, Result, Session, Snapshot
-from . import layers, netglue
-from .cgroups import Cgroups
-from .control import CommandTimedOut, GuestDied
-from .host import Guest, Zygote, read_meta, start_guest, stop_guest
+from . import inventory, layers
+from .base import NAME, EmulatorBase, LimitNotApplied, boundary
+from .control import FILE_IDLE_TIMEOUT, CommandTimedOut
+from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest
 from .images import base_stack
+from .spawner import Zygote
+from .terminal import run_shell
 
 if TYPE_CHECKING:
     from ..spec import MachineSpec
 
 __all__ = ["EmulatorBackend", "LimitNotApplied"]
 
-NAME = "emulator"
-_WARNED: set[str] = set()
-_F = TypeVar("_F", bound=Callable[..., Any])
 
-
-class LimitNotApplied(UserWarning):
-    """A ``memory``/``cpus`` limit could not be enforced on this host (the guest still runs)."""
-
-
-def _boundary(func: _F) -> _F:
-    """Map OSError and friends to the error tree at the protocol boundary."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except errors.VmenvError:
-            raise
-        except GuestDied as exc:
-            raise errors.MachineGone(f"{NAME}: {exc.strerror or exc}") from exc
-        except (OSError, ValueError, KeyError) as exc:
-            raise errors.BackendError(f"{NAME}: {func.__name__} failed: {exc}") from exc
-
-    return wrapper  # type: ignore[return-value]
-
-
-class EmulatorBackend:
+class EmulatorBackend(EmulatorBase):
     """The ``emulator`` backend (see the module docstring); thread-safe."""
 
     name = NAME
     builtin_images: tuple[str, ...] = ("host",)
 
-    def __init__(
-        self, options: Mapping[str, Any] | None = None, state_dir: Path | None = None
-    ) -> None:
-        self.options = dict(options or {})
-        self._state_arg = state_dir
-        self._lock = threading.Lock()
-        self._guests: dict[str, Guest] = {}
-        self._zygote: Zygote | None = None
-        self._cgroups: Cgroups | None = None
-        self._net = netglue.Networks()
-
-    # -- plumbing -----------------------------------------------------------------------
-    @property
-    def state_dir(self) -> Path:
-        if self._state_arg is None:
-            from ..paths import state_dir
-
-            self._state_arg = state_dir()
-        return self._state_arg
-
-    @property
-    def emu_dir(self) -> Path:
-        return self.state_dir / "emulator"
-
-    def _deps(self) -> tuple[Zygote, Cgroups]:
-        with self._lock:
-            if self._zygote is None:
-                self._zygote = Zygote(self.emu_dir / "zygote.log")
-            if self._cgroups is None:
-                self._cgroups = Cgroups()
-            return self._zygote, self._cgroups
-
-    def _guest(self, ref: MachineRef) -> Guest:
-        with self._lock:
-            guest = self._guests.get(ref.id)
-        if guest is None or guest.conn is None:
-            raise errors.MachineGone(f"{NAME}: machine {ref.name!r} ({ref.id}) does not exist")
-        return guest
-
-    def _warn(self, problems: Sequence[str]) -> None:
-        for problem in problems:
-            if problem not in _WARNED:
-                _WARNED.add(problem)
-                warnings.warn(
-                    f"emulator: {problem}; guests run without that limit",
-                    LimitNotApplied,
-                    stacklevel=3,
-                )
-
     def _boot(self, guest: Guest, spec: MachineSpec) -> None:
-        zygote, cgroups = self._deps()
+        self._warn_unfiltered()
+        zygote, cgroups = self._spawner()
         guest.memory, guest.cpus = spec.memory, spec.cpus
         with self._lock:
             self._guests[guest.id] = guest
@@ -170,7 +104,7 @@ class EmulatorBackend:
             if not os.path.exists(f"/proc/self/ns/{ns}"):
                 raise no(f"the kernel lacks {ns} namespaces")
 
-    @_boundary
+    @boundary
     def build_template(self, spec: MachineSpec, key: str, session: Session) -> Snapshot:
         self.check()
         start = time.monotonic()
@@ -179,25 +113,28 @@ class EmulatorBackend:
             if done is not None:
                 return done
             base = base_stack(spec.image, spec.image_config, self.emu_dir, self.state_dir)
+            tags = layers.labels(session.id, session.owner, session.reuse)
             if not spec.provision:
-                return layers.commit(final, key, spec.name, None, base, "")
+                return layers.commit(final, key, spec.name, None, base, "", tags)
             guest = Guest(
                 id=f"t{uuid.uuid4().hex[:15]}",
                 name=spec.name,
                 session=session.id,
                 dir=self.emu_dir / "guests" / "",
                 stack=base,
+                owner=session.owner,
             )
             guest.dir = self.emu_dir / "guests" / guest.id
             self._boot(guest, spec)
             try:
                 log = layers.provision(guest, spec, start)
                 stop_guest(guest)
-                return layers.commit(final, key, spec.name, guest.dir / "upper", base, log)
+                upper = guest.dir / "upper"
+                return layers.commit(final, key, spec.name, upper, base, log, tags)
             finally:
                 self._destroy(guest.id)
 
-    @_boundary
+    @boundary
     def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
         stack = layers.stack_of(snapshot)
         guest = Guest(
@@ -207,6 +144,7 @@ class EmulatorBackend:
             dir=Path(),
             stack=stack,
             network=spec.network,
+            owner=session.owner,
         )
         guest.dir = self.emu_dir / "guests" / guest.id
         self._boot(guest, spec)
@@ -219,20 +157,9 @@ class EmulatorBackend:
         return self._ref(guest)
 
     def _ref(self, guest: Guest) -> MachineRef:
-        return MachineRef(
-            backend=NAME,
-            id=guest.id,
-            name=guest.name,
-            session=guest.session,
-            ip=guest.ip,
-            data={"pid": guest.pid, "dir": str(guest.dir)},
-        )
+        return inventory.ref_of(guest.meta(), guest.dir)
 
-    def _guests_snapshot(self) -> list[Guest]:
-        with self._lock:
-            return list(self._guests.values())
-
-    @_boundary
+    @boundary
     def execute(
         self,
         ref: MachineRef,
@@ -257,14 +184,20 @@ class EmulatorBackend:
         conn = self._guest(ref).conn
         if conn is None:
             raise errors.MachineGone(f"{NAME}: machine {ref.name!r} is stopped")
-        reply = conn.request(msg, [fd], timeout=None)
+        try:
+            reply = conn.transfer(msg, fd)
+        except TimeoutError as exc:
+            raise errors.BackendError(
+                f"{NAME}: {msg['op']} {msg['path']!r} on {ref.name!r} made no progress for "
+                f"{FILE_IDLE_TIMEOUT:g}s; gave up"
+            ) from exc
         if "error" in reply:
             raise errors.BackendError(
                 f"{NAME}: {msg['op']} {msg['path']!r} on {ref.name!r} failed: {reply['error']}"
             )
         return reply
 
-    @_boundary
+    @boundary
     def copy_in(self, ref: MachineRef, src: Path, dst: str) -> None:
         src = Path(src)
         if src.is_dir():
@@ -274,12 +207,13 @@ class EmulatorBackend:
             )
         fd = os.open(src, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            mode = os.fstat(fd).st_mode & 0o7777
-            self._file_request(ref, {"op": "put", "path": dst, "mode": mode}, fd)
+            st = os.fstat(fd)
+            msg = {"op": "put", "path": dst, "mode": st.st_mode & 0o7777, "size": st.st_size}
+            self._file_request(ref, msg, fd)
         finally:
             os.close(fd)
 
-    @_boundary
+    @boundary
     def copy_out(self, ref: MachineRef, src: str, dst: Path) -> None:
         dst = Path(dst)
         if dst.is_dir():
@@ -300,19 +234,20 @@ class EmulatorBackend:
             if fd >= 0:
                 os.close(fd)
 
-    @_boundary
+    @boundary
     def snapshot(self, ref: MachineRef, name: str) -> Snapshot:
-        guest = self._guest(ref)
-        snap = layers.live_snapshot(guest, name, self.emu_dir)
+        guest = self._own(ref, "snapshot")
+        tags = layers.labels(guest.session, guest.owner)
+        snap = layers.live_snapshot(guest, name, self.emu_dir, tags)
         guest.snapshots.append(snap.handle)
         guest.save()
         return snap
 
-    @_boundary
+    @boundary
     def revert(self, ref: MachineRef, snapshot: Snapshot) -> None:
-        guest = self._guest(ref)
+        guest = self._own(ref, "revert")
         stack = layers.stack_of(snapshot)
-        zygote, cgroups = self._deps()
+        zygote, cgroups = self._spawner()
         self._net.detach(guest)
         stop_guest(guest)
         guest.stack = stack
@@ -326,85 +261,122 @@ class EmulatorBackend:
         self._warn(problems)
         if guest.network is not None:
             self._net.attach(guest, self._guests_snapshot(), self.state_dir)
-
-    def _console(self, guest: Guest) -> str:
-        """PID 1's boot log (and provision output), then what the guest wrote on its console."""
-        parts = []
-        for name in ("boot.log", "console.log"):
-            try:
-                fd = os.open(guest.dir / name, os.O_RDONLY | os.O_NOFOLLOW)
-            except OSError:
-                continue
-            with os.fdopen(fd, "rb") as f:
-                f.seek(max(0, os.fstat(fd).st_size - 65536))
-                parts.append(f.read().decode("utf-8", "replace"))
-        return "".join(parts)
+        if guest.kept:
+            self._keep(guest, zygote)
 
     def console_log(self, ref: MachineRef) -> str:
+        if not self._valid_id(ref.id):
+            return ""
         with self._lock:
-            guest = self._guests.get(ref.id)
+            guest = self._guests.get(ref.id) or self._attached.get(ref.id)
+        if guest is None and read_meta(self.emu_dir / "guests" / ref.id) is not None:
+            guest = Guest(ref.id, ref.name, ref.session, self.emu_dir / "guests" / ref.id, [])
         return self._console(guest) if guest is not None else ""
 
-    @_boundary
+    @boundary
+    def keep(self, ref: MachineRef) -> None:
+        """Let the guest outlive this process until ``destroy`` (from any process).
+
+        PID 1 is told to stay when its primary socket closes, and the zygote to spare its
+        keeper when this process goes; ``meta.json`` records ``kept``. Keeping a guest that
+        is already kept is a no-op; keeping another process's guest is refused.
+        """
+        self._check_id(ref.id)
+        meta = read_meta(self.emu_dir / "guests" / ref.id)
+        if meta is not None and meta.get("kept"):
+            return
+        guest = self._own(ref, "keep")
+        zygote, _cgroups = self._spawner()
+        self._keep(guest, zygote)
+
+    def _keep(self, guest: Guest, zygote: Zygote) -> None:
+        assert guest.conn is not None
+        reply = guest.conn.request({"op": "keep"})
+        if "error" in reply:
+            raise errors.BackendError(f"{NAME}: keep {guest.name!r} failed: {reply['error']}")
+        zygote.keep(guest.keeper)
+        guest.kept = True
+        guest.save()
+
+    @boundary
+    def shell(self, ref: MachineRef, argv: Sequence[str] | None = None) -> int:
+        """An interactive shell in the guest on this process's terminal; its exit code.
+
+        Works on our guests and, through ``ctl.sock``, on any other live or kept one (that is
+        ``vmenv shell NAME``). ``argv`` None is root's login shell from the guest's
+        ``/etc/passwd`` (``/bin/sh -l`` if it has none). stdin/stdout are fds 0 and 1; a
+        terminal stdin is put in raw mode while the shell runs.
+        """
+        conn = self._guest(ref).conn
+        if conn is None:
+            raise errors.MachineGone(f"{NAME}: machine {ref.name!r} is stopped")
+        env = {"TERM": os.environ.get("TERM") or "xterm"}
+        return run_shell(conn, argv, env)
+
+    @boundary
     def destroy(self, ref: MachineRef) -> None:
         self._destroy(ref.id)
 
     def _destroy(self, gid: str) -> None:
+        """Remove a guest of this or any other process; already gone is success.
+
+        Kills by recorded cgroups and verified pids (see :func:`.host.stop_guest`), removes
+        its cgroups, the snapshot layers it made (unless another guest on disk stacks on
+        one) and its dir. A failure to kill leaves the dir (and meta) for a retry.
+        """
+        self._check_id(gid)
         with self._lock:
             guest = self._guests.pop(gid, None)
+            attached = self._attached.pop(gid, None)
         gdir = self.emu_dir / "guests" / gid
         if guest is None:
             meta = read_meta(gdir)
             if meta is None and not gdir.exists():
+                if attached is not None and attached.conn is not None:
+                    attached.conn.close()
                 return
-            guest = Guest(
-                id=gid, name=str((meta or {}).get("name", "")), session="", dir=gdir, stack=[]
-            )
-            _zygote, cgroups = self._deps()
-            guest.groups = cgroups.find(gid)
-            guest.snapshots = list((meta or {}).get("snapshots", []))
+            _zygote, cgroups = self._deps(zygote=False)
+            guest = guest_from_meta(gid, gdir, meta or {}, cgroups)
+            guest.conn = attached.conn if attached is not None else None
         self._net.detach(guest)
         stop_guest(guest)
-        in_use = {s for g in self._guests_snapshot() for s in g.stack}
+        in_use = inventory.stacks_in_use(self.emu_dir / "guests", exclude=gid)
+        in_use |= {s for g in self._guests_snapshot() for s in g.stack}
         for handle in guest.snapshots:
-            if handle not in in_use and not any(handle in s for s in in_use):
+            if not any(handle in s for s in in_use):
                 layers.remove(Path(handle), self.emu_dir)
         shutil.rmtree(gdir, ignore_errors=True)
 
-    @_boundary
+    @boundary
     def remove_template(self, snapshot: Snapshot) -> None:
         layers.remove(Path(snapshot.handle), self.emu_dir)
 
+    def templates(self) -> list[Snapshot]:
+        """Every template and snapshot layer (torn builds included), with its labels.
+
+        ``data`` holds ``session``, ``owner`` (token), ``created`` (epoch), ``reuse``,
+        ``complete`` and ``layers``; :meth:`remove_template` removes any of them, from any
+        process. Shared base layers (the host mask) are not listed.
+        """
+        return layers.listing(self.emu_dir / "layers")
+
     def owned(self, session: str | None = None) -> Iterable[MachineRef]:
-        root = self.emu_dir / "guests"
-        found: list[MachineRef] = []
-        try:
-            entries = sorted(root.iterdir())
-        except OSError:
-            return found
-        for gdir in entries:
-            meta = read_meta(gdir)
-            if meta is None or (session is not None and meta.get("session") != session):
-                continue
-            found.append(
-                MachineRef(
-                    backend=NAME,
-                    id=gdir.name,
-                    name=str(meta.get("name", "")),
-                    session=str(meta.get("session", "")),
-                    ip=meta.get("ip"),
-                    data={
-                        "pid": meta.get("pid"),
-                        "owner_pid": meta.get("owner_pid"),
-                        "created": meta.get("created"),
-                    },
-                )
-            )
-        return found
+        """Guests on disk (of ``session`` only, if given), live, kept, half-created or dead.
+
+        ``data["state"]`` is ``creating`` (no PID 1 yet), ``running``, ``kept`` or ``gone``
+        (its processes died with their creator; only the dir and cgroups are left).
+        """
+        return inventory.refs(self.emu_dir / "guests", session)
 
     def close(self) -> None:
-        """Destroy every guest this instance made and stop the zygote."""
+        """Destroy every guest this instance made, except kept ones, and hang up the zygote."""
         for guest in self._guests_snapshot():
+            if guest.kept:
+                with self._lock:
+                    self._guests.pop(guest.id, None)
+                if guest.conn is not None:
+                    guest.conn.close()
+                continue
             try:
                 self._destroy(guest.id)
             except Exception as exc:  # noqa: BLE001 - keep releasing the rest
@@ -413,6 +385,11 @@ class EmulatorBackend:
                     RuntimeWarning,
                     stacklevel=2,
                 )
+        with self._lock:
+            attached, self._attached = list(self._attached.values()), {}
+        for guest in attached:
+            if guest.conn is not None:
+                guest.conn.close()
         self._net.close()
         with self._lock:
             zygote, self._zygote = self._zygote, None

@@ -60,6 +60,11 @@ def _write(path: Path, value: str) -> None:
         f.write(value)
 
 
+def _plain(gid: str) -> bool:
+    """A guest id is one path component: never empty, ``.``, ``..`` or with a ``/``."""
+    return gid not in ("", ".", "..") and "/" not in gid and "\0" not in gid
+
+
 @dataclass
 class GuestGroups:
     """The cgroup directories of one guest (``procs`` files are what the keeper joins)."""
@@ -70,6 +75,13 @@ class GuestGroups:
     @property
     def dirs(self) -> list[Path]:
         return ([self.v2] if self.v2 else []) + list(self.v1.values())
+
+    def to_json(self) -> dict[str, object]:
+        """What ``meta.json`` records, for :meth:`Cgroups.adopt` in another process."""
+        return {
+            "v2": str(self.v2) if self.v2 else None,
+            "v1": {c: str(d) for c, d in self.v1.items()},
+        }
 
     def procs_files(self) -> list[str]:
         return [str(d / "cgroup.procs") for d in self.dirs]
@@ -179,6 +191,8 @@ class Cgroups:
         self, gid: str, memory: int | None, cpus: int | None
     ) -> tuple[GuestGroups, list[str]]:
         """Make the guest's groups and apply limits; returns the groups and what failed."""
+        if not _plain(gid):
+            raise ValueError(f"invalid guest id {gid!r}")
         self._prepare()
         groups = GuestGroups()
         problems: list[str] = []
@@ -238,9 +252,44 @@ class Cgroups:
             return [f"the {ctrl} limit could not be written: {exc.strerror}"]
         return [f"no usable cgroup {ctrl} controller (neither v2 nor v1)"]
 
+    def _ours(self, path: Path, gid: str) -> bool:
+        """A recorded group dir is trusted only if it is a guest group on a cgroup mount."""
+        mounts = [m for m in (self.v2_mount, *self.v1_mounts.values()) if m is not None]
+        return (
+            path.is_absolute()
+            and ".." not in path.parts
+            and path.name == gid
+            and path.parent.name == "pytest-vmenv"
+            and any(path.is_relative_to(m) for m in mounts)
+            and path.is_dir()
+        )
+
+    def adopt(self, gid: str, recorded: dict[str, object], dirs: list[str]) -> GuestGroups:
+        """The groups another process recorded for ``gid`` (checked), plus :meth:`find`'s.
+
+        A sweeper may run in another cgroup than the guest's creator (``vmenv gc`` from a
+        login shell), so the recorded paths come first; :meth:`find` adds what a guest
+        half-created before its paths were recorded may have left under our own parent.
+        """
+        groups = self.find(gid)
+        v2 = recorded.get("v2")
+        if isinstance(v2, str) and self._ours(Path(v2), gid):
+            groups.v2 = Path(v2)
+        v1 = recorded.get("v1")
+        for ctrl, d in v1.items() if isinstance(v1, dict) else ():
+            if isinstance(d, str) and self._ours(Path(d), gid):
+                groups.v1[str(ctrl)] = Path(d)
+        if groups.v2 is None and self.v2_mount is not None:  # a meta.json from before "groups"
+            v2_mount = self.v2_mount
+            legacy = [Path(d) for d in dirs if Path(d).is_relative_to(v2_mount)]
+            groups.v2 = next((p for p in legacy if self._ours(p, gid)), None)
+        return groups
+
     def find(self, gid: str) -> GuestGroups:
         """The groups a guest id would have (for destroying a half-created guest)."""
         groups = GuestGroups()
+        if not _plain(gid):  # ".." would name the parent, even the root cgroup: kill all
+            return groups
         if self.v2_parent is not None and (self.v2_parent / gid).is_dir():
             groups.v2 = self.v2_parent / gid
         for ctrl, parent in self.v1_parents.items():

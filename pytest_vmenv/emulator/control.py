@@ -19,9 +19,13 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+from .. import errors
 from . import wire
 
-__all__ = ["CommandTimedOut", "Conn", "GuestDied"]
+__all__ = ["FILE_IDLE_TIMEOUT", "CommandTimedOut", "Conn", "GuestDied", "check_command"]
+
+FILE_IDLE_TIMEOUT = 30.0
+"""Seconds a file transfer may make no progress before the host gives up on it."""
 
 
 class GuestDied(OSError):
@@ -30,6 +34,27 @@ class GuestDied(OSError):
 
 class CommandTimedOut(Exception):
     """The command ran past its timeout; its process group was killed."""
+
+
+def _no_nul(what: str, value: str) -> None:
+    if "\0" in value:
+        raise errors.BackendError(f"emulator: {what} {value!r} contains a NUL byte")
+
+
+def check_command(
+    argv: Sequence[str], env: Mapping[str, str] | None, user: str | None, cwd: str | None
+) -> None:
+    """Refuse what ``execve`` cannot carry (NUL bytes, ``=`` in a variable name) up front."""
+    for arg in argv:
+        _no_nul("argument", str(arg))
+    for key, value in (env or {}).items():
+        _no_nul("environment variable", str(key))
+        _no_nul(f"value of {key}", str(value))
+        if not str(key) or "=" in str(key):
+            raise errors.BackendError(f"emulator: invalid environment variable name {key!r}")
+    for what, text in (("user", user), ("cwd", cwd)):
+        if text is not None:
+            _no_nul(what, str(text))
 
 
 class Conn:
@@ -42,6 +67,10 @@ class Conn:
     def close(self) -> None:
         with self.lock:
             self.sock.close()
+
+    def send(self, msg: dict[str, Any], fds: Sequence[int]) -> None:
+        """Send one request (its reply socket first in ``fds``); GuestDied if PID 1 is gone."""
+        self._send(msg, fds)
 
     def _send(self, msg: dict[str, Any], fds: Sequence[int]) -> None:
         with self.lock:
@@ -70,6 +99,32 @@ class Conn:
             raise GuestDied(errno.EPIPE, "the guest hung up during the request")
         return reply
 
+    def transfer(
+        self, msg: dict[str, Any], host_fd: int, idle: float = FILE_IDLE_TIMEOUT
+    ) -> dict[str, Any]:
+        """A ``put`` (``host_fd`` -> guest) or ``get`` (guest -> ``host_fd``) through a pipe.
+
+        PID 1 never holds a host file: it gets one end of a pipe, and this side copies
+        between the pipe and ``host_fd``. Raises TimeoutError when nothing moves for ``idle``
+        seconds (the pipe and reply socket are then closed, which unblocks PID 1).
+        """
+        put = msg.get("op") == "put"
+        r, w = os.pipe2(os.O_CLOEXEC)
+        ours, theirs_pipe = (w, r) if put else (r, w)
+        mine, theirs = wire.socketpair()
+        pipe = [ours]
+        try:
+            try:
+                self._send(msg, [theirs.fileno(), theirs_pipe])
+            finally:
+                theirs.close()
+                os.close(theirs_pipe)
+            with mine:
+                return _pump(mine, pipe, host_fd, put, idle)
+        finally:
+            for fd in pipe:
+                os.close(fd)
+
     def execute(
         self,
         argv: Sequence[str],
@@ -81,6 +136,7 @@ class Conn:
         cwd: str | None = None,
     ) -> tuple[int, bytes, bytes]:
         """Run ``argv``; return (exit code, stdout, stderr) or raise :class:`CommandTimedOut`."""
+        check_command(argv, env, user, cwd)
         mine, theirs = wire.socketpair()
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
@@ -159,7 +215,7 @@ def _loop(
     while exit_code is None:
         wait = None if deadline is None else max(0.0, deadline - time.monotonic())
         events = poll.poll(None if wait is None else int(wait * 1000) + 1)
-        if not events and deadline is not None and time.monotonic() >= deadline:
+        if deadline is not None and time.monotonic() >= deadline:  # even while output flows
             _kill(ctl)
             raise CommandTimedOut()
         for fd, ev in events:
@@ -169,6 +225,10 @@ def _loop(
                     os.close(x)
                 if msg is None:
                     raise GuestDied(errno.EPIPE, "the guest died while running the command")
+                if "error" in msg:
+                    raise errors.BackendError(
+                        f"emulator: the guest refused the command: {msg['error']}"
+                    )
                 if "exit" in msg:
                     exit_code = int(msg["exit"])
             elif fd in sinks:
@@ -189,6 +249,65 @@ def _loop(
     for fd, sink in sinks.items():
         _drain(fd, sink)
     return exit_code, bytes(out), bytes(err)
+
+
+def _pump(ctl: socket.socket, pipe: list[int], host: int, put: bool, idle: float) -> dict[str, Any]:
+    """Move data between ``host`` and our pipe end until PID 1 replies (see ``transfer``)."""
+    ours = pipe[0]
+    os.set_blocking(ours, False)
+    poll = select.poll()
+    poll.register(ctl.fileno(), select.POLLIN)
+    poll.register(ours, select.POLLOUT if put else select.POLLIN)
+    pending = memoryview(b"")
+    reply: dict[str, Any] | None = None
+    while reply is None:
+        events = poll.poll(int(idle * 1000))
+        if not events:
+            raise TimeoutError(errno.ETIMEDOUT, f"no progress for {idle:g}s")
+        for fd, ev in events:
+            if fd == ctl.fileno():
+                reply, extra = wire.recv(ctl)
+                for x in extra:
+                    os.close(x)
+                if reply is None:
+                    raise GuestDied(errno.EPIPE, "the guest hung up during the request")
+            elif not put:
+                chunk = _read(ours)
+                if chunk:
+                    _write_all(host, chunk)
+                elif chunk is not None:
+                    poll.unregister(ours)
+            elif pipe:
+                if not pending and not ev & select.POLLERR:
+                    pending = memoryview(os.read(host, 1 << 16))
+                try:
+                    if pending and not ev & select.POLLERR:
+                        pending = pending[os.write(ours, pending) :]
+                        continue
+                except BlockingIOError:
+                    continue
+                except BrokenPipeError:
+                    pass  # PID 1 gave up (its error reply follows)
+                poll.unregister(ours)
+                os.close(pipe.pop())  # end of file for PID 1
+    if not put:
+        os.set_blocking(ours, True)
+        while chunk := os.read(ours, 1 << 16):  # PID 1 closed its end before replying
+            _write_all(host, chunk)
+    return reply
+
+
+def _read(fd: int) -> bytes | None:
+    try:
+        return os.read(fd, 1 << 16)
+    except BlockingIOError:
+        return None
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
 
 
 def _kill(ctl: socket.socket) -> None:

@@ -4,28 +4,50 @@ Each request arrives on the control socket with a private reply socket as its fi
 descriptor, so concurrent callers never read each other's answers. PID 1 is single-threaded
 and is the guest's init: it reaps every child, reports a command's exit status on that
 command's reply socket, and kills the command's process group when the host hangs up early
-(a timeout) or asks it to. When the control socket reaches end-of-file (the backend closed it,
-or pytest died), PID 1 exits and the kernel kills everything left in the PID namespace.
+(a timeout) or asks it to. When the primary control socket (the one the zygote handed over)
+reaches end-of-file (the backend closed it, or pytest died), PID 1 exits and the kernel kills
+everything left in the PID namespace, unless the host sent ``keep``: a kept guest lives on
+until it is destroyed (``vmenv gc``, ``--vm-keep``).
+
+Other processes reach a guest through ``<guestdir>/ctl.sock``, a SEQPACKET listener bound
+before ``pivot_root`` (mode 0600 in a 0700 dir, outside the guest's root, so no guest process
+can reach it): every accepted connection speaks the same protocol as the primary socket, and
+its end-of-file only closes that connection. That is how ``vmenv shell`` and a sweeper talk
+to a guest whose creating pytest is gone.
+
+``exec`` with ``"tty": true`` opens a pty *inside* the guest (its own devpts instance, so
+``tty`` in the guest names a real ``/dev/pts/N``), starts the command as a session leader
+with the pty as controlling terminal, and hands the master back to the host with the
+``pid`` message.
 
 File requests (``put``/``get``/``write``) are served here, after ``pivot_root``, so every
 path resolves inside the guest's root: a symlink in the guest, absolute or not, can never
-make the host read or write outside it.
+make the host read or write outside it. File data flows through a pipe (the host copies
+between it and its own file), so PID 1 never holds a host file. Every file PID 1 opens in
+the guest (transfers, ``/etc/passwd``) is opened non-blocking and must be a regular file: a
+FIFO planted by the guest cannot freeze PID 1.
+
+PID 1 is not dumpable (``PR_SET_DUMPABLE`` 0): guest root cannot ptrace it, read
+``/proc/1/fd`` or ``pidfd_getfd`` its control sockets.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import select
 import signal
 import socket
-import stat
+import struct
+import termios
 import time
 import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from . import _sys, rootfs, wire
+from . import _sys, guestfiles, rootfs, wire
+from .guestfiles import login_argv, lookup_user, which
 
 __all__ = ["pid1_main"]
 
@@ -46,73 +68,58 @@ _RESET_SIGNALS = (
 )
 
 
-def _lookup_user(user: str) -> tuple[int, int, str, list[int]]:
-    """uid, gid, home and groups of ``user`` from the guest's own /etc/passwd and /etc/group."""
-    entry: list[str] | None = None
-    with open("/etc/passwd", encoding="utf-8", errors="replace") as f:
-        for line in f:
-            parts = line.rstrip("\n").split(":")
-            if len(parts) >= 7 and (parts[0] == user or parts[2] == user):
-                entry = parts
-                break
-    if entry is None:
-        if user.isdigit():
-            return int(user), int(user), "/", []
-        raise KeyError(f"no user {user!r} in the guest's /etc/passwd")
-    uid, gid = int(entry[2]), int(entry[3])
-    groups = [gid]
-    try:
-        with open("/etc/group", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                parts = line.rstrip("\n").split(":")
-                if len(parts) >= 4 and entry[0] in parts[3].split(","):
-                    groups.append(int(parts[2]))
-    except OSError:
-        pass
-    return uid, gid, entry[5] or "/", groups
-
-
-def _which(name: str, path: str) -> str | None:
-    if "/" in name:
-        return name
-    for directory in path.split(":"):
-        candidate = os.path.join(directory or ".", name)
-        if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    return None
+_PR_SET_DUMPABLE = 4
 
 
 class Init:
-    """PID 1's state: the control socket and the running commands."""
+    """PID 1's state: the control sockets and the running commands."""
 
-    def __init__(self, ctl: socket.socket, wake: int) -> None:
-        self.ctl = ctl
+    def __init__(self, ctl: socket.socket, wake: int, listener: socket.socket) -> None:
+        self.primary = ctl.fileno()
         self.wake = wake
+        self.listener = listener
+        self.kept = False
         self.poll = select.poll()
-        self.poll.register(ctl.fileno(), select.POLLIN)
+        self.ctls: dict[int, socket.socket] = {}
+        self._add_ctl(ctl)
         self.poll.register(wake, select.POLLIN)
+        self.poll.register(listener.fileno(), select.POLLIN)
         self.by_pid: dict[int, socket.socket] = {}
         self.by_fd: dict[int, tuple[socket.socket, int]] = {}
+
+    def _add_ctl(self, sock: socket.socket) -> None:
+        self.ctls[sock.fileno()] = sock
+        self.poll.register(sock.fileno(), select.POLLIN)
 
     def serve(self) -> None:
         while True:
             for fd, _event in self.poll.poll():
-                if fd == self.ctl.fileno():
-                    self._control()
+                if fd in self.ctls:
+                    self._control(self.ctls[fd])
                 elif fd == self.wake:
                     with contextlib.suppress(BlockingIOError):
                         os.read(self.wake, 512)
                     self._reap()
+                elif fd == self.listener.fileno():
+                    with contextlib.suppress(OSError):
+                        self._add_ctl(self.listener.accept()[0])
                 elif fd in self.by_fd:
                     self._exec_socket(fd)
 
-    def _control(self) -> None:
+    def _control(self, ctl: socket.socket) -> None:
         try:
-            msg, fds = wire.recv(self.ctl)
+            msg, fds = wire.recv(ctl)
         except OSError:
             msg, fds = None, []
         if msg is None:
-            os._exit(0)
+            for fd in fds:
+                os.close(fd)
+            if ctl.fileno() == self.primary and not self.kept:
+                os._exit(0)
+            self.poll.unregister(ctl.fileno())
+            del self.ctls[ctl.fileno()]
+            ctl.close()
+            return
         if not fds:
             return
         reply = socket.socket(fileno=fds[0])
@@ -138,56 +145,52 @@ class Init:
     def _file_op(self, op: Any, msg: Mapping[str, Any], fds: list[int]) -> dict[str, Any]:
         if op == "ping":
             return {"ok": True}
-        path = str(msg["path"])
-        if op == "put":
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOCTTY, 0o600)
-            try:
-                _copy(fds[0], fd)
-                os.fchmod(fd, int(msg["mode"]) & 0o7777)
-            finally:
-                os.close(fd)
+        if op == "keep":
+            self.kept = True
             return {"ok": True}
-        if op == "write":
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOCTTY, 0o644)
-            try:
-                os.write(fd, str(msg["data"]).encode())
-                os.fchmod(fd, int(msg.get("mode", 0o644)))
-            finally:
-                os.close(fd)
-            return {"ok": True}
-        if op == "get":
-            fd = os.open(path, os.O_RDONLY | os.O_NOCTTY)
-            try:
-                st = os.fstat(fd)
-                if not stat.S_ISREG(st.st_mode):
-                    kind = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-                    raise IsADirectoryError(f"{path!r} is {kind}; only files can be copied")
-                _copy(fd, fds[0])
-            finally:
-                os.close(fd)
-            return {"ok": True, "mode": st.st_mode & 0o7777}
-        raise ValueError(f"unknown operation {op!r}")
+        return guestfiles.file_op(op, msg, fds)
 
     def _exec(self, msg: Mapping[str, Any], reply: socket.socket, fds: list[int]) -> None:
+        master = -1
+        if msg.get("tty"):
+            master, slave = os.openpty()
+            rows, cols = [*(msg.get("winsize") or []), 0, 0][:2]
+            if rows and cols:
+                fcntl.ioctl(master, termios.TIOCSWINSZ, struct.pack("HHHH", rows, cols, 0, 0))
+            fds = [*fds, slave, slave, slave]
         stdin, stdout, stderr = fds
         try:
             pid = self._spawn(msg, stdin, stdout, stderr)
         finally:
-            for fd in fds:
+            for fd in set(fds):
                 os.close(fd)
+        if master >= 0:
+            try:
+                wire.send(reply, {"pid": max(pid, 0)}, [master])
+            finally:
+                os.close(master)
+            if pid > 0:
+                self._watch(reply, pid)
+                return
+            wire.send(reply, {"exit": -pid})
+            reply.close()
+            return
         if pid <= 0:
             wire.send(reply, {"pid": 0})
             wire.send(reply, {"exit": -pid})
             reply.close()
             return
         wire.send(reply, {"pid": pid})
+        self._watch(reply, pid)
+
+    def _watch(self, reply: socket.socket, pid: int) -> None:
         self.by_pid[pid] = reply
         self.by_fd[reply.fileno()] = (reply, pid)
         self.poll.register(reply.fileno(), select.POLLIN)
 
     def _spawn(self, msg: Mapping[str, Any], stdin: int, stdout: int, stderr: int) -> int:
         """Start the command; a non-positive result is ``-exit_code`` of a failed start."""
-        argv = [str(a) for a in msg["argv"]]
+        argv = [str(a) for a in msg.get("argv") or ()] or login_argv()
         user = msg.get("user")
         env = {
             "PATH": DEFAULT_PATH,
@@ -200,19 +203,20 @@ class Init:
         ids: tuple[int, int, str, list[int]] | None = None
         try:
             if user is not None:
-                ids = _lookup_user(str(user))
+                ids = lookup_user(str(user))
                 name = str(user) if not str(user).isdigit() else str(ids[0])
                 env.update(HOME=ids[2], USER=name, LOGNAME=name)
         except (OSError, KeyError, ValueError) as exc:
             os.write(stderr, f"vmenv: {exc}\n".encode())
             return -126
         env.update({str(k): str(v) for k, v in (msg.get("env") or {}).items()})
-        path = _which(argv[0], env["PATH"]) if argv else None
+        path = which(argv[0], env["PATH"]) if argv else None
         if path is None:
             os.write(stderr, f"vmenv: {argv[0] if argv else ''}: command not found\n".encode())
             return -127
         cwd = msg.get("cwd")
-        if ids is None and cwd is None:
+        tty = bool(msg.get("tty"))
+        if ids is None and cwd is None and not tty:
             try:
                 return os.posix_spawn(
                     path,
@@ -230,12 +234,18 @@ class Init:
             except OSError as exc:
                 os.write(stderr, f"vmenv: {argv[0]}: {exc.strerror}\n".encode())
                 return -126 if exc.errno != 2 else -127
+            except ValueError as exc:  # a NUL byte or a bad variable name
+                os.write(stderr, f"vmenv: {argv[0]!r}: {exc}\n".encode())
+                return -126
         pid = os.fork()
         if pid == 0:
             try:
                 os.setsid()
+                if tty:
+                    fcntl.ioctl(stdin, termios.TIOCSCTTY, 0)
                 for target, fd in enumerate((stdin, stdout, stderr)):
                     os.dup2(fd, target)
+                os.closerange(3, 65536)  # PID 1's sockets, before any uid change
                 if cwd is not None:
                     os.chdir(str(cwd))
                 if ids is not None:
@@ -308,14 +318,19 @@ def _killpg(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def _copy(src: int, dst: int) -> None:
-    while True:
-        chunk = os.read(src, 1 << 20)
-        if not chunk:
-            return
-        view = memoryview(chunk)
-        while view:
-            view = view[os.write(dst, view) :]
+def _listen(gdir: str) -> socket.socket:
+    """Bind ``<gdir>/ctl.sock`` (0600), relative to ``gdir`` so a long path still fits."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    os.chdir(gdir)
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink("ctl.sock")
+    old = os.umask(0o177)
+    try:
+        listener.bind("ctl.sock")
+    finally:
+        os.umask(old)
+    listener.listen(16)
+    return listener
 
 
 def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
@@ -323,6 +338,7 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
     ctl = socket.socket(fileno=ctl_fd)
     try:
         host_pid = int(os.readlink("/proc/self"))  # still the host's /proc: the host pid
+        listener = _listen(cfg["gdir"])  # before pivot_root: the path is the host's
         _sys.set_comm("vmenv-init")
         console = os.open(cfg["boot_log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         null = os.open("/dev/null", os.O_RDWR)
@@ -332,6 +348,7 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
         os.close(null)
         os.close(console)
         rootfs.build_root(cfg)
+        _sys.prctl(_PR_SET_DUMPABLE, 0)  # no ptrace, /proc/1/fd or pidfd_getfd from the guest
         os.environ.clear()
         os.environ.update(PATH=DEFAULT_PATH, HOME="/root", LANG="C.UTF-8")
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -339,7 +356,7 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        rootfs.close_fds_except([ctl.fileno(), rfd, wfd])
+        rootfs.close_fds_except([ctl.fileno(), rfd, wfd, listener.fileno()])
         os.write(1, f"vmenv: guest {cfg['hostname']} up\n".encode())
         wire.send(ctl, {"ready": True, "pid": host_pid})
     except BaseException:  # noqa: BLE001 - any boot failure is reported, then PID 1 exits
@@ -349,4 +366,4 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
             wire.send(ctl, {"error": text[-4000:]})
         finally:
             os._exit(1)
-    Init(ctl, rfd).serve()
+    Init(ctl, rfd, listener).serve()

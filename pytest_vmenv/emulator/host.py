@@ -1,93 +1,50 @@
-"""Host-side guest lifecycle: the zygote connection, starting and stopping one guest.
+"""Host-side guest lifecycle: starting, attaching to and stopping one guest.
 
 A guest lives in ``<state>/emulator/guests/<id>/``: ``meta.json`` (its labels: session,
-owner pid, name, PID 1's host pid, cgroups, layer stack), ``upper``/``work`` (its overlay
-upper dir), ``root``/``base``/``empty`` (mount points used only inside its own mount
-namespace), ``boot.log`` (what PID 1 printed, and provision output) and ``console.log``
-(bound on the guest's ``/dev/console``). ``meta.json`` is written before anything is started, so a
-half-created guest is always found and destroyable.
+owner token, name, PID 1's and its keeper's host pids with their start times, cgroups, layer
+stack, kept flag), ``upper``/``work`` (its overlay upper dir), ``root``/``base``/``empty``
+(mount points used only inside its own mount namespace), ``ctl.sock`` (PID 1's listener for
+other processes, see :mod:`.guest`), ``boot.log`` (what PID 1 printed, and provision output)
+and ``console.log`` (bound on the guest's ``/dev/console``). ``meta.json`` is written before
+anything is started and again after every step that creates something (cgroups, keeper,
+PID 1), so a half-created guest is always found and destroyable, from any process.
+
+Pids from ``meta.json`` are only ever signalled through a pidfd opened *before* checking the
+process's start time against the recorded one: a reused pid is never killed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
 import shutil
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..backend import process_start
 from . import wire
 from .cgroups import Cgroups, GuestGroups
 from .control import Conn
+from .spawner import Zygote
 
-__all__ = ["Guest", "Zygote", "read_meta", "start_guest", "stop_guest"]
+__all__ = [
+    "Guest",
+    "connect",
+    "guest_from_meta",
+    "pid_alive",
+    "read_meta",
+    "start_guest",
+    "stop_guest",
+]
 
-_PKG_PARENT = str(Path(__file__).resolve().parents[2])
-
-
-class Zygote:
-    """The helper process that forks guests (started lazily, once)."""
-
-    def __init__(self, log: Path) -> None:
-        self._log = log
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None
-        self._proc: subprocess.Popen[bytes] | None = None
-
-    def _start(self) -> socket.socket:
-        mine, theirs = wire.socketpair()
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (_PKG_PARENT, env.get("PYTHONPATH", "")) if p
-        )
-        self._log.parent.mkdir(parents=True, exist_ok=True)
-        with open(self._log, "ab") as log:
-            self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest_vmenv.emulator.zygote", str(theirs.fileno())],
-                pass_fds=(theirs.fileno(),),
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=log,
-                env=env,
-                cwd="/",
-            )
-        theirs.close()
-        self._sock = mine
-        return mine
-
-    def spawn(self, cfg: dict[str, Any], cgroups: list[str], ctl_fd: int) -> int:
-        """Fork a guest; returns its keeper's pid."""
-        with self._lock:
-            sock = self._sock or self._start()
-            wire.send(sock, {"op": "spawn", "cfg": cfg, "cgroups": cgroups}, [ctl_fd])
-            reply, _ = wire.recv(sock)
-        if reply is None:
-            raise OSError("the emulator's zygote process exited")
-        if "error" in reply:
-            raise OSError(str(reply["error"]))
-        return int(reply["pid"])
-
-    def close(self) -> None:
-        """Stop the zygote (its guests die with it)."""
-        with self._lock:
-            if self._sock is not None:
-                self._sock.close()
-                self._sock = None
-            if self._proc is not None:
-                try:
-                    self._proc.wait(timeout=5)
-                except subprocess.TimeoutExpired:
-                    self._proc.kill()
-                    self._proc.wait()
-                self._proc = None
+_SOCK_MAX = 100  # sun_path is 108 bytes; longer paths go through /proc/self/fd
 
 
 @dataclass
@@ -105,32 +62,123 @@ class Guest:
     keeper: int = 0
     ip: str | None = None
     network: str | None = None
-    owner_pid: int = field(default_factory=os.getpid)
+    owner: str = ""
     created: float = field(default_factory=time.time)
     snapshots: list[str] = field(default_factory=list)
     memory: int | None = None
     cpus: int | None = None
+    pid_start: str = ""
+    keeper_start: str = ""
+    zygote: int = 0
+    kept: bool = False
+    attached: bool = False  # another process's guest we only talk to (via ctl.sock)
 
     def meta(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "name": self.name,
             "session": self.session,
-            "owner_pid": self.owner_pid,
+            "owner": self.owner,
             "pid": self.pid,
+            "pid_start": self.pid_start,
             "keeper": self.keeper,
+            "keeper_start": self.keeper_start,
+            "zygote": self.zygote,
             "created": self.created,
+            "kept": self.kept,
             "stack": self.stack,
             "ip": self.ip,
             "network": self.network,
             "snapshots": self.snapshots,
             "cgroups": [str(d) for d in self.groups.dirs],
+            "groups": self.groups.to_json(),
         }
 
     def save(self) -> None:
-        tmp = self.dir / ".meta.json.tmp"
+        """Write ``meta.json`` atomically (unique temp name: threads and processes may race)."""
+        tmp = self.dir / f".meta.json.{os.getpid()}.{threading.get_ident()}"
         tmp.write_text(json.dumps(self.meta()))
         tmp.rename(self.dir / "meta.json")
+
+
+def guest_from_meta(gid: str, gdir: Path, meta: dict[str, Any], cgroups: Cgroups) -> Guest:
+    """A :class:`Guest` rebuilt from another process's ``meta.json`` (no connection)."""
+    guest = Guest(
+        id=gid,
+        name=str(meta.get("name", "")),
+        session=str(meta.get("session", "")),
+        dir=gdir,
+        stack=[str(s) for s in meta.get("stack", [])],
+        network=meta.get("network"),
+        owner=str(meta.get("owner", "")),
+        created=float(meta.get("created") or 0.0),
+        snapshots=[str(s) for s in meta.get("snapshots", [])],
+        pid=int(meta.get("pid") or 0),
+        pid_start=str(meta.get("pid_start", "")),
+        keeper=int(meta.get("keeper") or 0),
+        keeper_start=str(meta.get("keeper_start", "")),
+        zygote=int(meta.get("zygote") or 0),
+        kept=bool(meta.get("kept")),
+        ip=meta.get("ip"),
+        attached=True,
+    )
+    guest.groups = cgroups.adopt(gid, meta.get("groups") or {}, meta.get("cgroups") or [])
+    return guest
+
+
+def _pidfd(pid: int, start: str) -> int:
+    """A pidfd of ``pid`` if it is still the process that started at ``start``, else -1.
+
+    The pidfd is opened first and the start time checked after: if the check passes, the
+    pidfd names that very process, even if the pid is reused later.
+    """
+    if pid <= 0 or not start:
+        return -1
+    try:
+        fd = os.pidfd_open(pid)
+    except OSError:
+        return -1
+    if process_start(pid) != start:
+        os.close(fd)
+        return -1
+    return fd
+
+
+def readable(fd: int, timeout: float) -> bool:
+    """Whether ``fd`` is readable within ``timeout`` seconds (poll: any fd number works)."""
+    poll = select.poll()
+    poll.register(fd, select.POLLIN)
+    return bool(poll.poll(max(0, int(timeout * 1000 + 0.999))))
+
+
+def pid_alive(pid: int, start: str) -> bool:
+    """Whether the process recorded as ``pid``/``start`` still runs."""
+    fd = _pidfd(pid, start)
+    if fd < 0:
+        return False
+    try:
+        return not readable(fd, 0)
+    finally:
+        os.close(fd)
+
+
+def connect(gdir: Path) -> Conn:
+    """Open a new control connection to a running guest's PID 1 (``ctl.sock``)."""
+    path = str(gdir / "ctl.sock")
+    dfd = -1
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        if len(path.encode()) > _SOCK_MAX:
+            dfd = os.open(gdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            path = f"/proc/self/fd/{dfd}/ctl.sock"
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        if dfd >= 0:
+            os.close(dfd)
+    return Conn(sock)
 
 
 def read_meta(gdir: Path) -> dict[str, Any] | None:
@@ -165,9 +213,11 @@ def start_guest(
     """
     guest.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _fresh_dirs(guest.dir)
+    guest.pid = guest.keeper = 0
     guest.save()  # labels first: a half-created guest is always found
     groups, problems = cgroups.create(guest.id, memory, cpus)
     guest.groups = groups
+    guest.save()
     console = guest.dir / "console.log"
     console.touch(mode=0o600)
     prefix = f"{layers_root}/"
@@ -188,39 +238,55 @@ def start_guest(
         raise
     finally:
         theirs.close()
+    guest.keeper_start = process_start(guest.keeper)
+    guest.zygote = zygote.pid or 0
+    guest.save()
     guest.conn = Conn(mine)
-    ready = select.select([mine], [], [], timeout)[0]
-    if not ready:
+    if not readable(mine.fileno(), timeout):
         raise TimeoutError(f"guest {guest.name!r} was not ready within {timeout:g}s")
     msg, _fds = wire.recv(mine)
     if msg is None or "error" in msg:
         detail = (msg or {}).get("error") or "PID 1 exited during boot"
         raise OSError(f"guest {guest.name!r} failed to boot:\n{detail}")
     guest.pid = int(msg["pid"])
+    guest.pid_start = process_start(guest.pid)
     guest.save()
     return problems
 
 
 def stop_guest(guest: Guest, timeout: float = 5.0) -> None:
-    """Kill every process of the guest and remove its cgroups (not its dir)."""
+    """Kill every process of the guest and remove its cgroups (not its dir).
+
+    Our own guest that is not kept gets the fast path: closing its control socket makes PID 1
+    exit (the kernel then kills its PID namespace). Everything else, and anything still
+    running after 0.5 s, is killed: ``cgroup.kill`` (or SIGKILL to every listed pid) plus
+    SIGKILL through verified pidfds of PID 1 and its keeper (the keeper may not have joined
+    the cgroups yet in a half-created guest). Done means every pidfd reported the exit and
+    every cgroup could be removed (an ``rmdir`` of a group with tasks fails, and is retried
+    with more kills until ``timeout``).
+    """
+    graceful = guest.conn is not None and not guest.kept and not guest.attached
     if guest.conn is not None:
         guest.conn.close()
         guest.conn = None
-    pidfd = -1
-    if guest.pid:
-        try:
-            pidfd = os.pidfd_open(guest.pid)
-        except OSError:
-            pidfd = -1
+    fds = [_pidfd(guest.pid, guest.pid_start), _pidfd(guest.keeper, guest.keeper_start)]
+    live = [fd for fd in fds if fd >= 0]
     try:
-        # PID 1 sees end-of-file and exits; the kernel then kills its namespace.
-        if pidfd >= 0 and not select.select([pidfd], [], [], 0.5)[0]:
+        if graceful and fds[0] >= 0:
+            readable(fds[0], 0.5)
+        live = [fd for fd in live if not readable(fd, 0)]
+        if live:
             guest.groups.kill()
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-            select.select([pidfd], [], [], timeout)
+            for fd in live:
+                with contextlib.suppress(ProcessLookupError):
+                    signal.pidfd_send_signal(fd, signal.SIGKILL)
+            deadline = time.monotonic() + timeout
+            for fd in live:
+                readable(fd, max(0.0, deadline - time.monotonic()))
     finally:
-        if pidfd >= 0:
-            os.close(pidfd)
+        for fd in fds:
+            if fd >= 0:
+                os.close(fd)
     guest.groups.kill()
     guest.groups.remove(timeout)
     guest.pid = 0

@@ -6,11 +6,17 @@
 * a rootfs directory: used as the bottom layer as it is (never written: overlay writes go to
   the guest's upper dir).
 * a ``.tar``/``.tar.gz``/``.tgz``/``.tar.xz`` file: unpacked once into
-  ``<state>/emulator/images/<sha256>/rootfs``. Extraction refuses absolute or ``..``
-  member names, any member whose destination resolves outside the rootfs (through a symlink
-  unpacked earlier, for instance) and hard links pointing outside; symlinks themselves are
-  kept as they are (absolute ones too: they are resolved inside the guest). Device nodes are
-  skipped.
+  ``<state>/emulator/images/<sha256>/rootfs``, by a separate Python process that has
+  ``chroot``-ed into that directory first: whatever the archive says (``..`` or absolute
+  names, a symlink followed by a write through it, a hard link to ``/etc/passwd``), every
+  path resolves inside the rootfs. No path check can be fooled (such checks in ``tarfile``
+  had bypasses, e.g. CVE-2025-4517). Symlinks are kept as they are (absolute ones too: they
+  are resolved inside the guest); device nodes and FIFOs are skipped; setuid and setgid bits
+  are dropped from files.
+
+The host mask hides, besides :data:`MASKED` and the state dir, the home directory of every
+account in the host's ``/etc/passwd`` with uid >= 1000 or a home under ``/var/lib``, ``/srv``
+or ``/opt`` (``/var/lib/postgresql``, say) that exists.
 """
 
 from __future__ import annotations
@@ -20,7 +26,8 @@ import fcntl
 import hashlib
 import os
 import shutil
-import tarfile
+import subprocess
+import sys
 import uuid
 from collections.abc import Mapping
 from pathlib import Path
@@ -33,6 +40,34 @@ __all__ = ["base_stack", "unpack_tarball"]
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
 MASKED = ("tmp", "run", "home", "root", "var/tmp")
+PASSWD = Path("/etc/passwd")
+_SERVICE_HOMES = ("/var/lib/", "/srv/", "/opt/")
+_NEVER_UNDER = ("/usr", "/etc", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/boot", "/dev")
+_NEVER = (*_NEVER_UNDER, "/proc", "/sys", "/var", "/var/lib", "/srv", "/opt", "/nonexistent")
+
+# Runs as ``python -I -S -c``: open the archive, chroot into the destination, extract.
+_EXTRACT = r"""
+import os, sys, tarfile
+for mod in ("gzip", "bz2", "lzma", "zlib", "copy", "grp", "pwd"):
+    try:
+        __import__(mod)
+    except ImportError:
+        pass
+def keep(member, _path):
+    if member.isdev():  # character and block devices, FIFOs
+        return None
+    mode = member.mode if member.isdir() else member.mode & ~0o6000
+    return member.replace(mode=mode, deep=False)
+try:
+    tar = tarfile.open(sys.argv[1])
+    os.chroot(sys.argv[2])
+    os.chdir("/")
+    with tar:
+        tar.extractall("/", numeric_owner=True, filter=keep)
+except Exception as exc:
+    print("%s: %s" % (type(exc).__name__, exc), file=sys.stderr)
+    sys.exit(1)
+"""
 
 
 def _opaque_dir(path: Path, mode: int) -> None:
@@ -46,6 +81,8 @@ def mask_layer(emu_dir: Path, state: Path) -> Path:
     hidden = list(MASKED)
     with contextlib.suppress(ValueError):
         hidden.append(str(state.resolve().relative_to("/")))
+    homes = [h for h in _homes(PASSWD) if not any(h == m or h.startswith(m + "/") for m in hidden)]
+    hidden += homes
     digest = hashlib.sha256("\0".join(hidden).encode()).hexdigest()[:16]
     final = emu_dir / "layers" / f"mask-{digest}"
     if (final / "complete").exists():
@@ -57,6 +94,10 @@ def mask_layer(emu_dir: Path, state: Path) -> Path:
         _opaque_dir(fs / rel, 0o1777 if rel in ("tmp", "var/tmp") else 0o755)
         if rel == "root":
             os.chmod(fs / rel, 0o700)
+        if rel in homes:  # empty, but its owner's own, as on the host
+            st = os.stat(Path("/") / rel)
+            os.chown(fs / rel, st.st_uid, st.st_gid)
+            os.chmod(fs / rel, st.st_mode & 0o7777)
         # parents made on the way keep the host's modes, so the view is unchanged above
         parent = Path(rel).parent
         while str(parent) != ".":
@@ -71,16 +112,40 @@ def mask_layer(emu_dir: Path, state: Path) -> Path:
     return final / "fs"
 
 
-def _safe_member(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo | None:
-    """tarfile's ``tar`` filter for path checks, but keeping modes and owners of a rootfs."""
-    if member.ischr() or member.isblk():
-        return None
-    checked = tarfile.tar_filter(member, dest)  # raises on escapes, strips leading "/"
-    if member.islnk():
-        target = os.path.realpath(os.path.join(dest, member.linkname))
-        if os.path.commonpath([target, dest]) != dest:
-            raise tarfile.LinkOutsideDestinationError(member, target)
-    return member.replace(name=checked.name, deep=False)
+def _homes(passwd: Path) -> list[str]:
+    """Host home dirs to hide (relative to /): users (uid >= 1000) and services' data dirs."""
+    found: list[str] = []
+    try:
+        lines = passwd.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return found
+    for line in lines:
+        parts = line.split(":")
+        if len(parts) < 7 or not parts[2].isdigit() or not parts[5].startswith("/"):
+            continue
+        home = os.path.realpath(parts[5])
+        if int(parts[2]) < 1000 and not home.startswith(_SERVICE_HOMES):
+            continue
+        if home == "/" or home in _NEVER or home.startswith(tuple(d + "/" for d in _NEVER_UNDER)):
+            continue
+        if os.path.isdir(home) and home.lstrip("/") not in found:
+            found.append(home.lstrip("/"))
+    return sorted(found)
+
+
+def _extract(tarball: Path, dest: Path) -> None:
+    """Unpack ``tarball`` into ``dest`` in a child process confined to it by ``chroot``."""
+    proc = subprocess.run(
+        [sys.executable, "-I", "-S", "-c", _EXTRACT, str(tarball), str(dest)],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8"},
+        check=False,
+    )
+    if proc.returncode != 0:
+        detail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+        raise OSError(detail[-1] if detail else f"the unpacker exited with {proc.returncode}")
 
 
 def unpack_tarball(tarball: Path, emu_dir: Path) -> Path:
@@ -101,11 +166,10 @@ def unpack_tarball(tarball: Path, emu_dir: Path) -> Path:
         shutil.rmtree(final, ignore_errors=True)
         rootfs = final / "rootfs"
         rootfs.mkdir(parents=True)
-        dest = str(rootfs.resolve())
+        os.chmod(final, 0o700)
         try:
-            with tarfile.open(tarball) as tar:
-                tar.extractall(dest, numeric_owner=True, filter=lambda m, _p: _safe_member(m, dest))
-        except (tarfile.TarError, OSError) as exc:
+            _extract(tarball, rootfs.resolve())
+        except OSError as exc:
             shutil.rmtree(final, ignore_errors=True)
             raise ConfigError(f"emulator: cannot unpack image {str(tarball)!r}: {exc}") from exc
         (final / "complete").write_text(str(tarball) + "\n")

@@ -1,9 +1,15 @@
 """Read-only overlay layers: templates, live snapshots, and the stacks clones boot on.
 
 A layer is ``<state>/emulator/layers/<name>/`` holding ``fs/`` (a frozen overlay upper dir,
-whiteouts and opaque xattrs included), ``meta.json`` (the full stack, top first) and
-``complete``, written last: a layer without it is a torn build and is rebuilt. A
-:class:`Snapshot`'s ``data["layers"]`` is the stack a clone mounts under its own upper dir.
+whiteouts and opaque xattrs included), ``meta.json`` (the full stack, top first, and the
+labels of whoever built it: session, owner token, created, reuse) and ``complete``, written
+last: a layer without it is a torn build and is rebuilt. A :class:`Snapshot`'s
+``data["layers"]`` is the stack a clone mounts under its own upper dir.
+
+The labels are written into the build dir *first*, before any content, so a build torn by a
+SIGKILL (``.build-*``) is attributable too: :func:`listing` shows complete and torn layers
+with their labels, and a sweep decides by ``owner_alive(data["owner"])`` (keeping
+``reuse`` templates, which are meant to outlive their session).
 
 Stacks are bounded: ``mount(2)`` options are one page, so a chain deeper than
 :data:`MAX_DEPTH` is refused with a clear error rather than failing with a misleading errno.
@@ -12,6 +18,7 @@ Stacks are bounded: ``mount(2)`` options are one page, so a chain deeper than
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import hashlib
 import json
@@ -37,6 +44,7 @@ __all__ = [
     "build_lock",
     "commit",
     "live_snapshot",
+    "listing",
     "load",
     "provision",
     "remove",
@@ -64,34 +72,83 @@ def build_lock(emu_dir: Path, key: str) -> Iterator[Path]:
         yield final
 
 
+def _snapshot(layer: Path, meta: dict[str, Any]) -> Snapshot:
+    data = {k: meta.get(k) for k in ("session", "owner", "created", "reuse")}
+    data["layers"] = list(meta.get("layers", []))
+    data["complete"] = (layer / "complete").exists()
+    return Snapshot(
+        backend=NAME,
+        name=str(meta.get("name", layer.name)),
+        handle=str(layer),
+        key=str(meta.get("key", "")),
+        data=data,
+    )
+
+
+def labels(session: str, owner: str, reuse: bool = False) -> dict[str, Any]:
+    """The labels a layer carries: who built it, when, and whether it is meant to be reused."""
+    return {"session": session, "owner": owner, "created": time.time(), "reuse": reuse}
+
+
 def load(final: Path) -> Snapshot | None:
     """The snapshot of a complete layer dir, or None (a missing or torn one is removed)."""
     if not (final / "complete").exists():
         shutil.rmtree(final, ignore_errors=True)
         return None
-    meta = json.loads((final / "meta.json").read_text())
-    return Snapshot(
-        backend=NAME,
-        name=meta["name"],
-        handle=str(final),
-        key=meta["key"],
-        data={"layers": list(meta["layers"])},
-    )
+    return _snapshot(final, json.loads((final / "meta.json").read_text()))
+
+
+def listing(root: Path) -> list[Snapshot]:
+    """Every template and snapshot layer under ``root``, complete or torn, with its labels.
+
+    Shared infrastructure layers (``mask-*``) and torn builds without labels are left out:
+    they belong to no session.
+    """
+    found: list[Snapshot] = []
+    try:
+        entries = sorted(root.iterdir())
+    except OSError:
+        return found
+    for layer in entries:
+        if not layer.name.startswith(("tpl-", "snap-", ".build-")) or not layer.is_dir():
+            continue
+        try:
+            meta = json.loads((layer / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue  # an unlabelled torn build, or one being labelled right now
+        if isinstance(meta, dict) and "owner" in meta:
+            found.append(_snapshot(layer, meta))
+    return found
+
+
+def _begin(root: Path, prefix: str, meta: dict[str, Any]) -> Path:
+    """A new build dir, labelled before anything else is put in it."""
+    build = root / f".build-{prefix}{uuid.uuid4().hex}"
+    build.mkdir(parents=True)
+    (build / "meta.json").write_text(json.dumps(meta))
+    return build
 
 
 def commit(
-    final: Path, key: str, name: str, upper: Path | None, base: list[str], log: str
+    final: Path,
+    key: str,
+    name: str,
+    upper: Path | None,
+    base: list[str],
+    log: str,
+    tags: dict[str, Any],
 ) -> Snapshot:
-    """Freeze ``upper`` (moved, not copied) into ``final`` over ``base``."""
-    build = final.parent / f".build-{uuid.uuid4().hex}"
-    build.mkdir()
+    """Freeze ``upper`` (moved, not copied) into ``final`` over ``base``, labelled ``tags``."""
+    meta: dict[str, Any] = {"key": key, "name": name, "layers": list(base), **tags}
+    build = _begin(final.parent, "", meta)
     stack = list(base)
     if upper is not None:
         upper.rename(build / "fs")
         stack.insert(0, str(final / "fs"))
     _check_depth(stack)
     (build / "provision.log").write_text(log)
-    (build / "meta.json").write_text(json.dumps({"key": key, "name": name, "layers": stack}))
+    meta["layers"] = stack
+    (build / "meta.json").write_text(json.dumps(meta))
     (build / "complete").write_text(time.ctime() + "\n")
     build.rename(final)
     loaded = load(final)
@@ -163,40 +220,49 @@ def _indent(text: str, lines: int = 30) -> str:
     return "\n".join("    " + p for p in parts) if parts else "    (empty)"
 
 
-def live_snapshot(guest: Guest, name: str, emu_dir: Path) -> Snapshot:
+def live_snapshot(guest: Guest, name: str, emu_dir: Path, tags: dict[str, Any]) -> Snapshot:
     """Copy a running guest's upper dir (frozen meanwhile) into a new read-only layer."""
     stack_depth = len(guest.stack) + 1
     _check_depth(["x"] * stack_depth)
     final = emu_dir / "layers" / f"snap-{uuid.uuid4().hex[:16]}"
-    build = final.parent / f".build-{final.name}"
-    build.mkdir(parents=True)
-    frozen = False
+    stack = [str(final / "fs"), *guest.stack]
+    meta: dict[str, Any] = {"key": "", "name": name, "layers": stack, "guest": guest.id, **tags}
+    build = _begin(final.parent, "snap-", meta)
     try:
         try:
             guest.groups.freeze(True)
-            frozen = True
-        except OSError:
-            frozen = False  # no freezer: copy anyway (a racing writer may be half-copied)
+        except OSError as exc:
+            raise errors.BackendError(
+                f"{NAME}: snapshot of {guest.name!r} refused: its processes could not be "
+                f"frozen ({exc.strerror or exc}), and a copy of a running guest may be torn"
+            ) from exc
         # cp -a never follows symlinks and keeps whiteouts (0/0 char devices) and xattrs
         subprocess.run(
             ["cp", "-a", "--", f"{guest.dir}/upper", str(build / "fs")],
             check=True,
             capture_output=True,
         )
-    except subprocess.CalledProcessError as exc:
+    except BaseException as exc:
         shutil.rmtree(build, ignore_errors=True)
-        raise errors.BackendError(
-            f"{NAME}: snapshot of {guest.name!r} failed: {exc.stderr.decode(errors='replace')}"
-        ) from exc
+        if isinstance(exc, subprocess.CalledProcessError):
+            raise errors.BackendError(
+                f"{NAME}: snapshot of {guest.name!r} failed: {exc.stderr.decode(errors='replace')}"
+            ) from exc
+        raise
     finally:
-        if frozen:
-            guest.groups.freeze(False)
-    stack = [str(final / "fs"), *guest.stack]
-    meta: dict[str, Any] = {"key": "", "name": name, "layers": stack}
-    (build / "meta.json").write_text(json.dumps(meta))
+        _thaw(guest)
     (build / "complete").write_text(time.ctime() + "\n")
     build.rename(final)
-    return Snapshot(backend=NAME, name=name, handle=str(final), key="", data={"layers": stack})
+    return _snapshot(final, meta)
+
+
+def _thaw(guest: Guest) -> None:
+    """Thaw, also after a failed or timed-out freeze (which may have half-frozen it)."""
+    try:
+        guest.groups.freeze(False)
+    except OSError as exc:
+        if exc.errno != errno.ENOTSUP:
+            raise
 
 
 def remove(layer: Path, emu_dir: Path) -> None:

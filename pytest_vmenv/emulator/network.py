@@ -191,7 +191,9 @@ class Lan:
         line = b""
         deadline = time.monotonic() + _TIMEOUT
         while not line.endswith(b"\n") and time.monotonic() < deadline:
-            if select.select([proc.stdout], [], [], max(0.0, deadline - time.monotonic()))[0]:
+            poll = select.poll()
+            poll.register(proc.stdout.fileno(), select.POLLIN)
+            if poll.poll(int(max(0.0, deadline - time.monotonic()) * 1000) + 1):
                 chunk = os.read(proc.stdout.fileno(), 4096)
                 if not chunk:
                     break

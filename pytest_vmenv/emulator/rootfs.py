@@ -19,7 +19,7 @@ import stat
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from . import _sys
+from . import _sys, seccomp
 
 __all__ = ["DOCKER_CAPS", "HOST_BASE", "build_root"]
 
@@ -57,6 +57,7 @@ _MASKED_DIRS = (
 )
 _READONLY = ("proc/sys", "proc/bus", "proc/fs", "proc/irq")
 _NOSUID_NODEV_NOEXEC = _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC
+_RO_NODEV = _sys.MS_RDONLY | _sys.MS_NODEV
 
 
 def _real_dir(path: str) -> None:
@@ -77,16 +78,17 @@ def _mount_stack(cfg: Mapping[str, Any], root: str) -> None:
         if entry == HOST_BASE:
             # overlay refuses lowerdir=/ alone and layers nested in it (ELOOP); a read-only
             # overlay of / plus an empty tmpfs is a distinct filesystem to stack over.
-            _sys.mount("tmpfs", f"{gdir}/empty", "tmpfs", _sys.MS_RDONLY, "size=4k,mode=755")
-            _sys.mount(
-                "overlay", f"{gdir}/base", "overlay", _sys.MS_RDONLY, f"lowerdir=/:{gdir}/empty"
-            )
+            _sys.mount("tmpfs", f"{gdir}/empty", "tmpfs", _RO_NODEV, "size=4k,mode=755")
+            _sys.mount("overlay", f"{gdir}/base", "overlay", _RO_NODEV, f"lowerdir=/:{gdir}/empty")
             lowers.append(f"{gdir}/base")
         else:
             lowers.append(entry)
     os.chdir(cfg["layers_root"])  # relative lowerdirs keep the option string short
     options = f"lowerdir={':'.join(lowers)},upperdir={gdir}/upper,workdir={gdir}/work,index=off"
-    _sys.mount("overlay", root, "overlay", 0, options)
+    # nodev: device nodes in a layer (or in the host's / outside /dev) cannot be opened;
+    # overlay's own whiteouts (0/0 char devices in the upper dir) are unaffected. Not
+    # nosuid: sudo and friends must work in the guest.
+    _sys.mount("overlay", root, "overlay", _sys.MS_NODEV, options)
 
 
 def _mount_dev(root: str, console: str) -> None:
@@ -164,6 +166,7 @@ def build_root(cfg: Mapping[str, Any]) -> None:
     _sys.pivot_root(".", ".")
     _sys.umount2(".", _sys.MNT_DETACH)
     os.chdir("/")
+    seccomp.install()  # while CAP_SYS_ADMIN is still held: no no_new_privs, so sudo works
     _sys.drop_capabilities(DOCKER_CAPS)
 
 

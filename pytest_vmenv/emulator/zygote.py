@@ -8,12 +8,17 @@ to work at once.
 Protocol (SEQPACKET, :mod:`wire`): ``{"op": "spawn", "cfg": {...}, "cgroups": [paths]}``
 with the guest end of its control socket attached; the answer is ``{"ok": true, "pid": N}``
 (N is the guest's keeper process) or ``{"error": "..."}``. The guest itself reports
-``ready`` (with PID 1's host pid) on its control socket.
+``ready`` (with PID 1's host pid) on its control socket. ``{"op": "keep", "pid": N}`` marks
+keeper N as kept (``--vm-keep``); the answer is ``{"ok": true}``.
 
 Process chain: zygote -> keeper (host PID namespace, joins the guest's cgroups, unshares the
 namespaces) -> PID 1 of the new PID namespace. Each link has ``PR_SET_PDEATHSIG=SIGKILL``
-on its parent, and the zygote kills every keeper when its own socket reaches end-of-file
-(pytest exited or died), so no guest outlives the process that made it.
+on its parent, and the zygote kills every keeper that is not kept when its own socket
+reaches end-of-file (pytest exited or died), so no guest outlives the process that made it
+unless it was kept. With kept keepers left, the zygote stays (only reaping) until the last
+of them is gone (destroyed from any process: the keeper is in the guest's cgroups), then
+exits. It runs in its own session, so neither a terminal's signals nor a kill of pytest's
+process group take kept guests down; it still sees pytest's death as end-of-file.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import select
 import signal
 import socket
 import sys
+import time
 import traceback
 from collections.abc import Mapping
 from typing import Any
@@ -41,6 +47,7 @@ GUEST_NAMESPACES = (
     | _sys.CLONE_NEWCGROUP
 )
 _PR_SET_PDEATHSIG = 1
+_PR_SET_CHILD_SUBREAPER = 36
 
 
 def _keeper(cfg: Mapping[str, Any], cgroups: list[str], ctl_fd: int, zygote: int) -> None:
@@ -77,22 +84,46 @@ def _keeper(cfg: Mapping[str, Any], cgroups: list[str], ctl_fd: int, zygote: int
     os._exit(0)
 
 
-def _reap(children: set[int]) -> None:
-    while children:
+def _reap(children: set[int], kept: set[int]) -> bool:
+    """Reap every exited child (keepers, and guest PID 1s orphaned to us); False if none left.
+
+    The zygote is a child subreaper: when a keeper dies before its PID 1 (``cgroup.kill``
+    kills both at once), the PID 1 is reparented here instead of to the host's init, which
+    in a container may never reap it.
+    """
+    while True:
         try:
             pid, _status = os.waitpid(-1, os.WNOHANG)
         except ChildProcessError:
             children.clear()
-            return
+            kept.clear()
+            return False
         if pid == 0:
-            return
+            break
         children.discard(pid)
+    kept &= children
+    return True
+
+
+def _orphaned(children: set[int], kept: set[int], rfd: int) -> None:
+    """Our creator is gone: kill the keepers that are not kept, reap the rest, then exit."""
+    for pid in children - kept:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0  # for the PID 1s of killed keepers to be reparented
+    while True:
+        if not _reap(children, kept) or (not kept and time.monotonic() > deadline):
+            os._exit(0)
+        select.select([rfd], [], [], 0.1)
+        with contextlib.suppress(BlockingIOError):
+            os.read(rfd, 512)
 
 
 def serve(sock: socket.socket) -> None:
-    """Serve spawn requests until ``sock`` reaches end-of-file, then kill every keeper."""
+    """Serve requests until ``sock`` reaches end-of-file, then see :func:`_orphaned`."""
     me = os.getpid()
     children: set[int] = set()
+    kept: set[int] = set()
     rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
@@ -104,17 +135,24 @@ def serve(sock: socket.socket) -> None:
             if fd == rfd:
                 with contextlib.suppress(BlockingIOError):
                     os.read(rfd, 512)
-                _reap(children)
+                _reap(children, kept)
                 continue
             try:
                 msg, fds = wire.recv(sock)
             except OSError:
                 msg, fds = None, []
             if msg is None:
-                for pid in children:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
-                os._exit(0)
+                sock.close()
+                _orphaned(children, kept, rfd)
+                return
+            if msg.get("op") == "keep" and not fds:
+                pid = int(msg.get("pid", 0))
+                if pid in children:
+                    kept.add(pid)
+                    wire.send(sock, {"ok": True})
+                else:
+                    wire.send(sock, {"error": f"no keeper {pid} (its guest is gone)"})
+                continue
             if msg.get("op") != "spawn" or len(fds) != 1:
                 for x in fds:
                     os.close(x)
@@ -138,6 +176,7 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(sock.fileno(), False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in pytest must not kill guests early
+    _sys.prctl(_PR_SET_CHILD_SUBREAPER, 1)
     serve(sock)
 
 

@@ -1,0 +1,162 @@
+"""The host's handle on the zygote process (:mod:`.zygote`): start, restart, spawn, keep.
+
+The zygote is started lazily, once per backend instance. If it dies in the middle of a
+session (killed, OOM), the guests it forked die with it (``PR_SET_PDEATHSIG``) and the next
+``spawn`` starts a new one: bounded by :data:`RESTARTS` attempts within :data:`RESTART_WINDOW`
+seconds (tenacity), so a zygote that cannot start fails the clone with a clear error instead of
+looping.
+
+A zygote that holds kept guests outlives :meth:`Zygote.close` (see :mod:`.zygote`); its
+:class:`subprocess.Popen` is parked in a module list and reaped later, so no warning about a
+running child is raised and no zombie is left while this process lives on.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import tenacity
+
+from . import wire
+
+__all__ = ["RESTARTS", "RESTART_WINDOW", "Zygote", "ZygoteGone"]
+
+RESTARTS = 3
+RESTART_WINDOW = 10.0
+_PKG_PARENT = str(Path(__file__).resolve().parents[2])
+_DETACHED: list[subprocess.Popen[bytes]] = []
+
+
+class ZygoteGone(OSError):
+    """The zygote exited (or was killed) before it answered."""
+
+
+def _reap_detached() -> None:
+    for proc in list(_DETACHED):
+        if proc.poll() is not None:
+            _DETACHED.remove(proc)
+
+
+class Zygote:
+    """The helper process that forks guests (started lazily; restarted if it died)."""
+
+    def __init__(self, log: Path) -> None:
+        self._log = log
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+        self._kept: set[int] = set()
+        self._started = False
+        self.restarts = 0  # how often a dead zygote was replaced
+
+    @property
+    def pid(self) -> int | None:
+        """The running zygote's pid (None before the first spawn)."""
+        proc = self._proc
+        return proc.pid if proc is not None else None
+
+    def _start(self) -> socket.socket:
+        _reap_detached()
+        mine, theirs = wire.socketpair()
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (_PKG_PARENT, env.get("PYTHONPATH", "")) if p
+        )
+        self._log.parent.mkdir(parents=True, exist_ok=True)
+        with open(self._log, "ab") as log:
+            self._proc = subprocess.Popen(
+                [sys.executable, "-m", "pytest_vmenv.emulator.zygote", str(theirs.fileno())],
+                pass_fds=(theirs.fileno(),),
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=log,
+                env=env,
+                cwd="/",
+                start_new_session=True,
+            )
+        theirs.close()
+        self._sock = mine
+        return mine
+
+    def _drop(self) -> None:
+        """Forget a dead zygote (lock held): close our end, reap it."""
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+        proc, self._proc = self._proc, None
+        self._kept.clear()  # its kept guests died with it
+        if proc is not None:
+            try:
+                proc.wait(timeout=2)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    def _call(self, msg: dict[str, Any], fds: list[int], start: bool) -> dict[str, Any]:
+        with self._lock:
+            if self._proc is not None and self._proc.poll() is not None:
+                self._drop()
+            if self._sock is None:
+                if not start:
+                    raise ZygoteGone("the emulator's zygote process is gone")
+                if self._started:
+                    self.restarts += 1
+                self._started = True
+                sock = self._start()
+            else:
+                sock = self._sock
+            try:
+                wire.send(sock, msg, fds)
+                reply, _ = wire.recv(sock)
+            except (BrokenPipeError, ConnectionError):
+                reply = None
+            if reply is None:
+                self._drop()
+                raise ZygoteGone("the emulator's zygote process exited")
+        if "error" in reply:
+            raise OSError(str(reply["error"]))
+        return reply
+
+    def spawn(self, cfg: dict[str, Any], cgroups: list[str], ctl_fd: int) -> int:
+        """Fork a guest; returns its keeper's pid. Restarts a dead zygote (bounded)."""
+        retrying = tenacity.Retrying(
+            stop=tenacity.stop_after_attempt(RESTARTS) | tenacity.stop_after_delay(RESTART_WINDOW),
+            retry=tenacity.retry_if_exception_type(ZygoteGone),
+            wait=tenacity.wait_fixed(0.05),
+            reraise=True,
+        )
+        for attempt in retrying:
+            with attempt:
+                reply = self._call(
+                    {"op": "spawn", "cfg": cfg, "cgroups": cgroups}, [ctl_fd], start=True
+                )
+        return int(reply["pid"])
+
+    def keep(self, keeper: int) -> None:
+        """Let ``keeper`` (and its guest) outlive our end of the socket."""
+        self._call({"op": "keep", "pid": keeper}, [], start=False)
+        self._kept.add(keeper)
+
+    def close(self) -> None:
+        """Hang up: the zygote kills its non-kept guests and exits once no kept one is left."""
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+            proc, self._proc = self._proc, None
+            if proc is None:
+                return
+            if self._kept:
+                _DETACHED.append(proc)  # lives on for its kept guests; reaped later
+                return
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

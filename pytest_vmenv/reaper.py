@@ -1,0 +1,240 @@
+"""Sweeping what dead owners left, and the per-process watchdog that sweeps after a crash.
+
+* :func:`sweep` destroys every machine whose owner process is dead (never one of a live
+  owner: two sessions side by side survive each other's sweeps), removes non-reused
+  templates of sessions that have no live owner left, and clears their ledger entries. Kept
+  machines (``--vm-keep``) are left alone unless ``include_kept``.
+* :class:`Watchdog` is a small detached process started with the first machine. pytest holds
+  the write end of a pipe to it; a clean end writes ``bye`` first. End-of-file without
+  ``bye`` means pytest died (SIGKILL, OOM, a crashed xdist worker): the watchdog waits for
+  the owner to be gone, sweeps what it owned, and exits.
+
+``python -m pytest_vmenv.reaper watch FD OWNER STATE_DIR`` is the watchdog's entry point.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .backend import Backend, Session, Snapshot, owner_alive
+from .ledger import (
+    OwnerRecord,
+    file_lock,
+    owners,
+    remove_owner,
+    remove_session_dir,
+    session_templates,
+    sessions,
+)
+from .registry import Registry
+
+__all__ = ["SweepReport", "Watchdog", "backends_from_ledger", "sweep"]
+
+log = logging.getLogger("pytest_vmenv")
+
+
+@dataclass
+class SweepReport:
+    removed: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def _live_sessions(state_dir: Path) -> set[str]:
+    return {r.session for r in owners(state_dir) if r.alive}
+
+
+def sweep(
+    backends: Iterable[Backend],
+    state_dir: Path,
+    *,
+    only_owner: str | None = None,
+    include_kept: bool = False,
+    older_than: float | None = None,
+) -> SweepReport:
+    """Destroy what dead owners left on ``backends`` and clear their ledger entries.
+
+    ``only_owner`` limits the sweep to one owner token (the watchdog's case). ``older_than``
+    (seconds) spares anything younger. A template goes once no owner of its session lives.
+    """
+    backends = list(backends)
+    by_name = {b.name: b for b in backends}
+    report = SweepReport()
+    now = time.time()
+    live = _live_sessions(state_dir)
+    removed_handles: set[str] = set()
+
+    def old_enough(created: float) -> bool:
+        return older_than is None or now - created >= older_than
+
+    def wanted(owner: str, created: float) -> bool:
+        if only_owner is not None and owner != only_owner:
+            return False
+        return bool(owner) and not owner_alive(owner) and old_enough(created)
+
+    for backend in backends:
+        try:
+            refs = list(backend.owned(None))
+        except Exception as exc:  # noqa: BLE001 - one broken backend must not stop the sweep
+            report.errors.append(f"{backend.name}: cannot list machines: {exc}")
+            continue
+        for ref in refs:
+            if not wanted(ref.owner, ref.created) or (ref.kept and not include_kept):
+                continue
+            try:
+                backend.destroy(ref)
+                report.removed.append(f"{backend.name} machine {ref.name} ({ref.id})")
+            except Exception as exc:  # noqa: BLE001
+                report.errors.append(f"{backend.name} machine {ref.name} ({ref.id}): {exc}")
+        list_templates = getattr(backend, "templates", None)
+        for snap in list_templates() if callable(list_templates) else ():
+            session = str(snap.data.get("session", ""))
+            if snap.data.get("reuse") or not session or session in live:
+                continue
+            if wanted(str(snap.data.get("owner", "")), float(snap.data.get("created", 0))):
+                _remove_template(backend, snap, report)
+                removed_handles.add(snap.handle)
+    for record in owners(state_dir):
+        if record.alive or (only_owner is not None and record.owner != only_owner):
+            continue
+        if old_enough(record.created) and set(record.backends) <= set(by_name):
+            remove_owner(record)
+    for session in sessions(state_dir):
+        if session in live or (only_owner is not None and owners(state_dir, session)):
+            continue
+        for path, data in session_templates(state_dir, session):
+            owner_backend = by_name.get(str(data.get("backend")))
+            if owner_backend is None or data.get("reuse"):
+                continue
+            if "handle" in data and data["handle"] not in removed_handles:
+                snap = Snapshot(
+                    backend=owner_backend.name,
+                    name=str(data.get("name", "")),
+                    handle=str(data["handle"]),
+                    key=str(data.get("key", "")),
+                    data=data.get("data", {}),
+                )
+                _remove_template(owner_backend, snap, report)
+            path.unlink(missing_ok=True)
+        remove_session_dir(state_dir, session)
+    return report
+
+
+def _remove_template(backend: Backend, snap: Snapshot, report: SweepReport) -> None:
+    try:
+        backend.remove_template(snap)
+        report.removed.append(f"{backend.name} template {snap.key or snap.handle}")
+    except Exception as exc:  # noqa: BLE001
+        report.errors.append(f"{backend.name} template {snap.key}: {exc}")
+
+
+def backends_from_ledger(
+    state_dir: Path, registry: Registry, records: list[OwnerRecord] | None = None
+) -> list[Backend]:
+    """One backend object per backend the ledger mentions, made with its recorded options."""
+    made: dict[str, Backend] = {}
+    for record in owners(state_dir) if records is None else records:
+        for name, options in record.backends.items():
+            if name in made:
+                continue
+            try:
+                backend: Backend = registry.load(name)(options)
+                backend.check()
+            except Exception as exc:  # noqa: BLE001 - report and sweep the others
+                log.warning("pytest-vmenv: cannot sweep backend %s: %s", name, exc)
+                continue
+            made[name] = backend
+    return list(made.values())
+
+
+def close_backends(backends: Iterable[Backend]) -> None:
+    for backend in backends:
+        close = getattr(backend, "close", None)
+        if callable(close):
+            with contextlib.suppress(Exception):
+                close()
+
+
+class Watchdog:
+    """The detached sweeper of one pytest process (see the module docstring)."""
+
+    def __init__(self, session: Session) -> None:
+        read_fd, self._write_fd = os.pipe2(os.O_CLOEXEC)
+        log_path = session.state_dir / "watchdog.log"
+        with open(log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "pytest_vmenv.reaper", "watch",
+                    str(read_fd), session.owner, str(session.state_dir),
+                ],
+                pass_fds=(read_fd,),
+                stdin=subprocess.DEVNULL,
+                stdout=log_file,
+                stderr=log_file,
+                start_new_session=True,  # Ctrl-C in the terminal must not reach it
+                cwd="/",
+            )  # fmt: skip
+        os.close(read_fd)
+
+    def goodbye(self) -> None:
+        """A clean end: tell the watchdog there is nothing to sweep, and let it go."""
+        if self._write_fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            os.write(self._write_fd, b"bye")
+        os.close(self._write_fd)
+        self._write_fd = -1
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.process.wait(timeout=5)
+
+
+def _watch(fd: int, owner: str, state_dir: Path, wait: Callable[[], None] | None = None) -> int:
+    received = b""
+    while True:
+        try:
+            chunk = os.read(fd, 64)
+        except InterruptedError:
+            continue
+        if not chunk:
+            break
+        received += chunk
+    if received.startswith(b"bye"):
+        return 0
+    deadline = time.monotonic() + 10
+    while owner_alive(owner) and time.monotonic() < deadline:
+        time.sleep(0.05)  # the pipe closes a moment before the process is fully gone
+    records = [r for r in owners(state_dir) if r.owner == owner]
+    backends = backends_from_ledger(state_dir, Registry(), records)
+    try:
+        with file_lock(state_dir, "sweep"):
+            report = sweep(backends, state_dir, only_owner=owner)
+    finally:
+        close_backends(backends)
+    stamp = time.strftime("%Y-%m-%d %H:%M:%S")
+    for line in report.removed:
+        print(f"{stamp} watchdog {owner}: removed {line}", flush=True)
+    for line in report.errors:
+        print(f"{stamp} watchdog {owner}: ERROR {line}", flush=True)
+    return 1 if report.errors else 0
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 4 or argv[0] != "watch":
+        print("usage: python -m pytest_vmenv.reaper watch FD OWNER STATE_DIR", file=sys.stderr)
+        return 2
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    return _watch(int(argv[1]), argv[2], Path(argv[3]))
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

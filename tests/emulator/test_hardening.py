@@ -1,0 +1,473 @@
+"""Regression tests for the emulator's security review (real guests, root, Linux).
+
+Each test names the finding it covers. State lives under /var/lib/pytest-vmenv-test/.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import io
+import os
+import resource
+import shutil
+import stat
+import subprocess
+import sys
+import tarfile
+import textwrap
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pytest_vmenv.backend import MachineRef, Result, Session, Snapshot
+from pytest_vmenv.emulator import EmulatorBackend, control, images, wire
+from pytest_vmenv.emulator.cgroups import GuestGroups
+from pytest_vmenv.emulator.control import CommandTimedOut
+from pytest_vmenv.errors import BackendError, CommandTimeout, MachineGone
+from pytest_vmenv.spec import MachineSpec
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.geteuid() != 0,
+    reason="the emulator's real-namespace tests need Linux and root",
+)
+
+TEST_ROOT = Path("/var/lib/pytest-vmenv-test")
+PY = "/usr/bin/python3"  # the host's system python, visible in host-image guests
+
+
+@pytest.fixture(scope="module")
+def state() -> Iterator[Path]:
+    path = TEST_ROOT / f"hard-{uuid.uuid4().hex[:8]}"
+    path.mkdir(parents=True)
+    mp = pytest.MonkeyPatch()
+    mp.setenv("VMENV_STATE_DIR", str(path))
+    yield path
+    mp.undo()
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def backend(state: Path) -> Iterator[EmulatorBackend]:
+    b = EmulatorBackend(state_dir=state)
+    b.check()
+    yield b
+    b.close()
+
+
+@pytest.fixture(scope="module")
+def session(state: Path) -> Session:
+    return Session(id=f"s-{uuid.uuid4().hex[:8]}", state_dir=state)
+
+
+@pytest.fixture(scope="module")
+def template(backend: EmulatorBackend, session: Session) -> Snapshot:
+    return backend.build_template(MachineSpec(name="vm"), "host-plain", session)
+
+
+@pytest.fixture
+def g(backend: EmulatorBackend, template: Snapshot, session: Session) -> Iterator[MachineRef]:
+    ref = backend.clone(template, MachineSpec(name="hard"), session)
+    yield ref
+    backend.destroy(ref)
+
+
+def sh(backend: EmulatorBackend, ref: MachineRef, cmd: str, **kw: Any) -> Result:
+    return backend.execute(ref, ["/bin/sh", "-c", cmd], **kw)
+
+
+def ok(backend: EmulatorBackend, ref: MachineRef, cmd: str, **kw: Any) -> str:
+    r = sh(backend, ref, cmd, **kw)
+    assert r.exit_code == 0, (cmd, r)
+    return r.stdout
+
+
+def py(backend: EmulatorBackend, ref: MachineRef, code: str) -> str:
+    r = backend.execute(ref, [PY, "-c", textwrap.dedent(code)], timeout=30)
+    assert r.exit_code == 0, r
+    return r.stdout
+
+
+def bounded(call: Callable[[], object], limit: float) -> object:
+    """``call()`` in a thread; fail (instead of hanging the suite) if it takes over ``limit``."""
+    box: dict[str, object] = {}
+
+    def run() -> None:
+        try:
+            box["value"] = call()
+        except BaseException as exc:  # noqa: BLE001 - handed to the test
+            box["error"] = exc
+
+    t = threading.Thread(target=run, daemon=True)
+    t.start()
+    t.join(limit)
+    assert not t.is_alive(), f"still running after {limit}s"
+    if "error" in box:
+        raise box["error"]  # type: ignore[misc]
+    return box.get("value")
+
+
+# -- 1: PID 1 is not dumpable --------------------------------------------------------------
+def test_guest_root_cannot_reach_pid1s_fds(backend: EmulatorBackend, g: MachineRef) -> None:
+    assert sh(backend, g, "ls -l /proc/1/fd").exit_code != 0
+    out = py(
+        backend,
+        g,
+        """
+        import ctypes, os
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        opened = []
+        for n in range(16):
+            try:
+                os.close(os.open(f"/proc/1/fd/{n}", os.O_RDONLY | os.O_NONBLOCK))
+                opened.append(n)
+            except OSError:
+                pass
+        pidfd = libc.syscall(434, 1, 0)  # pidfd_open works: it only names the process
+        assert pidfd >= 0, ctypes.get_errno()
+        stolen = []
+        for n in range(16):
+            fd = libc.syscall(438, pidfd, n, 0)  # pidfd_getfd
+            if fd >= 0:
+                stolen.append(n)
+            else:
+                assert ctypes.get_errno() in (1, 9), ctypes.get_errno()  # EPERM (EBADF)
+        print(opened, stolen)
+        """,
+    )
+    assert out.split() == ["[]", "[]"]
+
+
+def test_file_transfers_still_work(backend: EmulatorBackend, g: MachineRef, state: Path) -> None:
+    src = state / "big"
+    data = os.urandom(3 << 20)
+    src.write_bytes(data)
+    os.chmod(src, 0o751)
+    backend.copy_in(g, src, "/root/big")
+    assert ok(backend, g, "sha256sum /root/big; stat -c %a /root/big").split()[::2] == [
+        hashlib.sha256(data).hexdigest(),
+        "751",
+    ]
+    back = state / "back"
+    backend.copy_out(g, "/root/big", back)
+    assert back.read_bytes() == data
+    empty = state / "empty"
+    empty.write_bytes(b"")
+    backend.copy_in(g, empty, "/root/empty")
+    backend.copy_out(g, "/root/empty", back)
+    assert back.read_bytes() == b""
+
+
+# -- 2: tarballs are unpacked in a chroot ---------------------------------------------------
+def _add(tar: tarfile.TarFile, name: str, text: str = "", **attrs: Any) -> None:
+    info = tarfile.TarInfo(name)
+    data = text.encode()
+    info.size = len(data)
+    for key, value in attrs.items():
+        setattr(info, key, value)
+    tar.addfile(info, io.BytesIO(data) if data else None)
+
+
+def test_tarball_cannot_write_outside_its_rootfs(backend: EmulatorBackend, state: Path) -> None:
+    tag = uuid.uuid4().hex[:8]
+    victim = TEST_ROOT / f"victim-{tag}"
+    victim.mkdir()
+    dotdot = TEST_ROOT / f"dotdot-{tag}"
+    absolute = TEST_ROOT / f"abs-{tag}"
+    passwd = Path("/etc/passwd")
+    before = (hashlib.sha256(passwd.read_bytes()).hexdigest(), passwd.stat().st_nlink)
+    image = state / f"evil-{tag}.tar"
+    with tarfile.open(image, "w") as tar:
+        _add(tar, "../" * 12 + str(dotdot).lstrip("/"), "dotdot")
+        _add(tar, str(absolute), "absolute")
+        _add(tar, str(victim).lstrip("/"), type=tarfile.DIRTYPE, mode=0o755)
+        _add(tar, "lnk", type=tarfile.SYMTYPE, linkname=str(victim))
+        _add(tar, "lnk/pwned", "through the symlink")
+        _add(tar, "etc/passwd", "root:x:0:0::/root:/bin/sh\n")
+        _add(tar, "hl", type=tarfile.LNKTYPE, linkname="/etc/passwd")
+        _add(tar, "hl2", type=tarfile.LNKTYPE, linkname="../../../../../../etc/passwd")
+        _add(tar, "suid", "#!/bin/sh\n", mode=0o4755)
+        _add(tar, "sgid", "#!/bin/sh\n", mode=0o2755)
+        _add(tar, "devnull", type=tarfile.CHRTYPE, devmajor=1, devminor=3, mode=0o666)
+        _add(tar, "fifo", type=tarfile.FIFOTYPE, mode=0o666)
+    try:
+        rootfs = images.unpack_tarball(image, backend.emu_dir)
+        assert list(victim.iterdir()) == []
+        assert not dotdot.exists() and not absolute.exists()
+        after = (hashlib.sha256(passwd.read_bytes()).hexdigest(), passwd.stat().st_nlink)
+        assert after == before
+        inside = rootfs / str(victim).lstrip("/")
+        assert (inside / "pwned").read_text() == "through the symlink"
+        assert (rootfs / str(dotdot).lstrip("/")).read_text() == "dotdot"
+        assert (rootfs / str(absolute).lstrip("/")).read_text() == "absolute"
+        assert os.readlink(rootfs / "lnk") == str(victim)  # kept: resolved inside the guest
+        ino = (rootfs / "etc/passwd").stat().st_ino
+        assert (rootfs / "hl").stat().st_ino == ino == (rootfs / "hl2").stat().st_ino
+        assert stat.S_IMODE((rootfs / "suid").stat().st_mode) == 0o755
+        assert stat.S_IMODE((rootfs / "sgid").stat().st_mode) == 0o755
+        assert not (rootfs / "devnull").exists() and not (rootfs / "fifo").exists()
+    finally:
+        shutil.rmtree(victim, ignore_errors=True)
+        for p in (dotdot, absolute):
+            p.unlink(missing_ok=True)
+
+
+# -- 3: no device nodes outside /dev -------------------------------------------------------
+def test_device_nodes_outside_dev_cannot_be_opened(
+    backend: EmulatorBackend, g: MachineRef, template: Snapshot, session: Session
+) -> None:
+    node = TEST_ROOT / f"null-{uuid.uuid4().hex[:8]}"
+    os.mknod(node, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+    try:
+        r = sh(backend, g, f"echo x > {node}")
+        assert r.exit_code != 0 and "Permission denied" in r.stderr, r
+        ok(backend, g, "echo x > /dev/null")  # the guest's own /dev still works
+        # whiteouts (0/0 char devices in the upper dir) keep working, in snapshots too
+        ok(backend, g, "rm /etc/hostname; ! test -e /etc/hostname")
+        snap = backend.snapshot(g, "nodev")
+        clone = backend.clone(snap, MachineSpec(name="nodev"), session)
+        try:
+            assert sh(backend, clone, "test -e /etc/hostname").exit_code == 1
+        finally:
+            backend.destroy(clone)
+    finally:
+        node.unlink()
+
+
+# -- 4: private state dirs -----------------------------------------------------------------
+def test_state_dirs_are_private_every_time(state: Path) -> None:
+    emu = state / "emulator"
+    emu.mkdir(exist_ok=True)
+    for d in (emu, emu / "layers"):
+        d.mkdir(exist_ok=True)
+        os.chmod(d, 0o755)
+    assert EmulatorBackend(state_dir=state).emu_dir == emu
+    for sub in ("", "layers", "images", "guests"):
+        assert stat.S_IMODE((emu / sub).stat().st_mode) == 0o700, sub
+
+
+# -- 5: seccomp ----------------------------------------------------------------------------
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter is x86_64 only")
+def test_keyrings_and_kernel_facilities_are_denied(backend: EmulatorBackend, g: MachineRef) -> None:
+    out = py(
+        backend,
+        g,
+        """
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.syscall.restype = ctypes.c_long
+        def errno_of(*args):
+            ctypes.set_errno(0)
+            res = libc.syscall(*args)
+            return ctypes.get_errno() if res < 0 else "ok"
+        print(errno_of(250, 0, -3, 0))  # keyctl(GET_KEYRING_ID, session keyring)
+        print(errno_of(248, b"user", b"vmenv", b"x", 1, -2))  # add_key
+        print(errno_of(249, b"user", b"vmenv", None, -2))  # request_key
+        print(errno_of(0x40000000 | 250, 0, -3, 0))  # keyctl through the x32 ABI
+        print(errno_of(321, 0, None, 0))  # bpf
+        print(errno_of(323, 0))  # userfaultfd
+        """,
+    )
+    assert out.split() == ["1"] * 6
+    status = ok(backend, g, "grep -E '^(Seccomp|NoNewPrivs):' /proc/self/status")
+    assert status.split() == ["NoNewPrivs:", "0", "Seccomp:", "2"]  # setuid still works
+    assert ok(backend, g, "echo fine; ls / >/dev/null") == "fine\n"
+
+
+# -- 6: FIFOs cannot freeze PID 1 ----------------------------------------------------------
+def test_fifos_do_not_freeze_pid1(backend: EmulatorBackend, g: MachineRef, state: Path) -> None:
+    ok(backend, g, "mkfifo /root/fifo")
+    start = time.monotonic()
+    with pytest.raises(BackendError, match="not a regular file"):
+        bounded(lambda: backend.copy_out(g, "/root/fifo", state / "fifo-out"), 10)
+    src = state / "fifo-in"
+    src.write_text("x")
+    with pytest.raises(BackendError):
+        bounded(lambda: backend.copy_in(g, src, "/root/fifo"), 10)
+    assert time.monotonic() - start < 5
+    assert not (state / "fifo-out").exists()
+    ok(backend, g, "cp /etc/passwd /root/passwd; rm /etc/passwd; mkfifo /etc/passwd")
+    r = bounded(lambda: backend.execute(g, ["id"], user="nobody", timeout=10), 10)
+    assert isinstance(r, Result) and r.exit_code == 126, r
+    assert backend.execute(g, ["true"], timeout=10).exit_code == 0
+
+
+# -- 7: more than 1024 open fds ------------------------------------------------------------
+def test_works_with_more_than_1024_fds_open(
+    backend: EmulatorBackend, template: Snapshot, session: Session
+) -> None:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 1300:
+        pytest.skip(f"RLIMIT_NOFILE hard limit is {hard}")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 1300), hard))
+    fds: list[int] = []
+    try:
+        fds = [os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC) for _ in range(1100)]
+        assert max(fds) > 1024
+        ref = backend.clone(template, MachineSpec(name="fds"), session)
+        try:
+            assert backend.execute(ref, ["echo", "hi"]).stdout == "hi\n"
+        finally:
+            backend.destroy(ref)
+    finally:
+        for fd in fds:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+# -- 8: NUL bytes --------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"argv": ["echo", "a\0b"]},
+        {"argv": ["echo"], "env": {"A": "x\0y"}},
+        {"argv": ["echo"], "env": {"A\0": "x"}},
+        {"argv": ["echo"], "env": {"A=B": "x"}},
+        {"argv": ["echo"], "user": "ro\0ot"},
+    ],
+)
+def test_nul_bytes_are_a_backend_error(
+    backend: EmulatorBackend, g: MachineRef, kw: dict[str, Any]
+) -> None:
+    argv = kw.pop("argv")
+    with pytest.raises(BackendError) as info:
+        backend.execute(g, argv, **kw)
+    assert not isinstance(info.value, MachineGone)
+    assert backend.execute(g, ["true"]).exit_code == 0
+
+
+# -- 9: snapshot freezing ------------------------------------------------------------------
+@pytest.mark.parametrize("how", ["timeout", "unsupported"])
+def test_snapshot_refused_and_thawed_when_freezing_fails(
+    backend: EmulatorBackend, g: MachineRef, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    real = GuestGroups.freeze
+
+    def broken(self: GuestGroups, frozen: bool) -> None:
+        if frozen and how == "timeout":
+            real(self, True)  # half-done: the kernel froze it, we "timed out"
+            raise OSError(errno.ETIMEDOUT, "cgroup did not freeze in time")
+        if frozen:
+            raise OSError(errno.ENOTSUP, "no cgroup freezer available")
+        real(self, frozen)
+
+    monkeypatch.setattr(GuestGroups, "freeze", broken)
+    layers = backend.emu_dir / "layers"
+    before = sorted(p.name for p in layers.iterdir())
+    with pytest.raises(BackendError, match="could not be frozen"):
+        backend.snapshot(g, "torn")
+    assert sorted(p.name for p in layers.iterdir()) == before
+    assert backend.execute(g, ["true"], timeout=5).exit_code == 0  # not left frozen
+
+
+# -- 10: timeouts while output flows -------------------------------------------------------
+def test_timeout_fires_while_output_keeps_flowing(backend: EmulatorBackend, g: MachineRef) -> None:
+    start = time.monotonic()
+    with pytest.raises(CommandTimeout):
+        bounded(lambda: sh(backend, g, "while :; do echo x; done", timeout=1.0), 15)
+    assert time.monotonic() - start < 6
+    assert backend.execute(g, ["true"]).exit_code == 0
+
+
+_FLOOD = r"""
+import json, socket, sys, time
+sock = socket.socket(fileno=int(sys.argv[1]))
+sock.setblocking(False)
+end = time.monotonic() + 8
+while time.monotonic() < end:
+    try:
+        sock.send(b'{"noise":1}')
+    except BlockingIOError:
+        pass
+    try:
+        if b"kill" in sock.recv(4096):
+            sock.setblocking(True)
+            sock.send(json.dumps({"killed": True}).encode())
+            break
+    except BlockingIOError:
+        pass
+"""
+
+
+def test_timeout_fires_while_pid1_keeps_talking() -> None:
+    """A fake PID 1 (another process) floods the reply socket: ``poll`` is never empty."""
+    mine, theirs = wire.socketpair()
+    os.set_inheritable(theirs.fileno(), True)
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    in_r, in_w = os.pipe()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _FLOOD, str(theirs.fileno())], pass_fds=[theirs.fileno()]
+    )
+    theirs.close()
+    start = time.monotonic()
+    try:
+        with pytest.raises(CommandTimedOut):  # the bug: GuestDied once the flood ends
+            control._communicate(mine, in_w, out_r, err_r, None, 0.3)
+        assert time.monotonic() - start < 3
+    finally:
+        proc.kill()
+        proc.wait()
+        for fd in (out_w, err_w, in_r):
+            os.close(fd)
+        mine.close()
+
+
+# -- 11: machine ids are checked -----------------------------------------------------------
+@pytest.mark.parametrize("gid", ["../layers", "..", "", "a/b", "/etc", ".hidden"])
+def test_bad_machine_ids_touch_nothing(state: Path, gid: str) -> None:
+    b = EmulatorBackend(state_dir=state)
+    sentinel = b.emu_dir / "layers" / "sentinel"
+    sentinel.write_text("keep me")
+    ref = MachineRef(backend="emulator", id=gid, name="x", session="s")
+    try:
+        with pytest.raises(BackendError, match="invalid machine id"):
+            b.destroy(ref)
+        with pytest.raises(BackendError, match="invalid machine id"):
+            b.execute(ref, ["true"])
+        assert sentinel.read_text() == "keep me"
+        assert b.console_log(ref) == ""
+    finally:
+        sentinel.unlink()
+        b.close()
+
+
+# -- 12: host home dirs outside /home ------------------------------------------------------
+def test_service_and_user_homes_are_masked(
+    backend: EmulatorBackend, session: Session, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    svc, user = TEST_ROOT / f"svc-{tag}", TEST_ROOT / f"user-{tag}"
+    for home in (svc, user):
+        home.mkdir()
+        (home / "secret").write_text("host data")
+    os.chown(user, 1234, 1234)
+    os.chmod(user, 0o750)
+    passwd = state / f"passwd-{tag}"
+    passwd.write_text(
+        f"root:x:0:0::/root:/bin/sh\nsvc:x:120:120::{svc}:/bin/false\n"
+        f"alice:x:1234:1234::{user}:/bin/sh\nnobody:x:65534:65534::/nonexistent:/bin/false\n"
+        "sys:x:3:3::/dev:/bin/false\ngames:x:1500:60::/usr/games:/bin/false\n"
+        "odd:x:1501:1501::/:/bin/false\n"
+    )
+    monkeypatch.setattr(images, "PASSWD", passwd)
+    try:
+        assert images._homes(passwd) == sorted([str(svc)[1:], str(user)[1:]])
+        snap = backend.build_template(MachineSpec(name="homes"), f"homes-{tag}", session)
+        ref = backend.clone(snap, MachineSpec(name="homes"), session)
+        try:
+            assert ok(backend, ref, f"ls -A {svc} {user}").split() == [f"{svc}:", f"{user}:"]
+            assert ok(backend, ref, f"stat -c '%u %a' {user}").split() == ["1234", "750"]
+            assert ok(backend, ref, "ls /usr/games >/dev/null; echo ok") == "ok\n"
+        finally:
+            backend.destroy(ref)
+            backend.remove_template(snap)
+    finally:
+        shutil.rmtree(svc)
+        shutil.rmtree(user)
