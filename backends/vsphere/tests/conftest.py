@@ -1,0 +1,153 @@
+"""Fixtures for the vSphere tests: a running vcsim, a base template in it, simulated guests.
+
+vcsim is started by ``bash .ci/vsphere.sh start`` (built from Debian's govmomi source, run as
+``nobody`` on 127.0.0.1), which writes ``$VMENV_VCSIM_DIR/env``; ``GOVC_URL`` and ``VMENV_VCSIM_CA``
+from the environment win over that file. Without either the run stops with that instruction:
+these tests exist to run against the real simulator, so they are never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shlex
+import shutil
+import ssl
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+from guestlab import GuestLab, hostname_of
+from pyVim.connect import Disconnect, SmartConnect
+from pyVim.task import WaitForTask
+from pyVmomi import vim, vmodl
+from vmenv_vsphere import VsphereBackend
+from vmenv_vsphere.vms import props
+
+from pytest_vmenv.backend import MachineRef
+from pytest_vmenv.paths import state_dir
+from pytest_vmenv.spec import MachineSpec
+
+VCSIM_DIR = Path(os.environ.get("VMENV_VCSIM_DIR", "/var/lib/vmenv-vcsim"))  # .ci/vsphere.sh
+BASE = "vmenv-base"
+
+
+def _vcsim_env() -> dict[str, str]:
+    env = {}
+    path = Path(os.environ.get("VMENV_VCSIM_ENV", VCSIM_DIR / "env"))
+    if path.exists():
+        for line in path.read_text().splitlines():
+            if line.startswith("export "):
+                key, _, value = line[7:].partition("=")
+                env[key] = shlex.split(value)[0] if value else ""
+    for key in ("GOVC_URL", "VMENV_VCSIM_CA"):
+        if os.environ.get(key):
+            env[key] = os.environ[key]
+    return env
+
+
+@pytest.fixture(scope="session")
+def vcsim() -> dict[str, str]:
+    """``GOVC_URL`` (no credentials in it) and ``VMENV_VCSIM_CA`` of the running vcsim."""
+    env = _vcsim_env()
+    if not env.get("GOVC_URL"):
+        pytest.exit("vcsim is not running: `bash .ci/vsphere.sh start` first", returncode=4)
+    host = urlsplit(env["GOVC_URL"]).hostname
+    assert host == "127.0.0.1", f"refusing to test against {host}: vcsim must be on 127.0.0.1"
+    return env
+
+
+@pytest.fixture(scope="session")
+def vcsim_password() -> str:
+    return "vcsim-secret-" + secrets.token_hex(6)
+
+
+def admin(vcsim: dict[str, str]) -> Any:
+    """A raw pyvmomi login to vcsim (vcsim accepts any user and password unless -username)."""
+    u = urlsplit(vcsim["GOVC_URL"])
+    ctx = ssl.create_default_context(cafile=vcsim["VMENV_VCSIM_CA"])
+    return SmartConnect(host=u.hostname, port=u.port, user="admin", pwd="admin", sslContext=ctx)
+
+
+@pytest.fixture(scope="session")
+def base_template(vcsim: dict[str, str]) -> Iterator[str]:
+    """A powered-off VM ``vmenv-base`` without snapshots (the backend makes ``clean``)."""
+    si = admin(vcsim)
+    content = si.RetrieveContent()
+    view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+    vms = {vm.name: vm for vm in view.view}
+    if BASE not in vms:
+        source = vms["DC0_C0_RP0_VM0"]
+        spec = vim.vm.CloneSpec(location=vim.vm.RelocateSpec(pool=source.resourcePool))
+        WaitForTask(source.CloneVM_Task(folder=source.parent, name=BASE, spec=spec))
+        view = content.viewManager.CreateContainerView(
+            content.rootFolder, [vim.VirtualMachine], True
+        )
+        vm = next(v for v in view.view if v.name == BASE)
+        if vm.runtime.powerState == "poweredOn":
+            WaitForTask(vm.PowerOffVM_Task())
+    Disconnect(si)
+    yield BASE
+
+
+@pytest.fixture(scope="session")
+def lab(vcsim: dict[str, str]) -> Iterator[GuestLab]:
+    lab = GuestLab(state_dir() / "vsphere-lab" / secrets.token_hex(4), password="guest-pw")
+    lab.start()
+    si = admin(vcsim)
+
+    def exists(moref: str) -> bool:
+        try:
+            return bool(vim.VirtualMachine(moref, si._stub).name)
+        except vmodl.fault.ManagedObjectNotFound:
+            return False
+
+    lab.exists = exists
+    yield lab
+    lab.stop()
+    Disconnect(si)
+    shutil.rmtree(lab.root, ignore_errors=True)
+
+
+class LabBackend(VsphereBackend):
+    """The real backend, with guests found in the lab (vcsim gives them all 127.0.0.1)."""
+
+    lab: GuestLab
+
+    def guest_endpoint(self, ref: MachineRef) -> tuple[str, int]:
+        host, _ = super().guest_endpoint(ref)  # the IP vcsim reports for the VM
+        vm = self._vm(ref.id)
+        extra = props(self.conn, vm, ["config.extraConfig"]).get("config.extraConfig") or ()
+        labels = {o.key: str(o.value) for o in extra}
+        parent = labels.get("guestinfo.vmenv.parent")
+        return host, self.lab.port_for(ref.id, hostname_of(labels), parent)
+
+
+def options(vcsim: dict[str, str], password: str, **more: Any) -> dict[str, Any]:
+    return {
+        "host": vcsim["GOVC_URL"], "user": "vmenv", "password": password,
+        "ca_file": vcsim["VMENV_VCSIM_CA"], **more,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="session")
+def lab_backend(
+    vcsim: dict[str, str], vcsim_password: str, lab: GuestLab, base_template: str
+) -> Iterator[LabBackend]:
+    backend = LabBackend(options(vcsim, vcsim_password, ssh_key=str(lab.key_path)), environ={})
+    backend.lab = lab
+    backend.check()
+    yield backend
+    backend.close()
+
+
+def base_spec(name: str = "conf", **image: Any) -> MachineSpec:
+    image_config = {
+        "template": BASE, "snapshot": "clean", "create_snapshot": True,
+        "extra_config": {"SET.guest.ipAddress": "127.0.0.1"}, **image,
+    }  # fmt: skip
+    return MachineSpec(
+        name=name, image="vcsim", backend="vsphere", image_config=image_config, timeout=60
+    )
