@@ -8,12 +8,9 @@ first need only.
 from __future__ import annotations
 
 import itertools
-import os
 import secrets
-import signal
-import threading
 import time
-from collections.abc import Generator, Iterator, Mapping
+from collections.abc import Generator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -21,17 +18,29 @@ import pytest
 
 from .backend import Backend, Session
 from .config import VmenvConfig, load_config
-from .errors import BackendUnavailable, ConfigError
+from .errors import ConfigError
+from .fixtures import vm, vm_factory, vmenv_backend, vms, with_scope
+from .keys import machines_key, plugin_key, specs_key
 from .machine import Machine
 from .options import Options, add_options
 from .paths import state_dir
 from .registry import Registry
+from .signals import GracefulSignals
 from .spec import MachineSpec, SpecParser
 
 if TYPE_CHECKING:
     from .orchestrator import Orchestrator
 
-__all__ = ["VmenvPlugin"]
+__all__ = [
+    "VmenvPlugin",
+    "machines_key",
+    "plugin_key",
+    "specs_key",
+    "vm",
+    "vm_factory",
+    "vmenv_backend",
+    "vms",
+]
 
 VM_MARKER = (
     'vm(image="host", *, name="vm", backend=None, cpus=1, memory="512M", disk=None, '
@@ -40,10 +49,6 @@ VM_MARKER = (
     "with distinct names make one environment"
 )
 VMENV_MARKER = "vmenv(name): give the test the machines of [environments.NAME] in vmenv.toml"
-
-specs_key = pytest.StashKey[list[MachineSpec]]()
-machines_key = pytest.StashKey[dict[str, Machine]]()
-plugin_key = pytest.StashKey["VmenvPlugin"]()
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
@@ -133,35 +138,6 @@ class _MachineHooks:
         return report
 
 
-class _Signals:
-    """SIGTERM and SIGHUP tear down in order like Ctrl-C; a second signal exits at once.
-
-    Installed only once machines exist (a suite without machines keeps pytest's own
-    behaviour). After the hard exit the watchdog sweeps what is left.
-    """
-
-    def __init__(self) -> None:
-        self.count = 0
-        self.previous: dict[int, Any] = {}
-
-    def install(self) -> None:
-        if threading.current_thread() is not threading.main_thread() or self.previous:
-            return
-        for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-            self.previous[signum] = signal.signal(signum, self._handle)
-
-    def _handle(self, signum: int, frame: object) -> None:
-        self.count += 1
-        if self.count > 1:
-            os._exit(128 + signum)
-        raise KeyboardInterrupt(f"pytest-vmenv: {signal.Signals(signum).name}, tearing down")
-
-    def restore(self) -> None:
-        for signum, handler in self.previous.items():
-            signal.signal(signum, handler)
-        self.previous.clear()
-
-
 def _new_session_id() -> str:
     return time.strftime("%Y%m%d%H%M%S") + "-" + secrets.token_hex(3)
 
@@ -185,7 +161,7 @@ class VmenvPlugin:
         self._orchestrator: Orchestrator | None = None
         self._factory_ids = itertools.count()
         self._next_specs: dict[str, list[MachineSpec]] = {}
-        self._signals = _Signals()
+        self._signals = GracefulSignals()
 
     # -- lazily built parts -----------------------------------------------------------------
 
@@ -420,61 +396,9 @@ class VmenvPlugin:
 
     def factory_create(self, fields: Mapping[str, Any]) -> Machine:
         spec = self.parser.machine(dict(fields), "vm_factory.create()")
-        spec_session = spec if spec.scope == "session" else _with_scope(spec, "session")
+        spec_session = spec if spec.scope == "session" else with_scope(spec, "session")
         owner = f"factory-{next(self._factory_ids)}"
         machines = self.orchestrator.acquire(
             [spec_session], {"function": owner, "module": owner, "session": owner}
         )
         return machines[spec.name]
-
-
-def _with_scope(spec: MachineSpec, scope: str) -> MachineSpec:
-    from dataclasses import replace
-
-    return replace(spec, scope=scope)
-
-
-class VmFactory:
-    """Creates machines imperatively; all of them are destroyed at session end."""
-
-    def __init__(self, plugin: VmenvPlugin) -> None:
-        self._plugin = plugin
-
-    def create(self, image: str = "host", name: str = "vm", **spec: Any) -> Machine:
-        """``create(image=..., name=..., cpus=..., ...)``: the fields of the ``vm`` marker."""
-        return self._plugin.factory_create({"image": image, "name": name, **spec})
-
-    def destroy(self, machine: Machine) -> None:
-        machine.backend.destroy(machine.ref)
-
-
-@pytest.fixture(scope="session")
-def vm_factory(pytestconfig: pytest.Config) -> VmFactory:
-    """Session-scoped factory: ``vm_factory.create(image="host", name="db", cpus=2)``."""
-    return VmFactory(pytestconfig.stash[plugin_key])
-
-
-@pytest.fixture
-def vms(request: pytest.FixtureRequest) -> Iterator[dict[str, Machine]]:
-    """Every machine of the test, by name."""
-    yield request.config.stash[plugin_key].machines_for(request.node)
-
-
-@pytest.fixture
-def vm(vms: dict[str, Machine]) -> Machine:
-    """The machine of a test that has exactly one (checked at collection time)."""
-    (machine,) = vms.values()
-    return machine
-
-
-@pytest.fixture(scope="session")
-def vmenv_backend(pytestconfig: pytest.Config) -> Backend:
-    """The active default backend object (``--vm-backend``, vmenv.toml, else emulator)."""
-    plugin: VmenvPlugin = pytestconfig.stash[plugin_key]
-    name = plugin.parser.default_backend
-    try:
-        return plugin.orchestrator.backend(name)
-    except BackendUnavailable as exc:
-        if plugin.options.unavailable == "skip":
-            pytest.skip(str(exc))
-        raise

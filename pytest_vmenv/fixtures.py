@@ -1,0 +1,70 @@
+"""The fixtures a test author uses: ``vm``, ``vms``, ``vm_factory``, ``vmenv_backend``."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from .backend import Backend
+from .errors import BackendUnavailable
+from .keys import plugin_key
+from .machine import Machine
+from .spec import MachineSpec
+
+if TYPE_CHECKING:
+    from .plugin import VmenvPlugin
+
+__all__ = ["VmFactory", "vm", "vm_factory", "vmenv_backend", "vms"]
+
+
+def with_scope(spec: MachineSpec, scope: str) -> MachineSpec:
+    return replace(spec, scope=scope)
+
+
+class VmFactory:
+    """Creates machines imperatively; all of them are destroyed at session end."""
+
+    def __init__(self, plugin: VmenvPlugin) -> None:
+        self._plugin = plugin
+
+    def create(self, image: str = "host", name: str = "vm", **spec: Any) -> Machine:
+        """``create(image=..., name=..., cpus=..., ...)``: the fields of the ``vm`` marker."""
+        return self._plugin.factory_create({"image": image, "name": name, **spec})
+
+    def destroy(self, machine: Machine) -> None:
+        machine.backend.destroy(machine.ref)
+
+
+@pytest.fixture(scope="session")
+def vm_factory(pytestconfig: pytest.Config) -> VmFactory:
+    """Session-scoped factory: ``vm_factory.create(image="host", name="db", cpus=2)``."""
+    return VmFactory(pytestconfig.stash[plugin_key])
+
+
+@pytest.fixture
+def vms(request: pytest.FixtureRequest) -> Iterator[dict[str, Machine]]:
+    """Every machine of the test, by name."""
+    yield request.config.stash[plugin_key].machines_for(request.node)
+
+
+@pytest.fixture
+def vm(vms: dict[str, Machine]) -> Machine:
+    """The machine of a test that has exactly one (checked at collection time)."""
+    (machine,) = vms.values()
+    return machine
+
+
+@pytest.fixture(scope="session")
+def vmenv_backend(pytestconfig: pytest.Config) -> Backend:
+    """The active default backend object (``--vm-backend``, vmenv.toml, else emulator)."""
+    plugin: VmenvPlugin = pytestconfig.stash[plugin_key]
+    name = plugin.parser.default_backend
+    try:
+        return plugin.orchestrator.backend(name)
+    except BackendUnavailable as exc:
+        if plugin.options.unavailable == "skip":
+            pytest.skip(str(exc))
+        raise
