@@ -96,6 +96,7 @@ class Orchestrator:
         self.keep_mode = keep
         self.kept: list[Machine] = []
         self.swept: list[str] = []
+        self.notes: list[str] = []
         self._tainted: set[str] = set()
         self._detached: list[Machine] = []
         self.ledger = Ledger(session)
@@ -378,6 +379,12 @@ class Orchestrator:
         self._executor.shutdown(wait=True, cancel_futures=True)
         errors += self._remove_templates()
         for name, backend in self._backends.items():
+            summary = getattr(backend, "summary", None)  # optional: what it reports of itself
+            if callable(summary):
+                try:
+                    self.notes += [str(line) for line in summary()]
+                except Exception as exc:  # noqa: BLE001
+                    errors.append(f"backend {name}: summary: {exc}")
             close = getattr(backend, "close", None)
             if callable(close):
                 try:

@@ -377,6 +377,10 @@ class VmenvPlugin:
         orchestrator = self._orchestrator
         if orchestrator is None:
             return
+        if orchestrator.notes:
+            terminalreporter.write_sep("-", "vmenv: backends")
+            for line in orchestrator.notes:
+                terminalreporter.write_line(line)
         if orchestrator.swept:
             terminalreporter.write_sep("-", "vmenv: swept what dead sessions left")
             for line in orchestrator.swept:

@@ -15,12 +15,15 @@ connect to the guest's ``ctl.sock`` (see :mod:`.guest`). That is what ``vmenv gc
 ``vmenv shell`` and the crash sweeper rely on.
 
 Every public method maps foreign exceptions into :mod:`pytest_vmenv.errors` here.
+
+Run unprivileged, guests live in a user namespace (see :mod:`.userns`): rootfs-directory and
+tarball images work; ``image="host"`` and ``network=`` are refused with
+``BackendUnavailable``, and ``memory``/``cpus`` are not applied (``LimitNotApplied``, once).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import sys
 import time
 import uuid
@@ -31,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..backend import Capabilities, MachineRef, Result, Session, Snapshot
-from . import inventory, layers
+from . import inventory, layers, userns
 from .base import NAME, EmulatorBase, LimitNotApplied, boundary
 from .control import FILE_IDLE_TIMEOUT, CommandTimedOut
 from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest
@@ -78,10 +81,9 @@ class EmulatorBackend(EmulatorBase):
 
     # -- protocol -----------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
-        limits = sys.platform.startswith("linux") and os.geteuid() == 0
-        return Capabilities(
-            live_snapshot=False, network=self._net.available(), limits=limits, console_log=True
-        )
+        root = sys.platform.startswith("linux") and not userns.rootless()
+        network = root and self._net.available()
+        return Capabilities(live_snapshot=False, network=network, limits=root, console_log=True)
 
     def check(self) -> None:
         def no(reason: str) -> errors.BackendUnavailable:
@@ -89,11 +91,6 @@ class EmulatorBackend(EmulatorBase):
 
         if not sys.platform.startswith("linux"):
             raise no(f"it needs Linux namespaces; this is {sys.platform}")
-        if os.geteuid() != 0:
-            raise no(
-                "it needs root here (the unprivileged user-namespace mode is not "
-                "implemented yet); run the tests as root"
-            )
         try:
             with open("/proc/filesystems", encoding="ascii") as f:
                 if "overlay" not in f.read():
@@ -103,10 +100,17 @@ class EmulatorBackend(EmulatorBase):
         for ns in ("mnt", "pid", "net", "uts", "ipc", "cgroup"):
             if not os.path.exists(f"/proc/self/ns/{ns}"):
                 raise no(f"the kernel lacks {ns} namespaces")
+        if userns.rootless():
+            userns.check()  # can this user make a user namespace with an overlay in it?
+
+    def _refuse_unprivileged(self, spec: MachineSpec) -> None:
+        if spec.network is not None and userns.rootless():
+            raise errors.BackendUnavailable(NAME, userns.NETWORK_REASON)
 
     @boundary
     def build_template(self, spec: MachineSpec, key: str, session: Session) -> Snapshot:
         self.check()
+        self._refuse_unprivileged(spec)
         start = time.monotonic()
         with layers.build_lock(self.emu_dir, key) as final:
             done = layers.load(final)
@@ -136,6 +140,7 @@ class EmulatorBackend(EmulatorBase):
 
     @boundary
     def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
+        self._refuse_unprivileged(spec)
         stack = layers.stack_of(snapshot)
         guest = Guest(
             id=uuid.uuid4().hex[:16],
@@ -345,7 +350,7 @@ class EmulatorBackend(EmulatorBase):
         for handle in guest.snapshots:
             if not any(handle in s for s in in_use):
                 layers.remove(Path(handle), self.emu_dir)
-        shutil.rmtree(gdir, ignore_errors=True)
+        userns.rmtree(gdir)
 
     @boundary
     def remove_template(self, snapshot: Snapshot) -> None:

@@ -46,7 +46,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from . import _sys, guestfiles, rootfs, wire
+from . import _sys, guestfiles, rootfs, userns, wire
 from .guestfiles import login_argv, lookup_user, which
 
 __all__ = ["pid1_main"]
@@ -147,6 +147,9 @@ class Init:
             return {"ok": True}
         if op == "keep":
             self.kept = True
+            return {"ok": True}
+        if op in ("freeze", "thaw"):  # the user-namespace mode's freezer (no cgroups)
+            userns.stop_all(op == "freeze")
             return {"ok": True}
         return guestfiles.file_op(op, msg, fds)
 
@@ -249,9 +252,7 @@ class Init:
                 if cwd is not None:
                     os.chdir(str(cwd))
                 if ids is not None:
-                    os.setgroups(ids[3])
-                    os.setgid(ids[1])
-                    os.setuid(ids[0])
+                    _become(ids)
                 for sig in _RESET_SIGNALS:
                     signal.signal(sig, signal.SIG_DFL)
                 signal.pthread_sigmask(signal.SIG_SETMASK, ())
@@ -311,6 +312,24 @@ class Init:
                 with contextlib.suppress(OSError):
                     wire.send(sock, {"exit": 128 - code if code < 0 else code})
                 self._forget(pid)
+
+
+def _become(ids: tuple[int, int, str, list[int]]) -> None:
+    """Switch to a guest user (in a forked child); clear errors in a user namespace."""
+    denied = userns.setgroups_denied()
+    if not denied:
+        os.setgroups(ids[3])
+    try:
+        os.setgid(ids[1])
+        os.setuid(ids[0])
+    except OSError as exc:
+        if not denied:
+            raise
+        raise OSError(
+            exc.errno,
+            f"uid {ids[0]}/gid {ids[1]} does not exist in this guest: an unprivileged "
+            "emulator guest maps only root (uid 0); run pytest as root for other users",
+        ) from exc
 
 
 def _killpg(pid: int) -> None:

@@ -19,7 +19,6 @@ import contextlib
 import json
 import os
 import select
-import shutil
 import signal
 import socket
 import threading
@@ -29,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backend import process_start
-from . import wire
+from . import userns, wire
 from .cgroups import Cgroups, GuestGroups
 from .control import Conn
 from .spawner import Zygote
@@ -192,7 +191,7 @@ def read_meta(gdir: Path) -> dict[str, Any] | None:
 
 def _fresh_dirs(gdir: Path) -> None:
     for sub in ("upper", "work"):
-        shutil.rmtree(gdir / sub, ignore_errors=True)
+        userns.rmtree(gdir / sub)
     for sub in ("upper", "work", "root", "base", "empty"):
         (gdir / sub).mkdir(mode=0o755, exist_ok=True)
 
@@ -215,14 +214,18 @@ def start_guest(
     _fresh_dirs(guest.dir)
     guest.pid = guest.keeper = 0
     guest.save()  # labels first: a half-created guest is always found
-    groups, problems = cgroups.create(guest.id, memory, cpus)
+    rootless = userns.rootless()
+    if rootless:  # no cgroups in the user-namespace mode (see .userns)
+        groups, problems = GuestGroups(), userns.limit_problems(memory, cpus)
+    else:
+        groups, problems = cgroups.create(guest.id, memory, cpus)
     guest.groups = groups
     guest.save()
     console = guest.dir / "console.log"
     console.touch(mode=0o600)
     prefix = f"{layers_root}/"
     stack = [s[len(prefix) :] if s.startswith(prefix) else s for s in guest.stack]
-    cfg = {
+    cfg: dict[str, Any] = {
         "gdir": str(guest.dir),
         "stack": stack,
         "layers_root": str(layers_root),
@@ -230,6 +233,8 @@ def start_guest(
         "console": str(console),
         "boot_log": str(guest.dir / "boot.log"),
     }
+    if rootless:
+        cfg["userns"] = [os.getuid(), os.getgid()]
     mine, theirs = wire.socketpair()
     try:
         guest.keeper = zygote.spawn(cfg, groups.procs_files(), theirs.fileno())

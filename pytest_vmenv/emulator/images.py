@@ -12,7 +12,8 @@
   path resolves inside the rootfs. No path check can be fooled (such checks in ``tarfile``
   had bypasses, e.g. CVE-2025-4517). Symlinks are kept as they are (absolute ones too: they
   are resolved inside the guest); device nodes and FIFOs are skipped; setuid and setgid bits
-  are dropped from files.
+  are dropped from files. Unprivileged, that process enters a user namespace (where it is
+root) before ``chroot``; files of owners other than root become the caller's.
 
 The host mask hides, besides :data:`MASKED` and the state dir, the home directory of every
 account in the host's ``/etc/passwd`` with uid >= 1000 or a home under ``/var/lib``, ``/srv``
@@ -33,7 +34,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ..errors import ConfigError
+from ..errors import BackendUnavailable, ConfigError
+from . import userns
 from .rootfs import HOST_BASE
 
 __all__ = ["base_stack", "unpack_tarball"]
@@ -53,17 +55,39 @@ for mod in ("gzip", "bz2", "lzma", "zlib", "copy", "grp", "pwd"):
         __import__(mod)
     except ImportError:
         pass
-def keep(member, _path):
+def keep(member, _path="/"):
     if member.isdev():  # character and block devices, FIFOs
         return None
-    mode = member.mode if member.isdir() else member.mode & ~0o6000
-    return member.replace(mode=mode, deep=False)
+    if not member.isdir():
+        member.mode &= ~0o6000
+    return member
+def userns():  # unprivileged: chroot inside a user namespace where we are root
+    import ctypes
+    uid, gid = os.getuid(), os.getgid()
+    if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:
+        raise OSError(ctypes.get_errno(), "unshare(CLONE_NEWUSER)")
+    for name, text in (("setgroups", "deny"), ("uid_map", "0 %d 1\n" % uid),
+                       ("gid_map", "0 %d 1\n" % gid)):
+        with open("/proc/self/" + name, "w") as f:
+            f.write(text)
 try:
     tar = tarfile.open(sys.argv[1])
+    if len(sys.argv) > 3:
+        userns()
+        chown = tar.chown
+        def lenient(*args, **kwargs):  # only uid/gid 0 exist: other owners become ours
+            try:
+                chown(*args, **kwargs)
+            except tarfile.ExtractError:
+                pass
+        tar.chown = lenient
     os.chroot(sys.argv[2])
     os.chdir("/")
     with tar:
-        tar.extractall("/", numeric_owner=True, filter=keep)
+        if hasattr(tarfile, "data_filter"):
+            tar.extractall("/", numeric_owner=True, filter=keep)
+        else:  # Python < 3.11.4: no filter argument
+            tar.extractall("/", members=[m for m in tar if keep(m)], numeric_owner=True)
 except Exception as exc:
     print("%s: %s" % (type(exc).__name__, exc), file=sys.stderr)
     sys.exit(1)
@@ -136,7 +160,8 @@ def _homes(passwd: Path) -> list[str]:
 def _extract(tarball: Path, dest: Path) -> None:
     """Unpack ``tarball`` into ``dest`` in a child process confined to it by ``chroot``."""
     proc = subprocess.run(
-        [sys.executable, "-I", "-S", "-c", _EXTRACT, str(tarball), str(dest)],
+        [sys.executable, "-I", "-S", "-c", _EXTRACT, str(tarball), str(dest)]
+        + (["userns"] if userns.rootless() else []),
         stdin=subprocess.DEVNULL,
         capture_output=True,
         cwd="/",
@@ -163,14 +188,14 @@ def unpack_tarball(tarball: Path, emu_dir: Path) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (final / "complete").exists():
             return final / "rootfs"
-        shutil.rmtree(final, ignore_errors=True)
+        userns.rmtree(final)
         rootfs = final / "rootfs"
         rootfs.mkdir(parents=True)
         os.chmod(final, 0o700)
         try:
             _extract(tarball, rootfs.resolve())
         except OSError as exc:
-            shutil.rmtree(final, ignore_errors=True)
+            userns.rmtree(final)
             raise ConfigError(f"emulator: cannot unpack image {str(tarball)!r}: {exc}") from exc
         (final / "complete").write_text(str(tarball) + "\n")
     return rootfs
@@ -182,6 +207,8 @@ def base_stack(
     """The bottom of a guest's layer stack (top first) for an image."""
     rootfs = image_config.get("rootfs")
     if rootfs is None and spec_image == "host" and not image_config:
+        if userns.rootless():
+            raise BackendUnavailable("emulator", userns.HOST_REASON)
         return [str(mask_layer(emu_dir, state)), HOST_BASE]
     candidate = Path(str(rootfs if rootfs is not None else spec_image)).expanduser()
     if candidate.is_dir():

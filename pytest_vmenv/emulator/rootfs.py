@@ -85,17 +85,24 @@ def _mount_stack(cfg: Mapping[str, Any], root: str) -> None:
             lowers.append(entry)
     os.chdir(cfg["layers_root"])  # relative lowerdirs keep the option string short
     options = f"lowerdir={':'.join(lowers)},upperdir={gdir}/upper,workdir={gdir}/work,index=off"
+    if cfg.get("userns") is not None:  # user.overlay.* xattrs: trusted.* needs real root
+        options += ",userxattr"
     # nodev: device nodes in a layer (or in the host's / outside /dev) cannot be opened;
     # overlay's own whiteouts (0/0 char devices in the upper dir) are unaffected. Not
     # nosuid: sudo and friends must work in the guest.
     _sys.mount("overlay", root, "overlay", _sys.MS_NODEV, options)
 
 
-def _mount_dev(root: str, console: str) -> None:
+def _mount_dev(root: str, console: str, userns: bool) -> None:
     dev = f"{root}/dev"
     _real_dir(dev)
     _sys.mount("tmpfs", dev, "tmpfs", _sys.MS_NOSUID | _sys.MS_NOEXEC, "mode=755,size=65536k")
     for name, (major, minor) in _DEVICES.items():
+        if userns:  # no mknod in a user namespace: bind the host's node (still the host's /)
+            with open(f"{dev}/{name}", "wb"):
+                pass
+            _sys.mount(f"/dev/{name}", f"{dev}/{name}", None, _sys.MS_BIND)
+            continue
         os.mknod(f"{dev}/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
         os.chmod(f"{dev}/{name}", 0o666)
     os.mkdir(f"{dev}/pts", 0o755)
@@ -118,11 +125,18 @@ def _mount_dev(root: str, console: str) -> None:
     _sys.mount(console, f"{dev}/console", None, _sys.MS_BIND)
 
 
-def _mount_proc_sys(root: str) -> None:
+def _mount_proc_sys(root: str, userns: bool) -> None:
     _real_dir(f"{root}/proc")
     _sys.mount("proc", f"{root}/proc", "proc", _NOSUID_NODEV_NOEXEC)
     _real_dir(f"{root}/sys")
-    _sys.mount("sysfs", f"{root}/sys", "sysfs", _NOSUID_NODEV_NOEXEC | _sys.MS_RDONLY)
+    try:
+        _sys.mount("sysfs", f"{root}/sys", "sysfs", _NOSUID_NODEV_NOEXEC | _sys.MS_RDONLY)
+    except OSError as exc:
+        if not userns:
+            raise
+        # never the host's /sys: an empty read-only /sys is the safe fallback
+        os.write(1, f"vmenv: sysfs refused in the user namespace ({exc}); /sys empty\n".encode())
+        _sys.mount("tmpfs", f"{root}/sys", "tmpfs", _NOSUID_NODEV_NOEXEC | _sys.MS_RDONLY, "size=0")
     for rel in _READONLY:
         path = f"{root}/{rel}"
         if os.path.isdir(path):
@@ -149,13 +163,15 @@ def build_root(cfg: Mapping[str, Any]) -> None:
     ``cfg`` keys: ``gdir`` (guest dir with ``upper``, ``work``, ``root``, ``base``,
     ``empty``), ``stack`` (lower layers, top first; :data:`HOST_BASE` for the host's /),
     ``layers_root`` (directory relative stack entries are resolved from), ``hostname``,
-    ``console`` (file bound on ``/dev/console``).
+    ``console`` (file bound on ``/dev/console``), ``userns`` (``[uid, gid]`` when PID 1 is in
+    the unprivileged mode's user namespace, see :mod:`.userns`; absent as root).
     """
     _sys.mount("none", "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
     root = f"{cfg['gdir']}/root"
     _mount_stack(cfg, root)
-    _mount_dev(root, cfg["console"])
-    _mount_proc_sys(root)
+    userns = cfg.get("userns") is not None
+    _mount_dev(root, cfg["console"], userns)
+    _mount_proc_sys(root, userns)
     for rel in ("tmp", "run"):
         path = f"{root}/{rel}"
         if not os.path.lexists(path):

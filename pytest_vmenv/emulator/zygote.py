@@ -12,7 +12,8 @@ with the guest end of its control socket attached; the answer is ``{"ok": true, 
 keeper N as kept (``--vm-keep``); the answer is ``{"ok": true}``.
 
 Process chain: zygote -> keeper (host PID namespace, joins the guest's cgroups, unshares the
-namespaces) -> PID 1 of the new PID namespace. Each link has ``PR_SET_PDEATHSIG=SIGKILL``
+namespaces; unprivileged, a user namespace first, see :mod:`.userns`) -> PID 1 of the new
+PID namespace. Each link has ``PR_SET_PDEATHSIG=SIGKILL``
 on its parent, and the zygote kills every keeper that is not kept when its own socket
 reaches end-of-file (pytest exited or died), so no guest outlives the process that made it
 unless it was kept. With kept keepers left, the zygote stays (only reaping) until the last
@@ -34,7 +35,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from . import _sys, guest, rootfs, wire
+from . import _sys, guest, rootfs, userns, wire
 
 __all__ = ["GUEST_NAMESPACES", "main"]
 
@@ -62,6 +63,12 @@ def _keeper(cfg: Mapping[str, Any], cgroups: list[str], ctl_fd: int, zygote: int
         for procs in cgroups:
             with open(procs, "w", encoding="ascii") as f:
                 f.write("0")
+        ids = cfg.get("userns")
+        if ids is not None:  # unprivileged: a user namespace owns the others (see .userns)
+            userns.enter(int(ids[0]), int(ids[1]))
+            _sys.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # kept, but a new cred: re-arm
+            if os.getppid() != zygote:
+                os._exit(1)
         _sys.unshare(GUEST_NAMESPACES)
         pid1 = os.fork()
         if pid1 == 0:

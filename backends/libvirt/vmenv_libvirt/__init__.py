@@ -1,0 +1,5 @@
+"""libvirt backend."""
+
+from .backend import LibvirtBackend
+
+__all__ = ["LibvirtBackend"]

@@ -1,0 +1,271 @@
+"""The unprivileged mode: guests in a user namespace when pytest does not run as root.
+
+When ``os.geteuid() != 0`` (:func:`rootless`), the keeper first unshares ``CLONE_NEWUSER``
+and maps the caller's uid and gid to 0 with single-line ``uid_map``/``gid_map`` files
+(``setgroups`` denied; no ``newuidmap`` helper needed), then the other namespaces as in root
+mode, all owned by that user namespace. What changes in the guest:
+
+* overlayfs is mounted with ``userxattr``: whiteouts and opaque dirs use ``user.overlay.*``
+  xattrs (``cp -a`` keeps them when a snapshot is copied; whiteouts are 0/0 character
+  devices, which an unprivileged process may create);
+* ``/dev`` holds bind mounts of the host's ``null``, ``zero``, ``full``, ``random``,
+  ``urandom`` and ``tty`` (``mknod`` is impossible in a user namespace);
+* ``/sys`` is a fresh read-only sysfs of the guest's network namespace; if the kernel refuses
+  it, ``/sys`` is left an empty read-only tmpfs (never the host's ``/sys``), noted in
+  ``boot.log``;
+* only root (uid 0) exists: ``user=`` another account fails with a clear message;
+* no cgroups: ``memory``/``cpus`` are not applied (warned once, :class:`.LimitNotApplied`),
+  destroy kills through PID 1 (the kernel kills its PID namespace with it), and a live
+  snapshot stops the guest's processes with SIGSTOP from its PID 1 instead of the cgroup
+  freezer;
+* refused with :class:`~pytest_vmenv.errors.BackendUnavailable`: ``image="host"`` (its mask
+  layer needs ``trusted.*`` xattrs and a view of the whole host) and ``network=`` (the LAN
+  helper needs root in the host's network namespace).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from .. import errors
+from . import _sys
+
+__all__ = [
+    "HOST_REASON",
+    "NETWORK_REASON",
+    "enter",
+    "limit_problems",
+    "probe",
+    "rmtree",
+    "rootless",
+    "setgroups_denied",
+    "stop_all",
+    "sysctl_reason",
+]
+
+HOST_REASON = (
+    "image='host' needs root: its read-only view of the host's / and the mask layer that "
+    "hides the host's private dirs cannot be built in a user namespace; use a rootfs "
+    "directory or tarball image, or run as root"
+)
+NETWORK_REASON = (
+    "network= needs root: the LAN helper creates veth pairs and a bridge with nsenter/ip in "
+    "namespaces an unprivileged user does not own; drop network=, or run as root"
+)
+_CACHE: dict[str, str | None] = {}
+
+# Run as ``python -I -S -c``: userns + mount ns, maps, tmpfs, overlay with userxattr.
+_PROBE = r"""
+import ctypes, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+def fail(step):
+    err = ctypes.get_errno()
+    print("%s %d %s" % (step, err, os.strerror(err)))
+    sys.exit(1)
+uid, gid = os.getuid(), os.getgid()
+if libc.unshare(0x10000000 | 0x00020000) != 0:
+    fail("unshare")
+try:
+    for name, text in (("setgroups", "deny"), ("uid_map", "0 %d 1\n" % uid),
+                       ("gid_map", "0 %d 1\n" % gid)):
+        with open("/proc/self/" + name, "w") as f:
+            f.write(text)
+except OSError as exc:
+    print("map %d %s" % (exc.errno, exc.strerror))
+    sys.exit(1)
+def mount(src, dst, fs, flags, data):
+    return libc.mount(src.encode(), dst.encode(), fs.encode() if fs else None,
+                      ctypes.c_ulong(flags), data.encode() if data else None)
+if mount("none", "/", None, (1 << 18) | 16384, "") != 0:
+    fail("mount")
+if mount("tmpfs", "/dev", "tmpfs", 0, "size=64k") != 0:
+    fail("mount")
+for d in ("l", "u", "w", "m"):
+    os.mkdir("/dev/" + d)
+if mount("overlay", "/dev/m", "overlay", 0,
+         "lowerdir=/dev/l,upperdir=/dev/u,workdir=/dev/w,userxattr") != 0:
+    fail("overlay")
+print("ok")
+"""
+
+
+def rootless() -> bool:
+    """True when the emulator must use its user-namespace mode (not running as root)."""
+    return os.geteuid() != 0
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text().strip()
+    except OSError:
+        return None
+
+
+def sysctl_reason(proc: Path = Path("/proc")) -> str | None:
+    """Which sysctl forbids unprivileged user namespaces, if one does."""
+    sysctls = (
+        ("kernel/unprivileged_userns_clone", "0", "set it to 1"),
+        ("user/max_user_namespaces", "0", "set it to a positive number, e.g. 15000"),
+        ("kernel/apparmor_restrict_unprivileged_userns", "1", "set it to 0"),
+    )
+    for rel, bad, fix in sysctls:
+        if _read(proc / "sys" / rel) == bad:
+            name = rel.replace("/", ".")
+            return (
+                f"unprivileged user namespaces are disabled on this host (sysctl "
+                f"{name}={bad}; {fix}, or run as root)"
+            )
+    return None
+
+
+def probe() -> str | None:
+    """Why the unprivileged mode cannot work here (None if it can); probed once.
+
+    A child process unshares a user and a mount namespace, writes its maps and mounts an
+    overlay with ``userxattr`` on a tmpfs: what every guest will need.
+    """
+    if "probe" in _CACHE:
+        return _CACHE["probe"]
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", "-S", "-c", _PROBE],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            cwd="/",
+            timeout=30,
+            check=False,
+        )
+        out = proc.stdout.decode("utf-8", "replace").strip()
+    except (OSError, subprocess.SubprocessError) as exc:
+        out = f"spawn 0 {exc}"
+    reason = None if out == "ok" else _explain(out)
+    _CACHE["probe"] = reason
+    return reason
+
+
+def _explain(out: str) -> str:
+    step, _, rest = out.partition(" ")
+    errno_text, _, strerror = rest.partition(" ")
+    if step in ("unshare", "map", "mount"):
+        known = sysctl_reason()
+        if known is not None:
+            return known
+    if step == "unshare" and errno_text == "28":
+        return (
+            "no user namespace left to create (sysctl user.max_user_namespaces is "
+            "exhausted); raise it, or run as root"
+        )
+    if step == "unshare":
+        return (
+            f"it runs unprivileged and cannot create a user namespace: unshare(CLONE_NEWUSER) "
+            f"failed ({strerror}; a seccomp policy of a container?); run as root"
+        )
+    if step == "overlay":
+        return (
+            f"the kernel refuses overlayfs in a user namespace ({strerror}; it needs Linux "
+            ">= 5.11 with the userxattr option); run as root"
+        )
+    return f"its user-namespace probe failed ({out or 'no output'}); run as root"
+
+
+def check() -> None:
+    """Raise BackendUnavailable if the unprivileged mode cannot work on this host."""
+    reason = probe()
+    if reason is not None:
+        raise errors.BackendUnavailable("emulator", reason)
+
+
+def enter(uid: int, gid: int) -> None:
+    """In the keeper: a new user namespace where ``uid``/``gid`` are root (single mapping)."""
+    _sys.unshare(_sys.CLONE_NEWUSER)
+    for name, text in (
+        ("setgroups", "deny"),
+        ("uid_map", f"0 {uid} 1\n"),
+        ("gid_map", f"0 {gid} 1\n"),
+    ):
+        with open(f"/proc/self/{name}", "w", encoding="ascii") as f:
+            f.write(text)
+
+
+def setgroups_denied() -> bool:
+    """Whether this process is in a user namespace with ``setgroups`` denied."""
+    return _read(Path("/proc/self/setgroups")) == "deny"
+
+
+def limit_problems(memory: int | None, cpus: int | None) -> list[str]:
+    """The limits an unprivileged guest runs without, as one LimitNotApplied problem."""
+    names = [n for n, v in (("memory", memory), ("cpus", cpus)) if v is not None]
+    if not names:
+        return []
+    what = " and ".join(names) + (" limits are" if len(names) > 1 else " limit is")
+    return [
+        f"the {what} not applied: pytest runs unprivileged (uid {os.geteuid()}) and the "
+        "emulator's user-namespace mode uses no cgroups (run as root to enforce them)"
+    ]
+
+
+def stop_all(stop: bool, timeout: float = 5.0) -> None:
+    """In PID 1: SIGSTOP (or SIGCONT) every other process of the guest; wait until stopped."""
+    if not stop:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGCONT)
+        return
+    deadline = time.monotonic() + timeout
+    while True:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(-1, signal.SIGSTOP)  # every process of the PID namespace but PID 1
+        running = [pid for pid in _pids() if _state(pid) not in ("T", "t", "Z", "X", "")]
+        if not running:
+            return
+        if time.monotonic() > deadline:
+            os.kill(-1, signal.SIGCONT)
+            raise TimeoutError(f"processes {running[:5]} did not stop within {timeout:g}s")
+        time.sleep(0.002)
+
+
+def _pids() -> list[int]:
+    return [int(n) for n in os.listdir("/proc") if n.isdigit() and n != "1"]
+
+
+def _state(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except (OSError, IndexError):
+        return ""
+
+
+def rmtree(path: Path) -> None:
+    """Remove a tree of ours; as non-root, first open up dirs a guest made unwritable.
+
+    Never follows a symlink: dirs are opened ``O_PATH | O_NOFOLLOW`` and chmod-ed through
+    ``/proc/self/fd``. Leaves what still cannot be removed (callers ignore errors as before).
+    """
+    shutil.rmtree(path, ignore_errors=True)
+    if os.geteuid() == 0 or not os.path.lexists(path):
+        return
+    _open_up(str(path))
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _open_up(path: str) -> None:
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        os.chmod(f"/proc/self/fd/{fd}", 0o700)
+        names = os.listdir(f"/proc/self/fd/{fd}")
+    except OSError:
+        return
+    finally:
+        os.close(fd)
+    for name in names:
+        _open_up(os.path.join(path, name))

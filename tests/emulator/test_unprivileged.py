@@ -1,0 +1,373 @@
+"""The emulator's unprivileged (user-namespace) mode, driven as user ``nobody`` from root.
+
+Each test makes an area ``/var/lib/pytest-vmenv-userns-test/<id>`` owned by nobody (a tiny
+busybox rootfs, a state dir, a home), runs a script or a pytest as nobody through
+``setpriv``, and then checks as root that nothing is left: no new process of nobody that
+descends from what it started, no mount naming the area.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import textwrap
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from pytest_vmenv.emulator import userns
+
+pytestmark = pytest.mark.skipif(
+    not sys.platform.startswith("linux") or os.geteuid() != 0,
+    reason="drives the unprivileged mode as user nobody: needs Linux and root",
+)
+
+NOBODY = 65534
+AREA_ROOT = Path("/var/lib/pytest-vmenv-userns-test")
+CHECKOUT = str(Path(__file__).resolve().parents[2])
+BUSYBOX = Path("/bin/busybox")
+APPLETS = (
+    "sh", "cat", "echo", "sleep", "printf", "head", "wc", "test", "kill", "ls", "rm", "mkdir",
+    "chmod", "id", "touch", "cut", "true", "false", "env", "stat", "tr", "grep", "sed",
+)  # fmt: skip
+
+
+@dataclass
+class Area:
+    root: Path
+    rootfs: Path
+    state: Path
+    home: Path
+    python: str = sys.executable
+    pylib: Path | None = None
+
+
+def _static_busybox() -> bool:
+    try:
+        out = subprocess.run(["file", "-L", str(BUSYBOX)], capture_output=True, text=True)
+    except OSError:
+        return False
+    return out.returncode == 0 and "statically linked" in out.stdout
+
+
+def _make_rootfs(rootfs: Path) -> None:
+    """A busybox rootfs; every path is created under ``rootfs`` (symlinks only as entries)."""
+    for d in (
+        "bin",
+        "etc",
+        "proc",
+        "sys",
+        "dev",
+        "tmp",
+        "var/tmp",
+        "root",
+        "opt/d",
+        "srv/e",
+        "run",
+    ):
+        (rootfs / d).mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(BUSYBOX, rootfs / "bin" / "busybox")
+    os.chmod(rootfs / "bin" / "busybox", 0o755)
+    for applet in APPLETS:
+        os.symlink("busybox", rootfs / "bin" / applet)
+    (rootfs / "etc" / "passwd").write_text(
+        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n"
+    )
+    (rootfs / "etc" / "group").write_text("root:x:0:\nnogroup:x:65534:\n")
+    (rootfs / "etc" / "victim").write_text("delete me\n")
+    (rootfs / "etc" / "keep2").write_text("keep\n")
+    (rootfs / "opt" / "d" / "old").write_text("old\n")
+    (rootfs / "srv" / "e" / "old").write_text("old\n")
+
+
+def _chown_tree(top: Path) -> None:
+    """lchown everything under ``top`` to nobody, never following a symlink."""
+    os.chown(top, NOBODY, NOBODY, follow_symlinks=False)
+    for dirpath, dirnames, filenames in os.walk(top):
+        for name in dirnames + filenames:
+            os.chown(os.path.join(dirpath, name), NOBODY, NOBODY, follow_symlinks=False)
+
+
+_DEPS: tuple[str, ...] = ("pytest", "_pytest", "py", "pluggy", "iniconfig", "packaging")
+_DEPS += ("jinja2", "markupsafe", "tenacity", "pytest_vmenv-*.dist-info")
+
+
+def _python_for_nobody(area: Area) -> None:
+    """This interpreter if nobody can use it; else the system's with a copy of our deps.
+
+    (A Python under root's 0700 home is not readable by nobody.) The copy goes into the
+    area; symlinks are copied as links, never followed.
+    """
+    check = [sys.executable, "-c", "import tenacity, pytest, jinja2, pluggy"]
+    ok = subprocess.run(_setpriv(check), capture_output=True, env={"PATH": "/usr/bin:/bin"})
+    if ok.returncode == 0:
+        return
+    system = shutil.which("python3", path="/usr/bin:/bin")
+    if system is None:
+        pytest.skip("no Python that user nobody can run")
+    import pytest as _pytest_mod
+
+    site = Path(_pytest_mod.__file__).resolve().parents[1]
+    lib = area.root / "pylib"
+    lib.mkdir(mode=0o755)
+    for pattern in _DEPS:
+        for src in [*site.glob(pattern), *site.glob(pattern + ".py")]:
+            if src.is_dir():
+                shutil.copytree(src, lib / src.name, symlinks=True)
+            else:
+                shutil.copyfile(src, lib / src.name, follow_symlinks=False)
+        for info in site.glob(f"{pattern.replace('-*', '')}-*.dist-info"):
+            if not (lib / info.name).exists():
+                shutil.copytree(info, lib / info.name, symlinks=True)
+    area.python, area.pylib = system, lib
+
+
+def _setpriv(argv: list[str]) -> list[str]:
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+
+
+def _procs_of_nobody() -> dict[int, tuple[str, int]]:
+    """pid -> (start time, ppid) of every process whose real uid is nobody."""
+    found = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/status") as f:
+                status = f.read()
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rpartition(")")[2].split()
+        except OSError:
+            continue
+        uid_line = next((ln for ln in status.splitlines() if ln.startswith("Uid:")), "")
+        if uid_line.split()[1:2] == [str(NOBODY)]:
+            found[int(name)] = (fields[19], int(fields[1]))
+    return found
+
+
+class Runner:
+    """Runs commands as nobody and remembers the pids it started (for the leftover check)."""
+
+    def __init__(self, area: Area) -> None:
+        self.area = area
+        self.roots: set[int] = set()
+
+    def env(self) -> dict[str, str]:
+        return {
+            "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+            "HOME": str(self.area.home),
+            "VMENV_STATE_DIR": str(self.area.state),
+            "PYTHONPATH": os.pathsep.join(
+                [CHECKOUT, *([str(self.area.pylib)] if self.area.pylib else [])]
+            ),
+            "PYTHONDONTWRITEBYTECODE": "1",
+            "LANG": "C.UTF-8",
+        }
+
+    def run(self, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        cmd = _setpriv([self.area.python if a == "python" else a for a in argv])
+        proc = subprocess.Popen(
+            cmd,
+            cwd=self.area.root,
+            env=self.env(),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        self.roots.add(proc.pid)
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
+@pytest.fixture
+def area() -> Iterator[Area]:
+    if not _static_busybox():
+        pytest.skip(f"{BUSYBOX} is not a static busybox (needed for the test rootfs)")
+    AREA_ROOT.mkdir(mode=0o755, exist_ok=True)
+    os.chmod(AREA_ROOT, 0o755)
+    root = AREA_ROOT / uuid.uuid4().hex[:12]
+    root.mkdir(mode=0o755)
+    made = Area(root, root / "rootfs", root / "state", root / "home")
+    for d in (made.state, made.home):
+        d.mkdir(mode=0o700)
+    _make_rootfs(made.rootfs)
+    _chown_tree(root)
+    _python_for_nobody(made)
+    yield made
+    _assert_no_mounts(root)
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def nobody(area: Area) -> Iterator[Runner]:
+    before = _procs_of_nobody()
+    runner = Runner(area)
+    yield runner
+    left = _leftovers(before, runner.roots)
+    for pid in left:  # only descendants of what this test started, by pid
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes of nobody left behind: {left}"
+
+
+def _leftovers(before: dict[int, tuple[str, int]], roots: set[int]) -> list[int]:
+    """New nobody processes whose parent chain reaches a process this test started."""
+    now = _procs_of_nobody()
+    new = {p: v for p, v in now.items() if before.get(p, ("", 0))[0] != v[0]}
+    found = []
+    for pid in new:
+        seen, cur = set(), pid
+        while cur in now and cur not in seen and cur not in roots:
+            seen.add(cur)
+            cur = now[cur][1]
+        if cur in roots:
+            found.append(pid)
+    return found
+
+
+def _assert_no_mounts(root: Path) -> None:
+    with open("/proc/self/mountinfo") as f:
+        lines = [ln for ln in f if str(root) in ln]
+    assert not lines, f"mounts left in the host's namespace: {lines}"
+
+
+def _need_userns(runner: Runner) -> None:
+    probe = "from pytest_vmenv.emulator import userns; print(userns.probe())"
+    res = runner.run(["python", "-c", probe], timeout=60)
+    if res.stdout.strip() != "None":
+        pytest.skip(f"user namespaces unusable for nobody here: {res.stdout}{res.stderr}")
+
+
+def test_lifecycle_as_nobody(area: Area, nobody: Runner) -> None:
+    _need_userns(nobody)
+    work = area.home
+    script = str(Path(__file__).with_name("userns_script.py"))
+    res = nobody.run(["python", script, str(area.rootfs), str(work)])
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    report = json.loads(res.stdout.strip().splitlines()[-1])
+    print(json.dumps(report, indent=1))
+    assert report["ok"] is True
+    assert "use a rootfs directory or tarball image, or run as root" in report["host"]
+    assert report["sys"], "sysfs was expected to mount in the user namespace here"
+    assert list((area.state / "emulator" / "guests").iterdir()) == []
+    layers = [p.name for p in (area.state / "emulator" / "layers").iterdir() if p.is_dir()]
+    assert layers == [], "templates and snapshot layers (0500 dirs included) must be gone"
+
+
+def test_conformance_as_nobody(area: Area, nobody: Runner) -> None:
+    """The shared BackendConformance suite, run by pytest as nobody on the busybox rootfs."""
+    _need_userns(nobody)
+    suite = area.home / "test_userns_conformance.py"
+    suite.write_text(
+        textwrap.dedent(
+            f"""
+            from pathlib import Path
+
+            import pytest
+            from pytest_vmenv.emulator import EmulatorBackend
+            from pytest_vmenv.spec import MachineSpec
+            from pytest_vmenv.testing import BackendConformance
+
+            class TestUnprivileged(BackendConformance):
+                @pytest.fixture(scope="class")
+                def backend(self):
+                    backend = EmulatorBackend(state_dir=Path({str(area.state)!r}))
+                    backend.check()
+                    yield backend
+                    backend.close()
+
+                @pytest.fixture(scope="class")
+                def base_spec(self):
+                    return MachineSpec(
+                        image={str(area.rootfs)!r}, image_config={{"rootfs": {str(area.rootfs)!r}}}
+                    )
+            """
+        )
+    )
+    os.chown(suite, NOBODY, NOBODY)
+    argv = ["python", "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rs"]
+    argv += [f"--basetemp={area.home / 'basetemp'}", "--rootdir", str(area.home), str(suite)]
+    res = nobody.run(argv)
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    print(res.stdout)
+    summary = res.stdout.strip().splitlines()[-1]
+    assert "passed" in summary and "failed" not in summary, res.stdout
+
+
+def test_refusal_reasons_name_the_sysctl(area: Area) -> None:
+    proc = area.root / "proc"
+    (proc / "sys" / "user").mkdir(parents=True)
+    (proc / "sys" / "kernel").mkdir(parents=True)
+    assert userns.sysctl_reason(proc) is None
+    (proc / "sys" / "user" / "max_user_namespaces").write_text("0\n")
+    assert "user.max_user_namespaces=0" in (userns.sysctl_reason(proc) or "")
+    (proc / "sys" / "kernel" / "unprivileged_userns_clone").write_text("0\n")
+    reason = userns.sysctl_reason(proc) or ""
+    assert "kernel.unprivileged_userns_clone=0" in reason and "run as root" in reason
+
+
+def test_probe_failure_messages() -> None:
+    text = userns._explain("unshare 1 Operation not permitted")
+    assert "unshare(CLONE_NEWUSER)" in text or "sysctl" in text
+    assert "Linux >= 5.11" in userns._explain("overlay 22 Invalid argument")
+
+
+def test_open_up_rmtree_never_follows_symlinks(area: Area, nobody: Runner) -> None:
+    """rmtree as nobody removes dirs made unwritable, and no chmod reaches a symlink's target."""
+    outside = area.root / "outside"
+    outside.mkdir(mode=0o555)
+    os.chown(outside, NOBODY, NOBODY)
+    tree = area.home / "tree"
+    code = textwrap.dedent(
+        f"""
+        import os
+        from pathlib import Path
+        from pytest_vmenv.emulator import userns
+        t = Path({str(tree)!r})
+        (t / "a" / "b").mkdir(parents=True)
+        (t / "a" / "b" / "f").write_text("x")
+        os.symlink({str(outside)!r}, t / "a" / "link")
+        os.chmod(t / "a" / "b", 0o500)
+        os.chmod(t / "a", 0)
+        userns.rmtree(t)
+        print(os.path.lexists(t))
+        """
+    )
+    res = nobody.run(["python", "-c", code], timeout=60)
+    assert res.stdout.strip() == "False", res.stderr
+    assert stat.S_IMODE(outside.stat().st_mode) == 0o555
+
+
+def test_check_names_the_sysctl_when_userns_is_off(
+    area: Area, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In-process stand-in for a host with user namespaces off (nothing is spawned)."""
+    from pytest_vmenv.emulator import EmulatorBackend
+    from pytest_vmenv.errors import BackendUnavailable
+
+    proc = area.root / "proc"
+    (proc / "sys" / "user").mkdir(parents=True)
+    (proc / "sys" / "user" / "max_user_namespaces").write_text("0\n")
+    monkeypatch.setattr(userns, "rootless", lambda: True)
+    monkeypatch.setitem(userns._CACHE, "probe", userns.sysctl_reason(proc))
+    backend = EmulatorBackend(state_dir=area.state)
+    try:
+        with pytest.raises(BackendUnavailable, match=r"user\.max_user_namespaces=0"):
+            backend.check()
+        caps = backend.capabilities()
+        assert (caps.network, caps.limits) == (False, False)
+    finally:
+        backend.close()
