@@ -89,7 +89,6 @@ class Orchestrator:
         *,
         parallel: int = 2,
         keep: str = "never",
-        watchdog: bool = True,
         on_template: Callable[[MachineSpec, Snapshot, float], None] | None = None,
     ) -> None:
         self.session = session
@@ -101,11 +100,10 @@ class Orchestrator:
         self._detached: list[Machine] = []
         self.ledger = Ledger(session)
         self.ledger.open()
-        self._watchdog = Watchdog(session) if watchdog else None
+        self._watchdog = Watchdog(session)
         self._make_backend = make_backend
         self._backends: dict[str, Backend | BackendUnavailable] = {}
         self._templates: dict[str, Future[Snapshot]] = {}
-        self._template_specs: dict[str, MachineSpec] = {}
         self._executor = ThreadPoolExecutor(max(1, parallel), thread_name_prefix="vmenv-build")
         self._warmer = ThreadPoolExecutor(1, thread_name_prefix="vmenv-warm")
         self._spares: dict[str, Future[Machine]] = {}
@@ -113,7 +111,6 @@ class Orchestrator:
         self._lock = threading.RLock()
         self._scoped: dict[str, dict[str, Machine]] = defaultdict(dict)
         self._pool: dict[str, Machine] = {}
-        self._pool_dirty: set[str] = set()
         self._on_template = on_template
         self.timings: list[_Timing] = []
         self.scratch = session.state_dir / "scratch" / f"{session.id}-{session.worker_id}"
@@ -173,7 +170,6 @@ class Orchestrator:
             if future is None:
                 future = self._executor.submit(self._build, spec, key)
                 self._templates[key] = future
-                self._template_specs[key] = spec
         return future
 
     def _build(self, spec: MachineSpec, key: str) -> Snapshot:
@@ -230,11 +226,9 @@ class Orchestrator:
                 machine = self._clone(spec, backend_spec)
                 with self._lock:
                     self._pool[pool_key] = machine
-            elif pool_key in self._pool_dirty:
+            else:  # used by an earlier test: back to the template first
                 pooled = machine
                 self._timed("revert", spec, lambda: pooled.revert(self.template(spec)))
-            with self._lock:
-                self._pool_dirty.add(pool_key)
             return machine
         ident = _identity(spec)
         with self._lock:
@@ -392,8 +386,7 @@ class Orchestrator:
                 except Exception as exc:  # noqa: BLE001
                     errors.append(f"backend {name}: {exc}")
         shutil.rmtree(self.scratch, ignore_errors=True)
-        if self._watchdog is not None:
-            self._watchdog.goodbye()
+        self._watchdog.goodbye()
         return errors
 
     def _remove_templates(self) -> list[str]:

@@ -6,7 +6,8 @@ clone of that snapshot (``createNewChildDiskBacking``) into the session's folder
 Tools reports its IP and SSH answers there. ``build_template`` with provision steps clones the
 image, runs the steps, powers off, snapshots, and labels the VM as the template for its key,
 reusable across sessions. Commands and files go over the core's SSH channel
-(:mod:`pytest_vmenv.ssh`) to the guest's IP.
+(:mod:`pytest_vmenv.ssh`) to the guest's IP when SSH is configured, else through VMware Tools
+guest operations (:mod:`.guestops`, with ``guest_user``/``guest_password``).
 
 Every method that takes a :class:`MachineRef` works from any process on a ref from
 :meth:`owned` (the ref's ``id`` is the VM's managed object id), which is how ``vmenv gc`` and

@@ -3,7 +3,9 @@
 Split from :mod:`.backend` (which holds the protocol methods) to keep both readable.
 :func:`boundary` is the one place foreign exceptions become :mod:`pytest_vmenv.errors`;
 :meth:`VsphereBase.guest_endpoint` is the one seam between a VM and the address its commands
-go to; :meth:`VsphereBase._ready` is what "ready" means (Tools IP, then SSH answering).
+go to; :meth:`VsphereBase._channel` picks SSH (configured) or VMware Tools guest operations
+(:mod:`.guestops`); :meth:`VsphereBase._ready` is what "ready" means (Tools IP, then SSH
+answering when SSH is the channel).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pytest_vmenv.backend import MachineRef, Session, Snapshot
 from . import inventory, vms
 from .config import VsphereConfig
 from .connection import Connection, connect, map_fault
+from .guestops import GuestOpsChannel
 
 if TYPE_CHECKING:
     from pytest_vmenv.spec import MachineSpec
@@ -71,7 +74,7 @@ class VsphereBase:
         self._place: inventory.Placement | None = None
         self._lock = threading.RLock()
         self._folders: dict[str, Any] = {}
-        self._channels: dict[str, SSHChannel] = {}
+        self._channels: dict[str, SSHChannel | GuestOpsChannel] = {}
         self._gone: set[str] = set()
         self._hardware: dict[str, tuple[int, int]] = {}
 
@@ -174,38 +177,63 @@ class VsphereBase:
                 self._events(vm),
             ) from None
 
-    def _channel(self, ref: MachineRef) -> SSHChannel:
+    def _channel(self, ref: MachineRef) -> SSHChannel | GuestOpsChannel:
+        """The command channel: SSH when configured, else VMware Tools guest operations."""
         if ref.id in self._gone:
             raise errors.MachineGone(f"{NAME}: machine {ref.name!r} ({ref.id}) was destroyed")
         with self._lock:
             channel = self._channels.get(ref.id)
         if channel is not None:
             return channel
-        if not self.config.uses_ssh:
-            raise errors.BackendError(
-                f"{NAME}: commands need SSH: set ssh_key or ssh_password in "
-                "[tool.vmenv.backends.vsphere] (VMware Tools guest operations are not "
-                "implemented yet)"
-            )
+        channel = self._ssh_channel(ref) if self.config.uses_ssh else self._guest_channel(ref)
+        with self._lock:
+            return self._channels.setdefault(ref.id, channel)
+
+    def _ssh_channel(self, ref: MachineRef) -> SSHChannel:
         from pytest_vmenv.ssh import SSHChannel
 
         host, port = self.guest_endpoint(ref)
-        channel = SSHChannel(
+        return SSHChannel(
             host, port, self.config.ssh_user, key=self.config.ssh_key,
             password=self.config.ssh_password.reveal() or None,
             known_hosts=self.config.known_hosts, machine=ref.name,
         )  # fmt: skip
-        with self._lock:
-            return self._channels.setdefault(ref.id, channel)
+
+    def _guest_channel(self, ref: MachineRef) -> GuestOpsChannel:
+        cfg = self.config
+        if not (cfg.guest_user and cfg.guest_password):
+            raise errors.BackendError(
+                f"{NAME}: commands need SSH or VMware Tools guest operations: set ssh_key or "
+                "ssh_password (SSH), or guest_user and guest_password (guest operations), in "
+                "[tool.vmenv.backends.vsphere]"
+            )
+        vm = self._vm(ref.id)
+        status = self._call(
+            lambda: vms.props(self.conn, vm, ["guest.toolsRunningStatus"]).get(
+                "guest.toolsRunningStatus"
+            )
+        )
+        if status != "guestToolsRunning":
+            raise errors.BackendError(
+                f"{NAME}: {ref.name}: VMware Tools is not running in the guest "
+                f"(guest.toolsRunningStatus = {status}); guest operations need it: install and "
+                "start open-vm-tools in the template, or set ssh_key or ssh_password"
+            )
+        return GuestOpsChannel(
+            self.conn, vm, cfg.guest_user, cfg.guest_password, machine=ref.name,
+            max_wait=cfg.task_timeout,
+        )  # fmt: skip
 
     def _ready(self, ref: MachineRef, vm: Any, timeout: float) -> MachineRef:
         deadline = time.monotonic() + timeout
         ref = replace(ref, ip=self._wait_ip(vm, ref.name, timeout))
         if self.config.uses_ssh:
-            from pytest_vmenv.ssh import SSHUnreachable
+            from pytest_vmenv.ssh import SSHChannel, SSHUnreachable
 
+            channel = self._channel(ref)
+            assert isinstance(channel, SSHChannel)
             try:
-                self._channel(ref).wait_ready(max(deadline - time.monotonic(), 1.0))
+                channel.wait_ready(max(deadline - time.monotonic(), 1.0))
             except SSHUnreachable as exc:
                 raise errors.BootTimeout(f"{NAME}: {ref.name}: {exc}", self._events(vm)) from None
         return ref

@@ -67,7 +67,8 @@ class Connection:
         self.si: Any = None
         self.users = 0
 
-    def _context(self) -> ssl.SSLContext:
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS rules for this server (the API and guest file transfers alike)."""
         if self.config.insecure:
             if self.config.host not in _WARNED_INSECURE:
                 _WARNED_INSECURE.add(self.config.host)
@@ -89,7 +90,7 @@ class Connection:
             if self.si is None:
                 self.si = SmartConnect(
                     host=cfg.host, port=cfg.port, user=cfg.user, pwd=cfg.password.reveal(),
-                    sslContext=self._context(), connectionPoolTimeout=-1,
+                    sslContext=self.ssl_context(), connectionPoolTimeout=-1,
                 )  # fmt: skip
             else:
                 self.si.content.sessionManager.Login(cfg.user, cfg.password.reveal(), None)

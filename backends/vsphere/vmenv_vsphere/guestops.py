@@ -1,0 +1,334 @@
+"""Commands and files through VMware Tools guest operations: no network path to the guest.
+
+Used when SSH is not configured (no ``ssh_key``/``ssh_password``), the guest's Tools are
+running and ``guest_user``/``guest_password`` are set. Everything goes through vCenter's
+``GuestOperationsManager``: ``processManager.StartProgramInGuest`` runs a program,
+``ListProcessesInGuest`` reports its exit code once it has ended, ``TerminateProcessInGuest``
+stops it, and ``fileManager.InitiateFileTransferToGuest``/``FromGuest`` hand out one-shot
+HTTPS URLs (on the ESXi host; a ``*`` host means the server we are connected to) that a file
+is PUT to or fetched from. The URLs are verified exactly like the API connection: the system
+store or ``ca_file``, and off only with ``insecure``.
+
+StartProgramInGuest gives a program no stdin, stdout or stderr, so :meth:`GuestOpsChannel.execute`
+works through files: it makes a private directory with ``CreateTemporaryDirectoryInGuest``,
+uploads ``input`` there as ``i``, and starts ``/bin/sh -c WRAPPER`` which runs the command
+under ``setsid`` (its own session and process group, whose id goes to ``pid``) with stdin from
+``i`` (else ``/dev/null``) and stdout/stderr into ``o``/``e``; the wrapper exits with the
+command's status (a signal N is 128+N, a missing program 127). ``ListProcessesInGuest`` is
+polled, with a growing interval, until the wrapper's ``endTime``/``exitCode`` appear; then
+both files are fetched (bytes, exactly as written) and the directory removed. A background
+process left running does not hold ``execute`` open.
+
+Timeouts: a command with ``timeout`` that passes it has its process group killed by a second
+StartProgramInGuest (``kill -KILL -PGID``), its wrapper is stopped with
+``TerminateProcessInGuest`` if it still runs, and :class:`CommandTimeout` is raised. Without a
+``timeout`` the poll is still bounded, by ``task_timeout`` (600 s by default).
+
+The guest password is a :class:`~.config.Secret`; a ``NamePasswordAuthentication`` is built
+inline for each call and never kept, logged or put in a message. Faults become
+:mod:`pytest_vmenv.errors` with what to do about them (:func:`guest_fault`).
+"""
+
+from __future__ import annotations
+
+import http.client
+import logging
+import shlex
+import ssl
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+from pyVmomi import vim, vmodl
+
+from pytest_vmenv import errors
+from pytest_vmenv.backend import Result
+
+from .config import Secret
+from .connection import Connection, fault_message, map_fault
+
+__all__ = ["KILL", "WRAPPER", "GuestOpsChannel", "guest_fault"]
+
+log = logging.getLogger("vmenv.vsphere")
+_T = TypeVar("_T")
+
+WRAPPER = r"""d=$1; shift
+in=/dev/null; [ -e "$d/i" ] && in=$d/i
+setsid "$@" <"$in" >"$d/o" 2>"$d/e" &
+echo $! >"$d/pid"
+wait $!"""
+KILL = r"""for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
+  [ -s "$1/pid" ] && break; sleep 0.1
+done
+p=$(cat "$1/pid") || exit 1
+kill -KILL "-$p" 2>/dev/null || { sleep 0.2; kill -KILL "-$p"; }"""
+_REFUSED = (
+    vim.fault.GuestComponentsOutOfDate,
+    vim.fault.OperationDisabledByGuest,
+    vim.fault.OperationNotSupportedByGuest,
+    vim.fault.GuestAuthenticationChallenge,
+)
+_UNSUPPORTED = (vmodl.fault.MethodNotFound, vmodl.fault.NotImplemented, vmodl.fault.NotSupported)
+
+
+def guest_fault(fault: Any, what: str, machine: str, user: str) -> errors.VmenvError:
+    """A guest-operations fault as the design's error, saying what would fix it."""
+    head = f"vsphere: {machine}: {what}"
+    if isinstance(fault, _UNSUPPORTED):
+        return errors.BackendError(
+            f"{head}: guest operations are not supported by this server ({fault_message(fault)}); "
+            "configure ssh_key or ssh_password to run commands over SSH instead"
+        )
+    if isinstance(fault, vim.fault.InvalidGuestLogin):
+        return errors.BackendError(
+            f"{head}: the guest rejected the login as {user!r}: incorrect user name or password "
+            "(check guest_user and guest_password in [tool.vmenv.backends.vsphere])"
+        )
+    if isinstance(fault, vim.fault.GuestOperationsUnavailable | vim.fault.InvalidPowerState):
+        return errors.BackendError(
+            f"{head}: VMware Tools in the guest is not running or not answering "
+            f"({fault_message(fault)}); is open-vm-tools installed and started in the template?"
+        )
+    if isinstance(fault, vim.fault.GuestPermissionDenied):
+        return errors.BackendError(
+            f"{head}: guest user {user!r} is not allowed to do this ({fault_message(fault)})"
+        )
+    if isinstance(fault, _REFUSED):
+        return errors.BackendError(
+            f"{head}: the guest's VMware Tools refuses guest operations ({fault_message(fault)}): "
+            "update or enable open-vm-tools, or configure SSH"
+        )
+    if isinstance(fault, vim.fault.TooManyGuestLogons):
+        return errors.BackendError(f"{head}: too many guest logons; retry later")
+    if isinstance(fault, vim.fault.NoPermission):
+        return errors.BackendError(
+            f"{head}: the vSphere user lacks the privileges Virtual machine > Guest operations > "
+            f"Query, Modify and Program execution ({fault_message(fault)})"
+        )
+    if isinstance(fault, vim.fault.FileNotFound):
+        return errors.BackendError(f"{head}: no such file in the guest ({fault_message(fault)})")
+    return map_fault(fault, f"{machine}: {what}")
+
+
+def _command(argv: Sequence[str], env: Mapping[str, str] | None, user: str | None,
+             login: str) -> list[str]:  # fmt: skip
+    """``argv`` with the env and user switch the SSH channel uses too."""
+    prefix: list[str] = []
+    if user and user != login:
+        switch = ["runuser", "-u"] if login == "root" else ["sudo", "-n", "-u"]
+        prefix = [*switch, user, "--"]
+    if env:
+        bad = [k for k in env if not k or "=" in k]
+        if bad:
+            raise ValueError(f"invalid environment variable name {bad[0]!r}")
+        prefix += ["env", *(f"{k}={v}" for k, v in env.items())]
+    return [*prefix, *argv]
+
+
+class GuestOpsChannel:
+    """Commands and files for one VM through guest operations (see the module docstring).
+
+    ``conn`` is the process's :class:`~.connection.Connection` (re-login, TLS rules);
+    ``vm`` the VirtualMachine; ``max_wait`` bounds a command that has no ``timeout``.
+    """
+
+    def __init__(
+        self, conn: Connection, vm: Any, user: str, password: Secret, *, machine: str = "",
+        max_wait: float = 600.0, http_timeout: float = 60.0,
+    ) -> None:  # fmt: skip
+        self._conn = conn
+        self._vm = vm
+        self.user = user
+        self._password = password
+        self.machine = machine or str(getattr(vm, "_moId", vm))
+        self.max_wait = max_wait
+        self.http_timeout = http_timeout
+
+    def __repr__(self) -> str:
+        return f"<GuestOpsChannel {self.user}@{self.machine}>"
+
+    # -- API calls ----------------------------------------------------------------------------
+    def _auth(self) -> Any:
+        return vim.vm.guest.NamePasswordAuthentication(
+            username=self.user, password=self._password.reveal(), interactiveSession=False
+        )
+
+    def _api(self, what: str, fn: Callable[[Any, Any], _T]) -> _T:
+        """``fn(guestOperationsManager, vm)`` with re-login; faults mapped (``what`` failed)."""
+        try:
+            return self._conn.call(lambda: fn(self._conn.content.guestOperationsManager, self._vm))
+        except vmodl.MethodFault as exc:
+            raise guest_fault(exc, what, self.machine, self.user) from None
+
+    def _start(self, argv: Sequence[str]) -> int:
+        spec = vim.vm.guest.ProcessManager.ProgramSpec(
+            programPath=argv[0], arguments=shlex.join(argv[1:])
+        )
+        return int(self._api(
+            "start a program (StartProgramInGuest)",
+            lambda g, vm: g.processManager.StartProgramInGuest(vm, self._auth(), spec),
+        ))  # fmt: skip
+
+    def _status(self, pid: int) -> int | None:
+        """The exit code of ``pid`` once it has ended, else None."""
+        infos = self._api(
+            "poll a program (ListProcessesInGuest)",
+            lambda g, vm: g.processManager.ListProcessesInGuest(vm, self._auth(), [pid]),
+        )
+        info = next((i for i in infos or () if int(i.pid) == pid), None)
+        if info is None:
+            raise errors.BackendError(
+                f"vsphere: {self.machine}: process {pid} vanished from the guest's process "
+                "list (did the guest reboot or VMware Tools restart?)"
+            )
+        return None if info.endTime is None else int(info.exitCode or 0)
+
+    def _wait(self, pid: int, deadline: float) -> int | None:
+        """Poll ``pid`` until it ends (its exit code) or ``deadline`` passes (None)."""
+        delay = 0.01
+        while True:
+            code = self._status(pid)
+            if code is not None:
+                return code
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None
+            time.sleep(min(delay, left))
+            delay = min(delay * 1.5, 0.5)
+
+    # -- commands -----------------------------------------------------------------------------
+    def execute(
+        self,
+        argv: Sequence[str],
+        *,
+        input: bytes | None = None,
+        env: Mapping[str, str] | None = None,
+        user: str | None = None,
+        timeout: float | None = None,
+    ) -> Result:
+        """Run ``argv`` (the same semantics as the SSH channel; see the module docstring)."""
+        if not argv:
+            raise ValueError("execute needs a command")
+        parts = _command(argv, env, user, self.user)
+        start = time.monotonic()
+        limit = self.max_wait if timeout is None else timeout
+        workdir = self._api(
+            "make a temporary directory (CreateTemporaryDirectoryInGuest)",
+            lambda g, vm: g.fileManager.CreateTemporaryDirectoryInGuest(
+                vm, self._auth(), "vmenv.", "", None
+            ),
+        )
+        workdir = str(workdir).rstrip("/")
+        try:
+            if input:
+                self._put(f"{workdir}/i", input)
+            pid = self._start(["/bin/sh", "-c", WRAPPER, "vmenv", workdir, *parts])
+            code = self._wait(pid, start + limit)
+            if code is None:
+                self._kill(workdir, pid)
+                raise errors.CommandTimeout(self.machine, list(argv), limit)
+            out, err = self._get(f"{workdir}/o"), self._get(f"{workdir}/e")
+        finally:
+            self._remove(workdir)
+        return Result.from_bytes(code, out, err, time.monotonic() - start)
+
+    def _kill(self, workdir: str, pid: int) -> None:
+        """Kill the command's process group, then the wrapper if it still runs."""
+        try:
+            killer = self._start(["/bin/sh", "-c", KILL, "vmenv-kill", workdir])
+            self._wait(killer, time.monotonic() + 10)
+            if self._wait(pid, time.monotonic() + 5) is not None:
+                return
+        except errors.VmenvError as exc:
+            log.warning("vsphere: %s: killing the timed-out command's group failed: %s",
+                        self.machine, exc)  # fmt: skip
+        try:
+            self._api(
+                "stop a program (TerminateProcessInGuest)",
+                lambda g, vm: g.processManager.TerminateProcessInGuest(vm, self._auth(), pid),
+            )
+        except errors.VmenvError as exc:
+            log.debug("vsphere: %s: TerminateProcessInGuest(%d): %s", self.machine, pid, exc)
+
+    def _remove(self, workdir: str) -> None:
+        try:
+            self._api(
+                "remove a temporary directory (DeleteDirectoryInGuest)",
+                lambda g, vm: g.fileManager.DeleteDirectoryInGuest(vm, self._auth(), workdir, True),
+            )
+        except errors.VmenvError as exc:
+            log.debug("vsphere: %s: leaving %s behind: %s", self.machine, workdir, exc)
+
+    # -- files --------------------------------------------------------------------------------
+    def copy_in(self, src: Path, dst: str) -> None:
+        """Copy the local file ``src`` to ``dst`` in the guest (created or replaced)."""
+        self._put(dst, Path(src).read_bytes())
+
+    def copy_out(self, src: str, dst: Path) -> None:
+        """Copy ``src`` from the guest to the local file ``dst``."""
+        Path(dst).write_bytes(self._get(src))
+
+    def _put(self, path: str, data: bytes) -> None:
+        url = self._api(
+            f"upload {path} (InitiateFileTransferToGuest)",
+            lambda g, vm: g.fileManager.InitiateFileTransferToGuest(
+                vm, self._auth(), path, vim.vm.guest.FileManager.FileAttributes(), len(data), True
+            ),
+        )
+        self._http("PUT", str(url), data, f"upload {path}")
+
+    def _get(self, path: str) -> bytes:
+        info = self._api(
+            f"download {path} (InitiateFileTransferFromGuest)",
+            lambda g, vm: g.fileManager.InitiateFileTransferFromGuest(vm, self._auth(), path),
+        )
+        data = self._http("GET", str(info.url), None, f"download {path}")
+        if info.size and len(data) != int(info.size):
+            raise errors.BackendError(
+                f"vsphere: {self.machine}: download {path}: got {len(data)} of {info.size} bytes"
+            )
+        return data
+
+    def _http(self, method: str, url: str, body: bytes | None, what: str) -> bytes:
+        """One request to a transfer URL, verified like the API connection."""
+        parts = urlsplit(url)
+        host = parts.hostname
+        if not host or host == "*":
+            host = self._conn.config.host
+        where = f"https://{host}:{parts.port or 443}{parts.path}"  # no query: it holds a ticket
+        if parts.scheme != "https":
+            raise errors.BackendError(
+                f"vsphere: {self.machine}: {what}: refusing a non-HTTPS transfer URL ({where})"
+            )
+        conn = http.client.HTTPSConnection(
+            host, parts.port or 443, context=self._conn.ssl_context(), timeout=self.http_timeout
+        )
+        target = parts.path + (f"?{parts.query}" if parts.query else "")
+        try:
+            headers = {"Content-Length": str(len(body))} if body is not None else {}
+            conn.request(method, target, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read()
+        except ssl.SSLError as exc:
+            raise errors.BackendError(
+                f"vsphere: {self.machine}: {what}: TLS to {where} failed: {exc.reason or exc} "
+                "(the ESXi host's certificate must be trusted too: set ca_file to a bundle "
+                "with its CA, or insecure = true)"
+            ) from None
+        except OSError as exc:
+            raise errors.BackendError(
+                f"vsphere: {self.machine}: {what}: {method} {where} failed: {exc}"
+            ) from None
+        finally:
+            conn.close()
+        if resp.status >= 300:
+            raise errors.BackendError(
+                f"vsphere: {self.machine}: {what}: {method} {where} answered {resp.status} "
+                f"{resp.reason}: {data[:200]!r}"
+            )
+        return data
+
+    def close(self) -> None:
+        """Nothing to close: each call is a vCenter request or a one-shot HTTPS transfer."""
