@@ -80,7 +80,6 @@ class OwnerRecord:
     session: str
     owner: str
     backends: Mapping[str, Mapping[str, Any]]
-    intents: list[dict[str, Any]]
     created: float
 
     @property
@@ -99,17 +98,12 @@ def owners(state_dir: Path, session: str | None = None) -> list[OwnerRecord]:
                 meta = json.loads((odir / "owner.json").read_text())
             except (OSError, ValueError):
                 meta = {"session": sdir.name, "owner": "", "backends": {}, "created": 0}
-            intents = []
-            for f in sorted(odir.glob("[0-9]*.json")):
-                with contextlib.suppress(OSError, ValueError):
-                    intents.append(json.loads(f.read_text()))
             found.append(
                 OwnerRecord(
                     dir=odir,
                     session=str(meta.get("session", sdir.name)),
                     owner=str(meta.get("owner", "")),
                     backends=meta.get("backends", {}),
-                    intents=intents,
                     created=float(meta.get("created", 0)),
                 )
             )

@@ -52,9 +52,11 @@ from .errors import BackendError, CommandTimeout
 __all__ = ["SSHChannel", "SSHUnreachable"]
 
 _T = TypeVar("_T")
+# ``setsid`` without ``-w`` (busybox has no ``-w``): a non-interactive shell's child is never a
+# process-group leader, so setsid execs in place instead of forking and the shell waits for it.
 _WRAPPER = r"""t=$(mktemp -d "${TMPDIR:-/tmp}/vmenv.XXXXXX") || exit 125
 printf '%s\n' "$t"
-setsid -w /bin/sh -c 'echo $$ >"$0/pid"; exec "$@"' "$t" "$@" >"$t/o" 2>"$t/e"
+setsid /bin/sh -c 'echo $$ >"$0/pid"; exec "$@"' "$t" "$@" >"$t/o" 2>"$t/e"
 rc=$?
 cat "$t/o"; cat "$t/e" >&2; rm -rf "$t"
 exit $rc"""

@@ -3,7 +3,8 @@
 Lifecycle (see the README for the user's view):
 
 * ``build_template``: a qcow2 overlay on the image (through the plugin's storage pool) is
-  booted, provisioned through the guest agent, synced and stopped: that disk is the template,
+  booted, provisioned through the guest agent (or over SSH: an image entry with
+  ``agent = false``/``"auto"``, see :mod:`.remote`), synced and stopped: that disk is the template,
   the read-only backing file of every clone. Then, the fast path: an overlay on the template is
   booted once more and an internal snapshot *with RAM* (``vmenv-ready``) is taken of it.
   Templates are recorded in ``<state>/libvirt/templates/KEY.json``; a complete one is
@@ -12,8 +13,10 @@ Lifecycle (see the README for the user's view):
   bytes are copied into the clone's volume (same backing file), the snapshot's metadata is
   redefined on the new domain (own name, own uuid: a restore with another ``<uuid>`` is what
   libvirt refuses, a redefined internal snapshot is not), and ``revertToSnapshot`` starts it
-  running (QEMU ``-loadvm``). Cold path (networked clones, a different cpus/memory, or
-  ``ram_state = false``): an overlay on the template, booted.
+  running (QEMU ``-loadvm``). Cold path (networked clones, a different cpus/memory, SSH
+  images, or ``ram_state = false``): an overlay on the template, booted.
+* ``execute``/``copy_in``/``copy_out``: through the channel the template recorded: the agent,
+  or SSH to the clone's DHCP-lease address (such clones must join a network).
 * ``snapshot``/``revert``: internal snapshots with RAM; reverting to the template is a
   revert to ``vmenv-ready`` (fast clones) or a fresh overlay and a boot (cold ones).
 * ``destroy``: destroy, undefine (with snapshot metadata), delete the volume, the console
@@ -44,6 +47,8 @@ from .base import READY_SNAPSHOT, LibvirtBase
 from .connection import NAME, boundary, is_gone
 from .domains import read_labels, set_labels
 from .images import resolve
+from .inventory import owned_refs
+from .remote import Runner, channel_config
 
 if TYPE_CHECKING:
     from pytest_vmenv.spec import MachineSpec
@@ -77,15 +82,6 @@ class LibvirtBackend(LibvirtBase):
             ) from None
 
     # -- templates ------------------------------------------------------------------------
-    def _snapshot_of(self, record: Mapping[str, Any]) -> Snapshot:
-        return Snapshot(
-            backend=NAME,
-            name=str(record["name"]),
-            handle=str(record["disk"]),
-            key=str(record["key"]),
-            data=dict(record),
-        )
-
     @boundary
     def build_template(self, spec: MachineSpec, key: str, session: Session) -> Snapshot:
         record = self.load_record(key)
@@ -95,41 +91,53 @@ class LibvirtBackend(LibvirtBase):
         started = time.monotonic()
         verdict = self.verdict()
         image = resolve(spec.image, spec.image_config, spec.name, self.lv_dir)
-        boot = {
+        mode, ssh = channel_config(spec.image_config, spec.image, image.tiny)
+        cmdline = image.cmdline
+        if ssh and image.tiny:  # the tiny ssh image's rcS writes authorized_keys from it
+            cmdline += f" vmenv.ssh_key={ssh['public'].replace(' ', ',')}"
+        boot: dict[str, Any] = {
             "kernel": str(image.kernel) if image.kernel else None,
             "initrd": str(image.initrd) if image.initrd else None,
-            "cmdline": image.cmdline,
+            "cmdline": cmdline,
             "tiny": image.tiny,
         }
         dom = f"vmenv-tpl-{_short(key)}"
         self.stop(dom)  # a build of this key that died half-way (we hold the key's lock)
+        # SSH needs an address: such a template is built on a private network of its own
+        net = self.networks.ensure(f"build-{_short(key)}", session.id) if ssh else None
         disk = self.pool.create_overlay(f"tpl-{key}.qcow2", image.disk, spec.disk)
         labels = self.labels(
-            session, spec.name, "template", template=key, disk=disk, console=self.console_path(dom)
+            session,
+            spec.name,
+            "template",
+            template=key,
+            disk=disk,
+            console=self.console_path(dom),
+            network=net,
         )
         try:
-            self.start(
-                dom,
-                labels,
-                boot,
-                disk,
-                spec.memory,
-                spec.cpus,
-                seed=str(image.seed) if image.seed else None,
-            )
-            self.wait_ready(dom, spec.name, spec.timeout)
-            self.set_hostname(dom, spec.name)
-            self._provision(dom, spec, started)
-            self.agent(dom).run_simple("sync; mount -o remount,ro / 2>/dev/null; sync")
+            seed = str(image.seed) if image.seed else None
+            self.start(dom, labels, boot, disk, spec.memory, spec.cpus, net, seed=seed)
+            used, ip = self.await_channel(dom, spec.name, spec.timeout, mode, ssh)
+            runner = self.runner(dom, None, used, ip, spec.name)
+            self._provision(runner, spec, started)
+            sync = "sync; mount -o remount,ro / 2>/dev/null; sync"
+            runner.execute(["/bin/sh", "-c", sync], timeout=60)
         except BaseException:
             self.stop(dom)
             self.pool.delete(disk)
             raise
         finally:
             self.console_path(dom).unlink(missing_ok=True)
+            if net:
+                self.remote.forget(dom)
+                self.stop(dom)
+                self.networks.release(net)
         self.stop(dom)
         ram = None
-        if self.ram_state:
+        if used:
+            boot["ssh"] = {k: used[k] for k in ("user", "key", "port")}
+        elif self.ram_state:
             ram = self._capture_ram(key, disk, boot, spec, session)
         record = {
             "key": key,
@@ -150,13 +158,12 @@ class LibvirtBackend(LibvirtBase):
         self.save_record(key, record)
         return self._snapshot_of(record)
 
-    def _provision(self, dom: str, spec: MachineSpec, started: float) -> None:
-        agent = self.agent(dom)
+    def _provision(self, runner: Runner, spec: MachineSpec, started: float) -> None:
         for step in spec.provision:
             argv = ["/bin/sh", "-c", step] if isinstance(step, str) else list(step)
             left = max(1.0, spec.timeout - (time.monotonic() - started))
             try:
-                code, out, err = agent.execute(argv, timeout=left)
+                code, out, err = runner.execute(argv, timeout=left)
             except CommandTimedOut:
                 raise errors.ProvisionError(
                     f"{NAME}: provision step {step!r} of {spec.name!r} timed out after "
@@ -201,15 +208,6 @@ class LibvirtBackend(LibvirtBase):
         self.console_path(dom).unlink(missing_ok=True)
         return ram
 
-    def templates(self) -> list[Snapshot]:
-        """Every template record, with ``session``/``owner``/``created``/``reuse`` in data."""
-        found = []
-        for path in sorted((self.lv_dir / "templates").glob("*.json")):
-            record = self.load_record(path.stem)
-            if record is not None and "disk" in record:
-                found.append(self._snapshot_of(record))
-        return found
-
     @boundary
     def remove_template(self, snapshot: Snapshot) -> None:
         record = self.load_record(snapshot.key) or {}
@@ -219,18 +217,15 @@ class LibvirtBackend(LibvirtBase):
         self.record_path(snapshot.key).unlink(missing_ok=True)
 
     # -- clones ---------------------------------------------------------------------------
-    def _record(self, snapshot: Snapshot) -> Mapping[str, Any]:
-        record = self.load_record(snapshot.key) or dict(snapshot.data)
-        if not record.get("disk") or not Path(str(record["disk"])).exists():
-            raise errors.BackendError(
-                f"{NAME}: template {snapshot.key!r} is gone (its disk {snapshot.handle} does "
-                "not exist); it was removed or never completed"
-            )
-        return record
-
     @boundary
     def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
         record = self._record(snapshot)
+        ssh = record["boot"].get("ssh") or None
+        if ssh and spec.network is None:
+            raise errors.ConfigError(
+                f"{NAME}: machine {spec.name!r}: its image has no guest agent, so commands go "
+                'over SSH, which needs an address: give it a network (network="lan")'
+            )
         uri = self.hv.roomiest()
         dom = f"vmenv-{spec.name}-{uuid.uuid4().hex[:8]}"
         fast = (
@@ -253,6 +248,10 @@ class LibvirtBackend(LibvirtBase):
             network=net,
             uri=uri,
             ram="1" if fast else "",
+            channel="ssh" if ssh else "",
+            ssh_user=ssh["user"] if ssh else "",
+            ssh_key=ssh["key"] if ssh else "",
+            ssh_port=ssh["port"] if ssh else "",
         )
         try:
             self.pool.create_overlay(disk.name, Path(str(record["disk"])), spec.disk)
@@ -261,7 +260,7 @@ class LibvirtBackend(LibvirtBase):
             self.start(
                 dom, labels, record["boot"], disk, spec.memory, spec.cpus, net, uri, restore=fast
             )
-            ip = self._ready(dom, spec.name, spec.timeout, uri, net, fast)
+            ip = self._ready(dom, spec.name, spec.timeout, uri, net, fast, ssh)
         except BaseException:
             self._destroy(dom, uri)
             raise
@@ -271,7 +270,12 @@ class LibvirtBackend(LibvirtBase):
             name=spec.name,
             session=session.id,
             ip=ip,
-            data={"uri": uri, "template": snapshot.key, "fast": fast},
+            data={
+                "uri": uri,
+                "template": snapshot.key,
+                "fast": fast,
+                **({"ssh": ssh} if ssh else {}),
+            },
             owner=session.owner,
             created=float(str(labels["created"])),
         )
@@ -289,9 +293,9 @@ class LibvirtBackend(LibvirtBase):
         timeout: float | None = None,
     ) -> Result:
         start = time.monotonic()
-        agent = self.agent(ref.id, ref.data.get("uri"))
+        runner = self._runner(ref)
         try:
-            code, out, err = agent.execute(argv, input=input, env=env, user=user, timeout=timeout)
+            code, out, err = runner.execute(argv, input=input, env=env, user=user, timeout=timeout)
         except CommandTimedOut:
             raise errors.CommandTimeout(ref.name, list(argv), timeout or 0.0) from None
         return Result.from_bytes(code, out, err, time.monotonic() - start)
@@ -304,13 +308,15 @@ class LibvirtBackend(LibvirtBase):
                 f"{NAME}: copy_in {src}: is a directory; only files can be copied "
                 "(pack it with tar first)"
             )
-        agent = self.agent(ref.id, ref.data.get("uri"))
-        agent.write_file(dst, src.read_bytes(), src.stat().st_mode)
+        self._runner(ref).write_file(dst, src.read_bytes(), src.stat().st_mode)
 
     @boundary
     def copy_out(self, ref: MachineRef, src: str, dst: Path) -> None:
-        data = self.agent(ref.id, ref.data.get("uri")).read_file(src)
-        Path(dst).write_bytes(data)
+        Path(dst).write_bytes(self._runner(ref).read_file(src))
+
+    def _runner(self, ref: MachineRef) -> Runner:
+        """The agent, or SSH to ``ref.ip`` for a machine whose image has no agent."""
+        return self.runner(ref.id, ref.data.get("uri"), ref.data.get("ssh"), ref.ip, ref.name)
 
     @boundary
     def shell(self, ref: MachineRef, argv: Sequence[str] | None = None) -> int:
@@ -353,7 +359,11 @@ class LibvirtBackend(LibvirtBase):
                 ),
                 uri,
             )
-            self.wait_ready(ref.id, ref.name, 120.0, uri)
+            if ref.data.get("ssh"):  # the guest's TCP state is the snapshot's: reconnect
+                self.remote.forget(ref.id)
+                self._ready(ref.id, ref.name, 120.0, uri, None, False, ref.data["ssh"])
+            else:
+                self.wait_ready(ref.id, ref.name, 120.0, uri)
             return
         labels = self.hv.call(lambda c: read_labels(c.lookupByName(ref.id)), uri) or {}
         if labels.get("ram") == "1":
@@ -382,7 +392,9 @@ class LibvirtBackend(LibvirtBase):
         self.pool.delete(disk)
         self.pool.create_overlay(disk.name, Path(str(record["disk"])))
         self.hv.call(lambda c: c.lookupByName(ref.id).create(), uri)
-        self._ready(ref.id, ref.name, 300.0, uri, labels.get("network") or None, False)
+        self.remote.forget(ref.id)
+        net = labels.get("network") or None
+        self._ready(ref.id, ref.name, 300.0, uri, net, False, ref.data.get("ssh"))
 
     def console_log(self, ref: MachineRef) -> str:
         return self.console_tail(ref.id, 256 * 1024)
@@ -395,6 +407,7 @@ class LibvirtBackend(LibvirtBase):
     def _destroy(self, dom: str, uri: str | None = None) -> None:
         """Remove ``dom`` and what it owns (from any process); already gone is success."""
         labels: dict[str, str] | None = None
+        self.remote.forget(dom)
         for target in [uri] if uri else self.uris:
             labels = self.stop(dom, target)
             if labels is not None:
@@ -419,39 +432,10 @@ class LibvirtBackend(LibvirtBase):
 
     def owned(self, session: str | None = None) -> Iterable[MachineRef]:
         """Every domain with our labels (of ``session`` only, if given), any role or state."""
-        refs = []
-        for uri in self.uris:
-            try:
-                domains = self.hv.call(lambda c: c.listAllDomains(0), uri)
-            except libvirt.libvirtError as exc:
-                raise errors.BackendError(f"{NAME}: cannot list domains on {uri}: {exc}") from exc
-            for domain in domains:
-                labels = read_labels(domain)
-                if labels is None or (session is not None and labels.get("session") != session):
-                    continue
-                try:
-                    active = bool(domain.isActive())
-                except libvirt.libvirtError:
-                    continue
-                refs.append(
-                    MachineRef(
-                        backend=NAME,
-                        id=domain.name(),
-                        name=labels.get("name", domain.name()),
-                        session=labels.get("session", ""),
-                        ip=labels.get("ip") or None,
-                        data={
-                            "uri": uri,
-                            "role": labels.get("role", ""),
-                            "state": "running" if active else "stopped",
-                        },
-                        owner=labels.get("owner", ""),
-                        created=float(labels.get("created") or 0),
-                        kept=labels.get("kept") == "1",
-                    )
-                )
-        return refs
+        return owned_refs(self.hv, self.uris, session)
 
     def close(self) -> None:
         """Close the connections (machines are destroyed by the orchestrator, not here)."""
+        if self._remote is not None:
+            self._remote.close()
         self.hv.close()

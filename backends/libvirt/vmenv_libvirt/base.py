@@ -11,6 +11,7 @@ import contextlib
 import json
 import os
 import secrets
+import shlex
 import threading
 import time
 import uuid
@@ -22,13 +23,14 @@ import libvirt  # type: ignore[import-untyped]
 import libvirt_qemu  # type: ignore[import-untyped]
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import Session
+from pytest_vmenv.backend import Session, Snapshot
 
 from .accel import Verdict, decide
 from .agent import Agent, AgentError
 from .connection import NAME, Hypervisor, is_gone
 from .domains import Pool, labels_xml, read_labels, render_domain, set_labels
 from .network import Networks
+from .remote import Remote, Runner, ssh_of
 from .tiny import ensure_tiny
 
 __all__ = ["LibvirtBase", "READY_SNAPSHOT"]
@@ -69,6 +71,7 @@ class LibvirtBase:
         self._verdict: Verdict | None = None
         self._pool: Pool | None = None
         self._net: Networks | None = None
+        self._remote: Remote | None = None
 
     # -- paths ----------------------------------------------------------------------------
     @property
@@ -102,6 +105,14 @@ class LibvirtBase:
             if self._net is None:
                 self._net = Networks(self.hv, self.lv_dir)
             return self._net
+
+    @property
+    def remote(self) -> Remote:
+        """Lease addresses and SSH channels (machines whose image has no agent)."""
+        with self._lock:
+            if self._remote is None:
+                self._remote = Remote(self.hv, self.console_tail)
+            return self._remote
 
     def verdict(self) -> Verdict:
         """KVM or TCG (probed once per host boot, see :mod:`.accel`)."""
@@ -226,6 +237,47 @@ class LibvirtBase:
 
         return Agent(send)
 
+    def runner(
+        self,
+        dom: str,
+        uri: str | None = None,
+        ssh: Mapping[str, Any] | None = None,
+        ip: str | None = None,
+        name: str = "",
+    ) -> Runner:
+        """``dom``'s command channel: SSH to ``ip`` when ``ssh`` is set, else the agent."""
+        if not ssh:
+            return self.agent(dom, uri)
+        if not ip:
+            raise errors.BackendError(f"{NAME}: machine {name or dom!r} talks SSH but has no IP")
+        return self.remote.runner(dom, ip, ssh, name)
+
+    def await_channel(
+        self, dom: str, name: str, timeout: float, mode: str, ssh: Mapping[str, Any]
+    ) -> tuple[Mapping[str, Any] | None, str | None]:
+        """Wait for the channel of a booting template: (SSH settings or None, SSH IP).
+
+        ``auto``: the agent if it answers within ``agent_wait`` seconds, else SSH.
+        """
+        started = time.monotonic()
+        if mode in ("agent", "auto"):
+            wait = timeout if mode == "agent" else min(timeout, float(ssh["agent_wait"]))
+            try:
+                self.wait_ready(dom, name, wait)
+                self.set_hostname(dom, name)
+                return None, None
+            except errors.BootTimeout:
+                if mode == "agent":
+                    raise
+        left = max(1.0, timeout - (time.monotonic() - started))
+        ip = self.remote.ready(dom, name, left, ssh)
+        self.set_hostname_ssh(dom, name, ip, ssh)
+        return ssh, ip
+
+    def set_hostname_ssh(self, dom: str, name: str, ip: str, ssh: Mapping[str, Any]) -> None:
+        script = f"hostname {shlex.quote(name)} 2>/dev/null || true"
+        self.remote.runner(dom, ip, ssh, name).execute(["/bin/sh", "-c", script], timeout=30)
+
     def console_tail(self, dom: str, size: int = 8192) -> str:
         try:
             with open(self.console_path(dom), "rb") as f:
@@ -290,9 +342,25 @@ class LibvirtBase:
             time.sleep(0.1)
 
     def _ready(
-        self, dom: str, name: str, timeout: float, uri: str | None, net: str | None, restored: bool
+        self,
+        dom: str,
+        name: str,
+        timeout: float,
+        uri: str | None,
+        net: str | None,
+        restored: bool,
+        ssh: Mapping[str, Any] | None = None,
     ) -> str | None:
-        """Agent up, hostname set, clock fixed (after a restore), IP and /etc/hosts (lan)."""
+        """Agent up, hostname set, clock fixed (after a restore), IP and /etc/hosts (lan).
+
+        With ``ssh``: a DHCP lease and an SSH login instead of the agent (never restored).
+        """
+        if ssh:
+            ip = self.remote.ready(dom, name, timeout, ssh, uri)
+            self.set_hostname_ssh(dom, name, ip, ssh)
+            if net:
+                self._publish_hosts(net, dom, ip, uri)
+            return ip
         self.wait_ready(dom, name, timeout, uri)
         self.set_hostname(dom, name, uri)
         if restored:
@@ -328,10 +396,41 @@ class LibvirtBase:
         hosts = "127.0.0.1 localhost\n" + "".join(
             f"{labels['ip']} {labels.get('name', '')}\n" for _d, labels in group if labels.get("ip")
         )
-        for member, _labels in group:
-            self.agent(member, uri).write_file("/etc/hosts", hosts.encode())
+        for member, labels in group:
+            ssh = ssh_of(labels)
+            if ssh is not None and not labels.get("ip"):
+                continue  # not up yet: it writes everyone's file itself when it is
+            runner = self.runner(member, uri, ssh, labels.get("ip"), labels.get("name", ""))
+            runner.write_file("/etc/hosts", hosts.encode())
 
     # -- template records ---------------------------------------------------------------
+    def _snapshot_of(self, record: Mapping[str, Any]) -> Snapshot:
+        return Snapshot(
+            backend=NAME,
+            name=str(record["name"]),
+            handle=str(record["disk"]),
+            key=str(record["key"]),
+            data=dict(record),
+        )
+
+    def templates(self) -> list[Snapshot]:
+        """Every template record, with ``session``/``owner``/``created``/``reuse`` in data."""
+        found = []
+        for path in sorted((self.lv_dir / "templates").glob("*.json")):
+            record = self.load_record(path.stem)
+            if record is not None and "disk" in record:
+                found.append(self._snapshot_of(record))
+        return found
+
+    def _record(self, snapshot: Snapshot) -> Mapping[str, Any]:
+        record = self.load_record(snapshot.key) or dict(snapshot.data)
+        if not record.get("disk") or not Path(str(record["disk"])).exists():
+            raise errors.BackendError(
+                f"{NAME}: template {snapshot.key!r} is gone (its disk {snapshot.handle} does "
+                "not exist); it was removed or never completed"
+            )
+        return record
+
     def record_path(self, key: str) -> Path:
         return self.lv_dir / "templates" / f"{key}.json"
 

@@ -46,6 +46,10 @@ _LABEL_KEYS = (
     "ram",
     "uri",
     "ip",
+    "channel",
+    "ssh_user",
+    "ssh_key",
+    "ssh_port",
 )
 _env: jinja2.Environment | None = None
 _env_lock = threading.Lock()

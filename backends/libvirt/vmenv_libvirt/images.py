@@ -2,13 +2,14 @@
 
 Contract: :func:`resolve` turns a spec's image into a :class:`BootImage`:
 
-* ``image="tiny"`` (no config entry): :func:`.tiny.ensure_tiny`, direct kernel boot.
+* ``image="tiny"`` (no ``disk`` in its entry): :func:`.tiny.ensure_tiny`, direct kernel
+  boot; ``tiny = "ssh"`` in an entry selects the variant with dropbear and no agent.
 * ``{ disk = "debian.qcow2" }``: any qcow2/raw disk, used read-only as the backing file of
   the template's overlay. Optional ``kernel``/``initrd``/``cmdline`` for direct boot.
   ``cloud_init`` (default true) attaches a NoCloud seed ISO (volume id ``cidata``) whose
   user-data is rendered from ``user_data`` (a Jinja2 template of the user's) or the package's
-  ``user-data.j2`` (``user``, ``ssh_key``, hostname, qemu-guest-agent). The ISO is written by
-  pycdlib: no genisoimage needed.
+  ``user-data.j2`` (``user``, ``ssh_key``'s public half, hostname, qemu-guest-agent). The
+  ISO is written by pycdlib: no genisoimage needed.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from pytest_vmenv import errors
 
 from .connection import NAME
 from .domains import render
+from .remote import public_key
 from .tiny import ensure_tiny
 
 __all__ = ["BootImage", "resolve", "seed_iso"]
@@ -57,14 +59,19 @@ def _path(cfg: Mapping[str, Any], key: str, image: str) -> Path | None:
 
 def resolve(image: str, cfg: Mapping[str, Any], hostname: str, lv_dir: Path) -> BootImage:
     """The boot image of ``image`` (see the module docstring)."""
-    if not cfg:
-        if image != "tiny":
+    if cfg.get("tiny") or (image == "tiny" and not cfg.get("disk")):
+        variant = cfg.get("tiny", True)
+        if variant not in (True, "ssh"):
             raise errors.ConfigError(
-                f'{NAME}: image {image!r} has no libvirt entry; use image="tiny" or add '
-                f'[images.{image}] libvirt = {{ disk = "path/to/disk.qcow2" }} to vmenv.toml'
+                f'{NAME}: images.{image}.libvirt.tiny = {variant!r}: use true or "ssh"'
             )
-        tiny = ensure_tiny(lv_dir / "images")
+        tiny = ensure_tiny(lv_dir / "images", ssh=variant == "ssh")
         return BootImage(tiny.disk, tiny.kernel, tiny.initrd, tiny.cmdline, None, True)
+    if not cfg:
+        raise errors.ConfigError(
+            f'{NAME}: image {image!r} has no libvirt entry; use image="tiny" or add '
+            f'[images.{image}] libvirt = {{ disk = "path/to/disk.qcow2" }} to vmenv.toml'
+        )
     disk = _path(cfg, "disk", image)
     if disk is None:
         raise errors.ConfigError(
@@ -80,8 +87,11 @@ def resolve(image: str, cfg: Mapping[str, Any], hostname: str, lv_dir: Path) -> 
 def seed_iso(cfg: Mapping[str, Any], hostname: str, seeds: Path, image: str) -> Path:
     """A NoCloud seed ISO for ``cfg`` (cached by content under ``seeds``)."""
     key = cfg.get("ssh_key", "")
-    if key and Path(str(key)).is_file():
-        key = Path(str(key)).read_text().strip()
+    if key and Path(str(key)).expanduser().is_file():
+        path = Path(str(key)).expanduser()
+        key = path.read_text().strip()
+        if "PRIVATE KEY" in key:  # the SSH channel's key: only its public half goes in
+            key = public_key(path)
     variables = {
         "hostname": hostname,
         "user": cfg.get("user", "vmenv"),

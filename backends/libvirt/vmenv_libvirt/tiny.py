@@ -14,6 +14,9 @@ processes; a torn build is discarded and redone). Packages come from ``apt-get d
   :class:`.tree.SafeTree` (never through a symlink), made with ``mkfs.ext4 -d`` and
   converted to qcow2 (about 9 MiB).
 
+``ensure_tiny(..., ssh=True)`` builds ``tiny-ssh-<recipe>`` instead: dropbear and no qemu-ga
+(see :mod:`.tinyssh`), for images whose command channel is SSH.
+
 Why not a cloud image: nothing may be fetched from the internet, and this boots in ~4 s under
 TCG where a systemd image takes a minute.
 """
@@ -37,7 +40,8 @@ from .tree import SafeTree, cpio_newc
 
 __all__ = ["CMDLINE", "MODULES", "READY_MARKER", "TinyImage", "TinyBuildError", "ensure_tiny"]
 
-RECIPE = "1"
+RECIPE = "1"  # the plain image; tiny-ssh-* is rebuilt when SSH_RECIPE changes
+SSH_RECIPE = "2"
 MODULES = (  # in load order: each needs the ones before it
     "virtio_ring",
     "virtio",
@@ -159,10 +163,10 @@ def _flock(path: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def _run(argv: list[str], cwd: Path | None = None) -> str:
+def _run(argv: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> str:
     try:
         done = subprocess.run(
-            argv, cwd=cwd, capture_output=True, text=True, check=False, timeout=600
+            argv, cwd=cwd, env=env, capture_output=True, text=True, check=False, timeout=600
         )
     except FileNotFoundError as exc:
         raise TinyBuildError(f"`{argv[0]}` is not installed ({exc})") from None
@@ -198,13 +202,15 @@ def _extract(deb: Path, dest: Path) -> Path:
     return dest
 
 
-def _libraries(binary: Path) -> list[str]:
-    """The absolute paths ``ldd`` resolves ``binary``'s libraries to, loader included."""
-    out = _run(["ldd", str(binary)])
+def _libraries(binary: Path, libdirs: tuple[Path, ...] = ()) -> list[str]:
+    """The absolute paths ``ldd`` resolves ``binary``'s libraries to, loader included
+    (``libdirs``: extracted packages' library directories, searched first)."""
+    env = {**os.environ, "LD_LIBRARY_PATH": ":".join(str(d) for d in libdirs)}
+    out = _run(["ldd", str(binary)], env=env if libdirs else None)
     libs = []
     for line in out.splitlines():
         if "not found" in line:
-            raise TinyBuildError(f"qemu-ga needs a library the host lacks: {line.strip()}")
+            raise TinyBuildError(f"{binary.name} needs a library the host lacks: {line.strip()}")
         match = re.search(r"(/\S+)", line.split("=>")[-1])
         if match:
             libs.append(match.group(1))
@@ -231,12 +237,14 @@ def _initramfs(kernel_root: Path, busybox: bytes) -> bytes:
     return cpio_newc(entries)
 
 
-def _rootfs(tree: SafeTree, busybox: Path, qemu_ga: Path) -> None:
+def _rootfs(tree: SafeTree, busybox: Path, qemu_ga: Path, ssh: list[Path] | None = None) -> None:
+    """The root tree; with ``ssh`` (the extracted dropbear packages), the ssh variant."""
     written: dict[str, bytes] = {}
 
     def put(rel: str, data: bytes, mode: int = 0o644) -> None:
-        tree.write(rel, data, mode)
-        written[rel] = data
+        if rel not in written:
+            tree.write(rel, data, mode)
+            written[rel] = data
 
     for d in (
         "proc",
@@ -259,31 +267,45 @@ def _rootfs(tree: SafeTree, busybox: Path, qemu_ga: Path) -> None:
     tree.mkdir("tmp", 0o1777)
     tree.mkdir("var/tmp", 0o1777)
     put("bin/busybox", busybox.read_bytes(), 0o755)
+    etc, rcs = dict(_ETC), _RCS
+    if ssh is not None:
+        from .tinyssh import dropbear_files
+
+        files, etc["etc/inittab"], rcs = dropbear_files(
+            ssh, tree.root.parent, _RCS, _INITTAB, READY_MARKER
+        )
+        for rel, (data, mode) in files.items():
+            put(rel, data, mode)
     for applet in _run([str(busybox), "--list-full"]).split():
         if applet.strip("/") != "bin/busybox":
             tree.symlink("/bin/busybox", applet)
-    put("usr/sbin/qemu-ga", qemu_ga.read_bytes(), 0o755)
-    for lib in _libraries(qemu_ga):
-        put(lib.lstrip("/"), Path(lib).resolve().read_bytes(), 0o755)
-    for rel, text in _ETC.items():
+    if ssh is None:
+        put("usr/sbin/qemu-ga", qemu_ga.read_bytes(), 0o755)
+        for lib in _libraries(qemu_ga):
+            put(lib.lstrip("/"), Path(lib).resolve().read_bytes(), 0o755)
+    for rel, text in etc.items():
         put(rel, text.encode())
-    put("etc/init.d/rcS", _RCS.encode(), 0o755)
+    put("etc/init.d/rcS", rcs.encode(), 0o755)
     put("usr/share/udhcpc/default.script", _UDHCPC.encode(), 0o755)
     tree.symlink("/run", "var/run")
     tree.verify(written)
 
 
-def ensure_tiny(images_dir: Path) -> TinyImage:
-    """The tiny image, built now if this state dir has none (see the module docstring)."""
+def ensure_tiny(images_dir: Path, ssh: bool = False) -> TinyImage:
+    """The tiny image, built now if this state dir has none (see the module docstring).
+
+    ``ssh``: the variant with dropbear and no guest agent (:mod:`.tinyssh`), ``tiny-ssh-*``.
+    """
     images_dir.mkdir(parents=True, exist_ok=True)
-    final = images_dir / f"tiny-{RECIPE}"
+    stem = f"tiny-ssh-{SSH_RECIPE}" if ssh else f"tiny-{RECIPE}"
+    final = images_dir / stem
     if (final / "meta.json").exists():
         return TinyImage.at(final)
-    with _flock(images_dir / f"tiny-{RECIPE}.lock"):
+    with _flock(images_dir / f"{stem}.lock"):
         if (final / "meta.json").exists():
             return TinyImage.at(final)
         start = time.monotonic()
-        work = images_dir / f"tiny-{RECIPE}.build"
+        work = images_dir / f"{stem}.build"
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(final, ignore_errors=True)
         work.mkdir()
@@ -304,9 +326,15 @@ def ensure_tiny(images_dir: Path) -> TinyImage:
             vmlinuz = next((kroot / "boot").glob("vmlinuz-*"))
             shutil.copyfile(vmlinuz, out / "vmlinuz")
             (out / "initrd.img").write_bytes(_initramfs(kroot, bb.read_bytes()))
+            extra = None
+            if ssh:
+                from .tinyssh import PACKAGES
+
+                debs.update(_download(list(PACKAGES), work / "sdebs"))
+                extra = [_extract(debs[p], work / f"x-{p}") for p in PACKAGES]
             tree = SafeTree(work / "root")
             try:
-                _rootfs(tree, bb, ga)
+                _rootfs(tree, bb, ga, extra)
             finally:
                 tree.close()
             raw = work / "rootfs.raw"
@@ -341,7 +369,7 @@ def ensure_tiny(images_dir: Path) -> TinyImage:
             os.rename(out, final)
             versions = {p: d.name for p, d in debs.items()}
             meta = {
-                "recipe": RECIPE,
+                "recipe": SSH_RECIPE if ssh else RECIPE,
                 "packages": versions,
                 "seconds": time.monotonic() - start,
                 "created": time.time(),
