@@ -36,6 +36,8 @@ __all__ = ["Orchestrator", "TeardownError", "template_key"]
 
 log = logging.getLogger("pytest_vmenv")
 
+WARM_AHEAD = 2  # how many tests ahead machines are cloned while the current test runs
+
 
 class TeardownError(VmenvError):
     """One or more machines could not be released; each failure is listed."""
@@ -105,8 +107,8 @@ class Orchestrator:
         self._backends: dict[str, Backend | BackendUnavailable] = {}
         self._templates: dict[str, Future[Snapshot]] = {}
         self._executor = ThreadPoolExecutor(max(1, parallel), thread_name_prefix="vmenv-build")
-        self._warmer = ThreadPoolExecutor(1, thread_name_prefix="vmenv-warm")
-        self._spares: dict[str, Future[Machine]] = {}
+        self._warmer = ThreadPoolExecutor(WARM_AHEAD, thread_name_prefix="vmenv-warm")
+        self._spares: dict[str, list[Future[Machine]]] = defaultdict(list)
         self._closed = False
         self._lock = threading.RLock()
         self._scoped: dict[str, dict[str, Machine]] = defaultdict(dict)
@@ -233,7 +235,8 @@ class Orchestrator:
         ident = _identity(spec)
         with self._lock:
             machine = self._scoped[owner].get(ident)
-            spare = self._spares.pop(ident, None) if machine is None else None
+            waiting = self._spares.get(ident)
+            spare = waiting.pop(0) if machine is None and waiting else None
         if machine is not None:
             return machine
         if spare is not None:
@@ -248,19 +251,26 @@ class Orchestrator:
         return machine
 
     def warm(self, specs: Sequence[MachineSpec]) -> None:
-        """Clone one spare of each of ``specs`` in the background (the next test's machines).
+        """Clone spares of ``specs`` (the next tests' machines) in the background.
 
-        Only fresh, networkless, function-scoped clones are warmed: a network or a shared
-        machine belongs to its owner and cannot be made before the owner exists.
+        ``specs`` may name one spec several times (the next ``WARM_AHEAD`` tests); spares are
+        topped up to that count, so clones overlap the tests before them. Only fresh,
+        networkless, function-scoped clones are warmed: a network or a shared machine belongs
+        to its owner and cannot be made before the owner exists.
         """
+        wanted: dict[str, tuple[MachineSpec, int]] = {}
         for spec in specs:
             if spec.scope != "function" or spec.isolation != "clone" or spec.network:
                 continue
             ident = _identity(spec)
-            with self._lock:
-                if ident in self._spares or self._closed:
-                    continue
-                self._spares[ident] = self._warmer.submit(self._clone, spec, spec)
+            wanted[ident] = (spec, wanted.get(ident, (spec, 0))[1] + 1)
+        with self._lock:
+            if self._closed:
+                return
+            for ident, (spec, count) in wanted.items():
+                waiting = self._spares[ident]
+                while len(waiting) < count:
+                    waiting.append(self._warmer.submit(self._clone, spec, spec))
 
     def _clone(self, spec: MachineSpec, backend_spec: MachineSpec) -> Machine:
         backend = self.backend(spec.backend)
@@ -350,7 +360,7 @@ class Orchestrator:
         errors: list[str] = []
         with self._lock:
             self._closed = True
-            spares = list(self._spares.values())
+            spares = [f for waiting in self._spares.values() for f in waiting]
             self._spares.clear()
         self._warmer.shutdown(wait=True, cancel_futures=True)
         machines = [s.result() for s in spares if not s.cancelled() and s.exception() is None]

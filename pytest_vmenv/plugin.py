@@ -309,17 +309,22 @@ class VmenvPlugin:
     def _prepare(self, items: list[pytest.Item]) -> None:
         """Start building every template the selected tests will clone, in parallel."""
         wanted: list[MachineSpec] = []
-        previous: pytest.Item | None = None
+        per_item: list[list[MachineSpec]] = []
         for item in items:
             uses = getattr(item, "fixturenames", ())
+            specs: list[MachineSpec] = []
             if "vm" in uses or "vms" in uses:
-                specs: list[MachineSpec] = item.stash.get(specs_key, [])
-                wanted += specs
-                if previous is not None:
-                    self._next_specs[previous.nodeid] = specs
-            previous = item
+                specs = item.stash.get(specs_key, [])
+            per_item.append(specs)
+            wanted += specs
         if not wanted:
             return
+        from .orchestrator import WARM_AHEAD
+
+        for i, item in enumerate(items):  # what to clone in the background during each test
+            ahead = [s for specs in per_item[i + 1 : i + 1 + WARM_AHEAD] for s in specs]
+            if ahead:
+                self._next_specs[item.nodeid] = ahead
         orchestrator = self.orchestrator
         for spec in wanted:
             if orchestrator.unavailable(spec.backend) is None:
