@@ -12,6 +12,15 @@ Contract shared by every method:
 * Every resource carries ``session.id`` on the backend side, so ``owned(session.id)`` finds
   it even if the plugin's own records are lost.
 * Methods may be called from several threads at once (templates are built in parallel).
+* ``build_template`` returns the existing complete template when one exists for ``key``:
+  that is how xdist workers and ``--vm-reuse`` share templates.
+
+Optional methods, used when present: ``templates() -> list[Snapshot]`` (for ``vmenv images``
+and sweeps; ``data`` carries ``session``, ``owner``, ``created``, ``reuse``),
+``shell(ref, argv) -> int`` (``vmenv shell``), ``summary() -> list[str]`` (lines for the
+terminal summary), ``end_session(session_id)`` (session-wide cleanup once no process of the
+session is left) and ``close()``. A backend is constructed as ``cls(options)`` with its table
+from ``[tool.vmenv.backends.NAME]``, kept as ``backend.options``.
 """
 
 from __future__ import annotations

@@ -426,6 +426,13 @@ class Orchestrator:
                         continue
                 path.unlink(missing_ok=True)
             remove_session_dir(state, self.session.id)
+            for name, made in self._backends.items():
+                end = getattr(made, "end_session", None)  # optional: session-wide cleanup
+                if callable(end):
+                    try:
+                        end(self.session.id)
+                    except Exception as exc:  # noqa: BLE001
+                        errors.append(f"backend {name}: end of session: {exc}")
         return errors
 
     # -- timings ----------------------------------------------------------------------------

@@ -124,6 +124,13 @@ def sweep(
                 _remove_template(owner_backend, snap, report)
             path.unlink(missing_ok=True)
         remove_session_dir(state_dir, session)
+        for backend in backends:
+            end = getattr(backend, "end_session", None)  # optional: session-wide cleanup
+            if callable(end):
+                try:
+                    end(session)
+                except Exception as exc:  # noqa: BLE001
+                    report.errors.append(f"{backend.name}: end of session {session}: {exc}")
     return report
 
 

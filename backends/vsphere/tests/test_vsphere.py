@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 
 import pytest
 from conftest import VCSIM_DIR, LabBackend, admin, base_spec, options
+from pyVim.connect import Disconnect
 from pyVmomi import vim
 from vmenv_vsphere import Secret, VsphereBackend, VsphereConfig, vms
 from vmenv_vsphere.connection import Connection
@@ -363,10 +364,21 @@ def test_plugin_end_to_end_on_xdist_workers(
         """
     )
     monkeypatch.setenv("E2E_PW", "e2e-pw")
+    si = admin(vcsim)
+
+    def session_folders() -> set[str]:
+        view = si.content.viewManager.CreateContainerView(si.content.rootFolder, [vim.Folder], True)
+        names = {f.name for f in view.view if f.name.startswith("vmenv-2")}  # vmenv-<session id>
+        view.Destroy()
+        return names
+
+    before = session_folders()
     result = pytester.runpytest_subprocess(
         "-p", "xdist", "-n", "2", "-p", "no:hypothesispytest", "-p", "no:benchmark"
     )
     result.assert_outcomes(passed=4)
+    assert session_folders() <= before  # the last worker out removed the session's folder
+    Disconnect(si)
     backend = VsphereBackend({"host": vcsim["GOVC_URL"], "user": "e2e", "password": "x",
                               "ca_file": vcsim["VMENV_VCSIM_CA"]}, environ={})  # fmt: skip
     assert not [r for r in backend.owned() if r.data["vm_name"].startswith("vm-")]

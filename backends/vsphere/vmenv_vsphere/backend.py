@@ -169,6 +169,27 @@ class VsphereBackend(VsphereBase):
             self._call(lambda: vms.destroy_vm(self.conn, vm, snapshot.name, None))
 
     @boundary
+    def end_session(self, session: str) -> None:
+        """Remove the session's folder ``vmenv-<session>`` once it is empty (last one out).
+
+        Called by the core when no process of the session is left (its last xdist worker at
+        exit, or a sweep of a dead session); a folder that still holds a VM is left alone.
+        """
+        name = f"vmenv-{session}"
+        parent = self.place.folder
+
+        def remove() -> None:
+            for child in parent.childEntity:
+                if isinstance(child, vim.Folder) and child.name == name:
+                    if not child.childEntity:
+                        self.conn.wait(child.Destroy_Task(), f"remove folder {name}")
+                    return
+
+        self._call(remove)
+        with self._lock:
+            self._folders.pop(name, None)
+
+    @boundary
     def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
         source, snap = self._split(snapshot)
         folder = self._folder(f"vmenv-{session.id}")
