@@ -68,8 +68,15 @@ _SYS_PIVOT_ROOT = 155  # x86_64
 _SYS_CAPSET = 126
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
 
+# Loaded once, at import in the zygote: find_library runs `ldconfig -p`, which must never run
+# in a guest (it would be the guest image's binary, run by PID 1 before it drops privileges).
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
 _libc.syscall.restype = ctypes.c_long
+
+
+def libc() -> ctypes.CDLL:
+    """The C library, loaded when this module was imported (never from inside a guest)."""
+    return _libc
 
 
 def _check(result: int, what: str) -> None:

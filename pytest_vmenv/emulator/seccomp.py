@@ -16,11 +16,12 @@ and x32 calls are refused outright. On other architectures no filter is installe
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 import platform
 import struct
+
+from . import _sys
 
 __all__ = ["BLOCKED", "SUPPORTED", "install", "program"]
 
@@ -94,8 +95,7 @@ def install() -> bool:
     raw = b"".join(struct.pack("HBBI", *insn) for insn in program())
     buf = ctypes.create_string_buffer(raw, len(raw))
     prog = _Fprog(len(raw) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-    res = libc.prctl(
+    res = _sys.libc().prctl(
         ctypes.c_int(_PR_SET_SECCOMP),
         ctypes.c_ulong(_SECCOMP_MODE_FILTER),
         ctypes.byref(prog),

@@ -471,3 +471,26 @@ def test_service_and_user_homes_are_masked(
     finally:
         shutil.rmtree(svc)
         shutil.rmtree(user)
+
+
+def test_pid1_never_runs_a_binary_of_the_image_while_privileged(
+    backend: EmulatorBackend, session: Session
+) -> None:
+    """Booting must not exec anything from the guest's root (e.g. ctypes' `ldconfig -p`):
+    PID 1 holds every capability until it drops them, so such a binary would own the host."""
+    plant = (
+        "mv /sbin/ldconfig /sbin/ldconfig.real && "
+        "printf '#!/bin/sh\\ntouch /ldconfig-ran\\nexec /sbin/ldconfig.real \"$@\"\\n' "
+        "> /sbin/ldconfig && chmod 755 /sbin/ldconfig"
+    )
+    spec = MachineSpec(name="planted", provision=(plant,))
+    snap = backend.build_template(spec, f"planted-{session.id}", session)
+    try:
+        ref = backend.clone(snap, spec, session)
+        try:
+            assert ok(backend, ref, "cat /proc/sys/kernel/hostname").strip() == "planted"
+            assert sh(backend, ref, "test -e /ldconfig-ran").exit_code != 0
+        finally:
+            backend.destroy(ref)
+    finally:
+        backend.remove_template(snap)
