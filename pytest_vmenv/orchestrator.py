@@ -240,14 +240,29 @@ class Orchestrator:
         if machine is not None:
             return machine
         if spare is not None:
-            try:
-                machine = spare.result()
-            except Exception:  # noqa: BLE001 - a failed spare is retried in the open below
-                machine = None
+            machine = self._check_spare(spare)
         if machine is None:
             machine = self._clone(spec, backend_spec)
         with self._lock:
             self._scoped[owner][ident] = machine
+        return machine
+
+    def _check_spare(self, spare: Future[Machine]) -> Machine | None:
+        """The spare if it still answers (it may have died while it waited, e.g. with the
+        hypervisor connection); else None, and whatever is left of it is destroyed."""
+        try:
+            machine = spare.result()
+        except Exception:  # noqa: BLE001 - a failed spare is replaced by a fresh clone
+            return None
+        try:
+            machine.backend.execute(machine.ref, ["true"], timeout=machine.spec.timeout)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("pytest-vmenv: a spare %s was dead (%s); cloning anew", machine.ref.id, exc)
+            try:
+                self._destroy(machine)
+            except Exception as gone:  # noqa: BLE001
+                log.warning("pytest-vmenv: could not destroy spare %s: %s", machine.ref.id, gone)
+            return None
         return machine
 
     def warm(self, specs: Sequence[MachineSpec]) -> None:

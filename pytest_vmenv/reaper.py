@@ -107,8 +107,8 @@ def sweep(
         if old_enough(record.created) and set(record.backends) <= set(by_name):
             remove_owner(record)
     for session in sessions(state_dir):
-        if session in live or (only_owner is not None and owners(state_dir, session)):
-            continue
+        if session in live or owners(state_dir, session):
+            continue  # a process of it lives, or a dead one's records could not be cleared yet
         for path, data in session_templates(state_dir, session):
             owner_backend = by_name.get(str(data.get("backend")))
             if owner_backend is None or data.get("reuse"):
