@@ -47,9 +47,7 @@ _SECRET_WORDS = ("password", "passwd", "secret", "token", "key", "credential")
 def public_options(options: Mapping[str, Any]) -> dict[str, Any]:
     """Backend options without anything that looks like a secret (never written to disk)."""
     return {
-        k: v
-        for k, v in options.items()
-        if not any(word in k.lower() for word in _SECRET_WORDS)
+        k: v for k, v in options.items() if not any(word in k.lower() for word in _SECRET_WORDS)
     }
 
 
@@ -124,10 +122,10 @@ def sessions(state_dir: Path) -> list[str]:
 
 
 def remove_session_dir(state_dir: Path, session: str) -> None:
-    """Remove a session's ledger dir if no owner is left in it (templates records go too)."""
+    """Remove a session's ledger dir once neither an owner nor a template record is left."""
     sdir = state_dir / "ledger" / session
-    if any(p.name[0] != "_" for p in sdir.glob("*")):
-        return
+    if any(p.name[0] != "_" for p in sdir.glob("*")) or any(sdir.glob("_templates/*.json")):
+        return  # an owner, or a template whose removal failed: kept for the next sweep
     shutil.rmtree(sdir, ignore_errors=True)
 
 
@@ -142,9 +140,7 @@ class Ledger:
 
     def __init__(self, session: Session) -> None:
         self.session = session
-        self.dir = (
-            session.state_dir / "ledger" / session.id / f"{session.worker_id}-{os.getpid()}"
-        )
+        self.dir = session.state_dir / "ledger" / session.id / f"{session.worker_id}-{os.getpid()}"
         self._seq = itertools.count(1)
         self._lock = threading.Lock()
         self._backends: dict[str, dict[str, Any]] = {}

@@ -27,9 +27,9 @@ from typing import Any
 
 from .backend import Backend, Session, Snapshot
 from .errors import BackendUnavailable, BootTimeout, CommandFailed, CommandTimeout, VmenvError
-from .ledger import Ledger, file_lock, owners, remove_session_dir, session_templates
+from .ledger import Ledger, file_lock, owners
 from .machine import Machine
-from .reaper import Watchdog, sweep
+from .reaper import SweepReport, Watchdog, close_session, sweep
 from .spec import MachineSpec
 
 __all__ = ["Orchestrator", "TeardownError", "template_key"]
@@ -422,32 +422,10 @@ class Orchestrator:
             self.ledger.goodbye()
             if self.session.reuse or any(r.alive for r in owners(state, self.session.id)):
                 return errors
-            for path, data in session_templates(state, self.session.id):
-                backend = self._backends.get(str(data.get("backend")))
-                if backend is None or isinstance(backend, BackendUnavailable):
-                    continue  # another worker's backend: left for the sweep
-                if "handle" in data:
-                    snap = Snapshot(
-                        backend=backend.name,
-                        name=str(data.get("name", "")),
-                        handle=str(data["handle"]),
-                        key=str(data.get("key", "")),
-                        data=data.get("data", {}),
-                    )
-                    try:
-                        backend.remove_template(snap)
-                    except Exception as exc:  # noqa: BLE001
-                        errors.append(f"template {snap.key}: {exc}")
-                        continue
-                path.unlink(missing_ok=True)
-            remove_session_dir(state, self.session.id)
-            for name, made in self._backends.items():
-                end = getattr(made, "end_session", None)  # optional: session-wide cleanup
-                if callable(end):
-                    try:
-                        end(self.session.id)
-                    except Exception as exc:  # noqa: BLE001
-                        errors.append(f"backend {name}: end of session: {exc}")
+            report = SweepReport()
+            made = [b for b in self._backends.values() if not isinstance(b, BackendUnavailable)]
+            close_session(made, state, self.session.id, report)
+            errors += report.errors
         return errors
 
     # -- timings ----------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,7 +36,7 @@ from .ledger import (
 )
 from .registry import Registry
 
-__all__ = ["SweepReport", "Watchdog", "backends_from_ledger", "sweep"]
+__all__ = ["SweepReport", "Watchdog", "backends_from_ledger", "close_session", "sweep"]
 
 log = logging.getLogger("pytest_vmenv")
 
@@ -109,37 +109,57 @@ def sweep(
     for session in sessions(state_dir):
         if session in live or owners(state_dir, session):
             continue  # a process of it lives, or a dead one's records could not be cleared yet
-        for path, data in session_templates(state_dir, session):
-            owner_backend = by_name.get(str(data.get("backend")))
-            if owner_backend is None or data.get("reuse"):
-                continue
-            if "handle" in data and data["handle"] not in removed_handles:
-                snap = Snapshot(
-                    backend=owner_backend.name,
-                    name=str(data.get("name", "")),
-                    handle=str(data["handle"]),
-                    key=str(data.get("key", "")),
-                    data=data.get("data", {}),
-                )
-                _remove_template(owner_backend, snap, report)
-            path.unlink(missing_ok=True)
-        remove_session_dir(state_dir, session)
-        for backend in backends:
-            end = getattr(backend, "end_session", None)  # optional: session-wide cleanup
-            if callable(end):
-                try:
-                    end(session)
-                except Exception as exc:  # noqa: BLE001
-                    report.errors.append(f"{backend.name}: end of session {session}: {exc}")
+        close_session(backends, state_dir, session, report, skip=removed_handles)
     return report
 
 
-def _remove_template(backend: Backend, snap: Snapshot, report: SweepReport) -> None:
+def close_session(
+    backends: Iterable[Backend],
+    state_dir: Path,
+    session: str,
+    report: SweepReport,
+    skip: Container[str] = (),
+) -> None:
+    """End a session none of whose processes is left (its last one at exit, or a sweep).
+
+    Removes the templates recorded for it that belong to ``backends`` (a record stays, for a
+    later sweep, while its removal fails or its backend is not at hand; handles in ``skip`` are
+    already gone), its ledger dir, and lets each backend clean up (optional ``end_session``).
+    """
+    by_name = {b.name: b for b in backends}
+    for path, data in session_templates(state_dir, session):
+        backend = by_name.get(str(data.get("backend")))
+        if backend is None or data.get("reuse"):
+            continue
+        if "handle" in data and data["handle"] not in skip:
+            snap = Snapshot(
+                backend=backend.name,
+                name=str(data.get("name", "")),
+                handle=str(data["handle"]),
+                key=str(data.get("key", "")),
+                data=data.get("data", {}),
+            )
+            if not _remove_template(backend, snap, report):
+                continue
+        path.unlink(missing_ok=True)
+    remove_session_dir(state_dir, session)
+    for backend in by_name.values():
+        end = getattr(backend, "end_session", None)
+        if callable(end):
+            try:
+                end(session)
+            except Exception as exc:  # noqa: BLE001
+                report.errors.append(f"{backend.name}: end of session {session}: {exc}")
+
+
+def _remove_template(backend: Backend, snap: Snapshot, report: SweepReport) -> bool:
     try:
         backend.remove_template(snap)
-        report.removed.append(f"{backend.name} template {snap.key or snap.handle}")
     except Exception as exc:  # noqa: BLE001
         report.errors.append(f"{backend.name} template {snap.key}: {exc}")
+        return False
+    report.removed.append(f"{backend.name} template {snap.key or snap.handle}")
+    return True
 
 
 def backends_from_ledger(
