@@ -19,8 +19,10 @@ Optional methods, used when present: ``templates() -> list[Snapshot]`` (for ``vm
 and sweeps; ``data`` carries ``session``, ``owner``, ``created``, ``reuse``),
 ``shell(ref, argv) -> int`` (``vmenv shell``), ``summary() -> list[str]`` (lines for the
 terminal summary), ``end_session(session_id)`` (session-wide cleanup once no process of the
-session is left) and ``close()``. A backend is constructed as ``cls(options)`` with its table
-from ``[tool.vmenv.backends.NAME]``, kept as ``backend.options``.
+session is left) and ``close()``. A backend that runs here but cannot make every machine
+implements :class:`SpecCheck` (checked with ``isinstance``). A backend is constructed as
+``cls(options)`` with its table from ``[tool.vmenv.backends.NAME]``, kept as
+``backend.options``.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ __all__ = [
     "Result",
     "Session",
     "Snapshot",
+    "SpecCheck",
     "owner_alive",
     "owner_token",
     "split_network",
@@ -251,3 +254,20 @@ class Backend(Protocol):
 
     def owned(self, session: str | None = None) -> Iterable[MachineRef]:
         """Machines that carry our labels (of ``session`` only, if given)."""
+
+
+@runtime_checkable
+class SpecCheck(Protocol):
+    """Optional: a backend that runs here (``check`` passes) but cannot make every machine.
+
+    The emulator run unprivileged, say, makes rootfs-image machines but not ``image="host"``
+    or ``network=`` ones. The orchestrator asks before it builds or clones anything for a
+    spec, once per distinct spec, so that only the tests whose own machines cannot be made
+    are skipped or failed (``--vm-unavailable``), each with its own reason.
+    """
+
+    def unavailable_for(self, spec: MachineSpec) -> str | None:
+        """Why ``spec`` cannot be made here and what to do about it, or None if it can."""
+
+    def restrictions(self) -> str | None:
+        """One line for ``vmenv backends``: what this backend cannot make here, or None."""

@@ -17,7 +17,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .backend import Backend, MachineRef, owner_alive
+from .backend import Backend, MachineRef, SpecCheck, owner_alive
 from .config import load_config
 from .errors import BackendUnavailable, ConfigError, VmenvError
 from .ledger import file_lock, owners
@@ -70,9 +70,12 @@ def cmd_backends(args: argparse.Namespace) -> int:
         print("no backend is installed (reinstall pytest-vmenv: the emulator is built in)")
         return 1
     for name, backend in rows:
-        print(
-            f"{name:<10} {'usable' if not isinstance(backend, str) else 'unavailable: ' + backend}"
-        )
+        if isinstance(backend, str):
+            state = f"unavailable: {backend}"
+        else:
+            limits = backend.restrictions() if isinstance(backend, SpecCheck) else None
+            state = f"usable ({limits})" if limits else "usable"
+        print(f"{name:<10} {state}")
     close_backends(b for _, b in rows if not isinstance(b, str))
     return 0
 

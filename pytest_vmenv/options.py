@@ -53,7 +53,8 @@ def add_options(parser: pytest.Parser) -> None:
         "--vm-unavailable",
         choices=UNAVAILABLE,
         help="what to do with tests whose "
-        "backend cannot run here [env VMENV_UNAVAILABLE, ini vmenv_unavailable; "
+        "machines cannot be made here (the backend cannot run, or cannot make that machine) "
+        "[env VMENV_UNAVAILABLE, ini vmenv_unavailable; "
         "default fail]",
     )
     group.addoption(

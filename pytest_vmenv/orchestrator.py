@@ -25,7 +25,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
-from .backend import Backend, Session, Snapshot
+from .backend import Backend, Session, Snapshot, SpecCheck
 from .errors import BackendUnavailable, BootTimeout, CommandFailed, CommandTimeout, VmenvError
 from .ledger import Ledger, file_lock, owners
 from .machine import Machine
@@ -105,6 +105,7 @@ class Orchestrator:
         self._watchdog = Watchdog(session)
         self._make_backend = make_backend
         self._backends: dict[str, Backend | BackendUnavailable] = {}
+        self._refusals: dict[str, str | None] = {}
         self._templates: dict[str, Future[Snapshot]] = {}
         self._executor = ThreadPoolExecutor(max(1, parallel), thread_name_prefix="vmenv-build")
         self._warmer = ThreadPoolExecutor(WARM_AHEAD, thread_name_prefix="vmenv-warm")
@@ -154,6 +155,32 @@ class Orchestrator:
             return exc.reason
         return None
 
+    def unavailable_for(self, spec: MachineSpec) -> str | None:
+        """Why this backend, running here, cannot make ``spec``'s machine, or None if it can.
+
+        Asked of the backend (:class:`~pytest_vmenv.backend.SpecCheck`) once per distinct
+        spec, not per template: two tests that share a template but not ``network=`` get each
+        its own answer. None too when the backend itself cannot run (see :meth:`unavailable`).
+        """
+        ident = _identity(spec)
+        with self._lock:
+            if ident in self._refusals:
+                return self._refusals[ident]
+        try:
+            backend = self.backend(spec.backend)
+        except BackendUnavailable:
+            return None
+        reason = backend.unavailable_for(spec) if isinstance(backend, SpecCheck) else None
+        with self._lock:
+            self._refusals[ident] = reason
+        return reason
+
+    def _check_spec(self, spec: MachineSpec) -> None:
+        """Raise BackendUnavailable if the machine of ``spec`` cannot be made here."""
+        reason = self.unavailable(spec.backend) or self.unavailable_for(spec)
+        if reason is not None:
+            raise BackendUnavailable(spec.backend, reason)
+
     # -- templates --------------------------------------------------------------------------
 
     def key(self, spec: MachineSpec) -> str:
@@ -161,9 +188,13 @@ class Orchestrator:
         return base if self.session.reuse else f"{base}-{self.session.id}"
 
     def prepare(self, specs: Iterable[MachineSpec]) -> None:
-        """Start building the templates of ``specs`` in the background (parallel)."""
+        """Start building the templates of ``specs`` in the background (parallel).
+
+        A spec whose machine cannot be made here is left out: its refusal must not become
+        the build result of a template that other specs share."""
         for spec in specs:
-            self._template_future(spec)
+            if self.unavailable(spec.backend) is None and self.unavailable_for(spec) is None:
+                self._template_future(spec)
 
     def _template_future(self, spec: MachineSpec) -> Future[Snapshot]:
         key = self.key(spec)
@@ -204,7 +235,11 @@ class Orchestrator:
         self, specs: Sequence[MachineSpec], scope_keys: Mapping[str, str]
     ) -> dict[str, Machine]:
         """Machines for one test. ``scope_keys`` maps a scope to the id of its current owner
-        (``{"function": nodeid, "module": module nodeid, "session": ""}``)."""
+        (``{"function": nodeid, "module": module nodeid, "session": ""}``).
+
+        Raises BackendUnavailable before anything is made if one of ``specs`` cannot be."""
+        for spec in specs:
+            self._check_spec(spec)
         machines: dict[str, Machine] = {}
         try:
             for spec in specs:
@@ -276,6 +311,8 @@ class Orchestrator:
         wanted: dict[str, tuple[MachineSpec, int]] = {}
         for spec in specs:
             if spec.scope != "function" or spec.isolation != "clone" or spec.network:
+                continue
+            if self.unavailable(spec.backend) or self.unavailable_for(spec):
                 continue
             ident = _identity(spec)
             wanted[ident] = (spec, wanted.get(ident, (spec, 0))[1] + 1)

@@ -12,13 +12,13 @@ import secrets
 import time
 from collections.abc import Generator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
 from .backend import Backend, Session
 from .config import VmenvConfig, load_config
-from .errors import ConfigError
+from .errors import BackendUnavailable, ConfigError
 from .fixtures import vm, vm_factory, vmenv_backend, vms, with_scope
 from .keys import machines_key, plugin_key, specs_key
 from .machine import Machine
@@ -345,23 +345,34 @@ class VmenvPlugin:
             "module": module.nodeid if module else "",
             "session": "",
         }
+        orchestrator = self.orchestrator
         for spec in specs:
-            reason = self.orchestrator.unavailable(spec.backend)
+            reason = orchestrator.unavailable(spec.backend)
             if reason is not None:
-                message = f"backend {spec.backend!r} is unavailable: {reason}"
-                if self.options.unavailable == "skip":
-                    pytest.skip(message)
-                pytest.fail(
-                    f"{item.nodeid}: {message} (--vm-unavailable=skip skips such tests)",
-                    pytrace=False,
+                self._unavailable(item, f"backend {spec.backend!r} is unavailable: {reason}")
+            reason = orchestrator.unavailable_for(spec)
+            if reason is not None:
+                self._unavailable(
+                    item, f"machine {spec.name!r} ({spec.backend}) cannot be made here: {reason}"
                 )
         item.stash[machines_key] = {}
-        machines = self.orchestrator.acquire(specs, scope_keys)
+        try:
+            machines = orchestrator.acquire(specs, scope_keys)
+        except BackendUnavailable as exc:  # a backend that finds out only while making it
+            self._unavailable(item, str(exc))
         item.stash[machines_key] = machines
         self.orchestrator.warm(self._next_specs.get(item.nodeid, []))
         for machine in machines.values():
             self.config.hook.pytest_vmenv_machine_ready(machine=machine, item=item)
         return machines
+
+    def _unavailable(self, item: pytest.Item, message: str) -> NoReturn:
+        """Skip (``--vm-unavailable skip``) or fail the test with one line: what and why."""
+        if self.options.unavailable == "skip":
+            pytest.skip(message)
+        pytest.fail(
+            f"{item.nodeid}: {message} (--vm-unavailable=skip skips such tests)", pytrace=False
+        )
 
     @pytest.hookimpl(trylast=True)  # after the runner tore fixtures down: they may use machines
     def pytest_sessionfinish(self, session: pytest.Session) -> None:

@@ -17,8 +17,10 @@ connect to the guest's ``ctl.sock`` (see :mod:`.guest`). That is what ``vmenv gc
 Every public method maps foreign exceptions into :mod:`pytest_vmenv.errors` here.
 
 Run unprivileged, guests live in a user namespace (see :mod:`.userns`): rootfs-directory and
-tarball images work; ``image="host"`` and ``network=`` are refused with
-``BackendUnavailable``, and ``memory``/``cpus`` are not applied (``LimitNotApplied``, once).
+tarball images work; ``image="host"`` and ``network=`` are refused: :meth:`unavailable_for`
+says why for each spec (the orchestrator asks before it uses one), and ``build_template``/
+``clone`` raise ``BackendUnavailable`` with the same reason. ``memory``/``cpus`` are not
+applied (``LimitNotApplied``, once).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ import time
 import uuid
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,7 +41,7 @@ from . import inventory, layers, userns
 from .base import NAME, EmulatorBase, LimitNotApplied, boundary
 from .control import FILE_IDLE_TIMEOUT, CommandTimedOut
 from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest
-from .images import base_stack
+from .images import base_stack, is_host
 from .spawner import Zygote
 from .terminal import run_shell
 
@@ -103,14 +106,45 @@ class EmulatorBackend(EmulatorBase):
         if userns.rootless():
             userns.check()  # can this user make a user namespace with an overlay in it?
 
-    def _refuse_unprivileged(self, spec: MachineSpec) -> None:
-        if spec.network is not None and userns.rootless():
-            raise errors.BackendUnavailable(NAME, userns.NETWORK_REASON)
+    def unavailable_for(self, spec: MachineSpec) -> str | None:
+        """Why ``spec`` cannot be made here (see :class:`~pytest_vmenv.backend.SpecCheck`).
+
+        Root makes every spec. Unprivileged, ``image="host"`` and ``network=`` are refused,
+        each with its own reason (both, if a spec asks for both).
+        """
+        if not userns.rootless():
+            return None
+        reasons = []
+        if is_host(spec.image, spec.image_config):
+            reasons.append(userns.HOST_REASON)
+        if spec.network is not None:
+            reasons.append(userns.NETWORK_REASON)
+        return "; and ".join(reasons) or None
+
+    def restrictions(self) -> str | None:
+        """What the emulator cannot make here: as non-root, see :mod:`.userns`."""
+        if not userns.rootless():
+            return None
+        return (
+            f"unprivileged, uid {os.geteuid()}: rootfs directory and tarball images only; "
+            "image='host' and network= need root; memory and cpus limits are not applied"
+        )
+
+    def _refuse(self, spec: MachineSpec, *, template: bool) -> None:
+        """Raise BackendUnavailable for a spec this process cannot make.
+
+        A template is built without a network, so only its image can be refused; a clone is
+        refused for anything :meth:`unavailable_for` names.
+        """
+        shape = replace(spec, network=None) if template else spec
+        reason = self.unavailable_for(shape)
+        if reason is not None:
+            raise errors.BackendUnavailable(NAME, reason)
 
     @boundary
     def build_template(self, spec: MachineSpec, key: str, session: Session) -> Snapshot:
         self.check()
-        self._refuse_unprivileged(spec)
+        self._refuse(spec, template=True)
         start = time.monotonic()
         with layers.build_lock(self.emu_dir, key) as final:
             done = layers.load(final)
@@ -140,7 +174,7 @@ class EmulatorBackend(EmulatorBase):
 
     @boundary
     def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
-        self._refuse_unprivileged(spec)
+        self._refuse(spec, template=False)
         stack = layers.stack_of(snapshot)
         guest = Guest(
             id=uuid.uuid4().hex[:16],

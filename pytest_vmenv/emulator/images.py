@@ -38,7 +38,7 @@ from ..errors import BackendUnavailable, ConfigError
 from . import userns
 from .rootfs import HOST_BASE
 
-__all__ = ["base_stack", "unpack_tarball"]
+__all__ = ["base_stack", "is_host", "unpack_tarball"]
 
 _TAR_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.xz", ".txz", ".tar.bz2")
 MASKED = ("tmp", "run", "home", "root", "var/tmp")
@@ -201,12 +201,17 @@ def unpack_tarball(tarball: Path, emu_dir: Path) -> Path:
     return rootfs
 
 
+def is_host(spec_image: str, image_config: Mapping[str, Any]) -> bool:
+    """Whether an image is the built-in ``"host"`` (not a config entry of that name)."""
+    return spec_image == "host" and not image_config
+
+
 def base_stack(
     spec_image: str, image_config: Mapping[str, Any], emu_dir: Path, state: Path
 ) -> list[str]:
     """The bottom of a guest's layer stack (top first) for an image."""
     rootfs = image_config.get("rootfs")
-    if rootfs is None and spec_image == "host" and not image_config:
+    if is_host(spec_image, image_config):
         if userns.rootless():
             raise BackendUnavailable("emulator", userns.HOST_REASON)
         return [str(mask_layer(emu_dir, state)), HOST_BASE]

@@ -48,16 +48,17 @@ __all__ = [
     "setgroups_denied",
     "stop_all",
     "sysctl_reason",
+    "unsearchable",
 ]
 
 HOST_REASON = (
-    "image='host' needs root: its read-only view of the host's / and the mask layer that "
-    "hides the host's private dirs cannot be built in a user namespace; use a rootfs "
-    "directory or tarball image, or run as root"
+    "image='host' needs root (its read-only view of the host's / cannot be built in a user "
+    "namespace): use a rootfs directory or tarball image instead (image='/path/to/rootfs', or "
+    "[images.NAME] emulator = { rootfs = PATH } in vmenv.toml), or run as root"
 )
 NETWORK_REASON = (
-    "network= needs root: the LAN helper creates veth pairs and a bridge with nsenter/ip in "
-    "namespaces an unprivileged user does not own; drop network=, or run as root"
+    "network= needs root (the LAN helper makes veth pairs and a bridge in the host's network "
+    "namespace): drop network=, or run as root"
 )
 _CACHE: dict[str, str | None] = {}
 
@@ -142,12 +143,83 @@ def probe() -> str | None:
             timeout=30,
             check=False,
         )
+    except OSError as exc:
+        reason: str | None = _cannot_spawn(sys.executable, exc)
+    except subprocess.SubprocessError as exc:
+        reason = _explain(f"spawn 0 {exc}")
+    else:
         out = proc.stdout.decode("utf-8", "replace").strip()
-    except (OSError, subprocess.SubprocessError) as exc:
-        out = f"spawn 0 {exc}"
-    reason = None if out == "ok" else _explain(out)
+        if out == "ok":
+            reason = None
+        elif out:
+            reason = _explain(out)
+        else:  # the interpreter itself failed before the probe's first line
+            err = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+            reason = (
+                f"{_who()} could not run the Python interpreter {sys.executable} for the "
+                f"user-namespace probe (exit {proc.returncode}: {err[-1] if err else 'no output'})"
+                "; check that this user can run it and read its standard library"
+            )
     _CACHE["probe"] = reason
     return reason
+
+
+def _who() -> str:
+    uid = os.getuid()
+    try:
+        import pwd
+
+        return f"user {pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except (ImportError, KeyError):
+        return f"uid {uid}"
+
+
+def unsearchable(path: str) -> str | None:
+    """The first directory on the way to ``path`` (symlinks followed) this process cannot
+    enter, or None. That is why a file another account can run is out of this one's reach
+    (a virtualenv under root's 0700 ``/root``, say)."""
+    current = Path("/")
+    pending = list(Path(os.path.abspath(path)).parts[1:])
+    hops = 0
+    while pending:
+        if not os.access(current, os.X_OK):
+            return str(current)
+        name = pending.pop(0)
+        if name == "..":
+            current = current.parent
+            continue
+        step = current / name
+        if hops < 40 and os.path.islink(step):
+            hops += 1
+            target = Path(os.readlink(step))
+            if target.is_absolute():
+                current = Path("/")
+                pending = list(target.parts[1:]) + pending
+            else:
+                pending = list(target.parts) + pending
+            continue
+        current = step
+    return None
+
+
+def _cannot_spawn(python: str, exc: OSError) -> str:
+    """The probe's interpreter could not be started: which path component, and what to do."""
+    where = unsearchable(python)
+    if where is None:
+        return (
+            f"{_who()} cannot execute the Python interpreter {python} ({exc.strerror or exc}); "
+            "run pytest with a Python this user can execute"
+        )
+    try:
+        st = os.stat(where)
+        how = f": mode {st.st_mode & 0o7777:04o}, owner uid {st.st_uid}"
+    except OSError:
+        how = ""
+    return (
+        f"{_who()} cannot execute the Python interpreter {python} (permission denied on "
+        f"{where}{how}); run pytest with a Python and virtualenv this user can reach (not "
+        f"under {where})"
+    )
 
 
 def _explain(out: str) -> str:

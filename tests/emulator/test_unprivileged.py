@@ -103,10 +103,13 @@ _DEPS += ("jinja2", "markupsafe", "tenacity", "pytest_vmenv-*.dist-info")
 def _python_for_nobody(area: Area) -> None:
     """This interpreter if nobody can use it; else the system's with a copy of our deps.
 
-    (A Python under root's 0700 home is not readable by nobody.) The copy goes into the
-    area; symlinks are copied as links, never followed.
+    (A Python under root's 0700 home is not readable by nobody.) "Usable" includes starting
+    itself again (``sys.executable``), as the emulator does for its probe and helpers. The
+    copy goes into the area; symlinks are copied as links, never followed.
     """
-    check = [sys.executable, "-c", "import tenacity, pytest, jinja2, pluggy"]
+    code = "import subprocess, sys, tenacity, pytest, jinja2, pluggy\n"
+    code += "subprocess.run([sys.executable, '-c', ''], check=True)"
+    check = [sys.executable, "-c", code]
     ok = subprocess.run(_setpriv(check), capture_output=True, env={"PATH": "/usr/bin:/bin"})
     if ok.returncode == 0:
         return
@@ -248,7 +251,10 @@ def _need_userns(runner: Runner) -> None:
     probe = "from pytest_vmenv.emulator import userns; print(userns.probe())"
     res = runner.run(["python", "-c", probe], timeout=60)
     if res.stdout.strip() != "None":
-        pytest.skip(f"user namespaces unusable for nobody here: {res.stdout}{res.stderr}")
+        pytest.skip(
+            f"the emulator's unprivileged mode is unavailable to user nobody here: "
+            f"{res.stdout}{res.stderr}"
+        )
 
 
 def test_lifecycle_as_nobody(area: Area, nobody: Runner) -> None:
@@ -260,7 +266,8 @@ def test_lifecycle_as_nobody(area: Area, nobody: Runner) -> None:
     report = json.loads(res.stdout.strip().splitlines()[-1])
     print(json.dumps(report, indent=1))
     assert report["ok"] is True
-    assert "use a rootfs directory or tarball image, or run as root" in report["host"]
+    assert "use a rootfs directory or tarball image instead" in report["host"]
+    assert report["host"].endswith("or run as root"), report["host"]
     assert report["sys"], "sysfs was expected to mount in the user namespace here"
     assert list((area.state / "emulator" / "guests").iterdir()) == []
     layers = [p.name for p in (area.state / "emulator" / "layers").iterdir() if p.is_dir()]
@@ -371,3 +378,133 @@ def test_check_names_the_sysctl_when_userns_is_off(
         assert (caps.network, caps.limits) == (False, False)
     finally:
         backend.close()
+
+
+def _pytest_as_nobody(
+    area: Area, nobody: Runner, target: Path, *args: str
+) -> subprocess.CompletedProcess[str]:
+    argv = ["python", "-m", "pytest", "-p", "no:cacheprovider", *args]
+    argv += [f"--basetemp={area.home / 'basetemp'}", str(target)]
+    return nobody.run(argv)
+
+
+def _error_sections(out: str) -> dict[str, list[str]]:
+    """Test name -> the lines pytest printed for its error (the ``ERRORS`` section)."""
+    sections: dict[str, list[str]] = {}
+    current: list[str] | None = None
+    inside = False
+    for line in out.splitlines():
+        if line.startswith("=") and " ERRORS " in line:
+            inside = True
+        elif inside and line.startswith("="):
+            break
+        elif inside and line.startswith("_") and " ERROR at " in line:
+            current = sections.setdefault(line.strip("_ ").rpartition(" ")[2], [])
+        elif inside and current is not None and line.strip():
+            current.append(line)
+    return sections
+
+
+def test_unavailable_reason_is_per_test_as_nobody(area: Area, nobody: Runner) -> None:
+    """Two tests share a template, one asks for network=: only that one is refused, with the
+    network reason; image="host" gets its own reason. Each refusal is one line; with
+    ``--vm-unavailable skip`` both are skipped with their reasons and the run passes."""
+    _need_userns(nobody)
+    suite = area.home / "test_reasons.py"
+    suite.write_text(
+        textwrap.dedent(
+            f"""
+            import pytest
+
+            ROOTFS = {str(area.rootfs)!r}
+            STEPS = ["echo built > /etc/built"]
+
+            @pytest.mark.vm(image=ROOTFS, provision=STEPS, network="lan")
+            def test_net(vm):
+                pass
+
+            @pytest.mark.vm(image=ROOTFS, provision=STEPS)
+            def test_plain(vm):
+                assert vm.succeed("cat /etc/built") == "built\\n"
+
+            @pytest.mark.vm(image="host")
+            def test_host(vm):
+                pass
+            """
+        )
+    )
+    os.chown(suite, NOBODY, NOBODY)
+    failing = _pytest_as_nobody(area, nobody, suite, "-v", "--rootdir", str(area.home))
+    out = failing.stdout
+    assert failing.returncode == 1, f"stdout:\n{out}\nstderr:\n{failing.stderr}"
+    assert "test_reasons.py::test_plain PASSED" in out, out
+    net_line = next(ln for ln in out.splitlines() if ln.startswith("test_reasons.py::test_net:"))
+    assert "machine 'vm' (emulator) cannot be made here: network= needs root" in net_line, out
+    assert "image='host'" not in net_line and "--vm-unavailable=skip" in net_line, net_line
+    host_line = next(ln for ln in out.splitlines() if ln.startswith("test_reasons.py::test_host:"))
+    assert "image='host' needs root" in host_line and "network=" not in host_line, host_line
+    errors = _error_sections(out)
+    assert sorted(errors) == ["test_host", "test_net"], out
+    assert all(len(lines) == 1 for lines in errors.values()), errors  # no plugin traceback
+    assert out.strip().splitlines()[-1].count("error") == 1 and "1 passed" in out, out
+
+    skipping = _pytest_as_nobody(
+        area, nobody, suite, "-v", "-rs", "--vm-unavailable", "skip", "--rootdir", str(area.home)
+    )
+    out = skipping.stdout
+    assert skipping.returncode == 0, f"stdout:\n{out}\nstderr:\n{skipping.stderr}"
+    assert "1 passed, 2 skipped" in out, out
+    skipped = [ln for ln in out.splitlines() if ln.startswith("SKIPPED")]
+    assert any("network= needs root" in ln and "image='host'" not in ln for ln in skipped), out
+    assert any("image='host' needs root" in ln and "network=" not in ln for ln in skipped), out
+
+
+def test_vmenv_backends_as_nobody(area: Area, nobody: Runner) -> None:
+    """``vmenv backends`` says what the unprivileged emulator cannot make."""
+    _need_userns(nobody)
+    res = nobody.run(["python", "-m", "pytest_vmenv", "backends"], timeout=60)
+    assert res.returncode == 0, res.stderr
+    line = next(ln for ln in res.stdout.splitlines() if ln.startswith("emulator"))
+    assert "usable (unprivileged, uid 65534: rootfs directory and tarball images only" in line
+    assert "image='host' and network= need root" in line, line
+
+
+def test_examples_tell_nobody_what_to_do(area: Area, nobody: Runner) -> None:
+    """The emulator examples, run as a normal user, are skipped with what to do (exit 0)."""
+    _need_userns(nobody)
+    examples = area.home / "examples"
+    shutil.copytree(
+        Path(CHECKOUT) / "examples", examples, ignore=shutil.ignore_patterns("__pycache__")
+    )
+    _chown_tree(examples)
+    res = _pytest_as_nobody(area, nobody, examples)
+    out = res.stdout
+    assert res.returncode == 0, f"stdout:\n{out}\nstderr:\n{res.stderr}"
+    summary = out.strip().splitlines()[-1]
+    assert "skipped" in summary and "error" not in summary and "failed" not in summary, out
+    skipped = [ln for ln in out.splitlines() if ln.startswith("SKIPPED")]
+    assert skipped and all(
+        "image='host' needs root" in ln and "use a rootfs directory" in ln and "run as root" in ln
+        for ln in skipped
+    ), out
+
+
+def test_probe_names_the_python_nobody_cannot_execute(area: Area, nobody: Runner) -> None:
+    """A Python behind a directory nobody cannot enter: the reason says so, not "run as root"."""
+    locked = area.root / "locked"
+    locked.mkdir(mode=0o700)  # root's, like /root
+    os.symlink(os.path.realpath(area.python), locked / "python")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.executable = {str(locked / "python")!r}  # what this process was started as
+        from pytest_vmenv.emulator import userns
+        print(userns.probe())
+        """
+    )
+    res = nobody.run(["python", "-c", code], timeout=60)
+    reason = res.stdout.strip()
+    assert res.returncode == 0, res.stderr
+    assert f"user nobody (uid {NOBODY}) cannot execute the Python interpreter" in reason, reason
+    assert f"permission denied on {locked}: mode 0700, owner uid 0" in reason, reason
+    assert "run as root" not in reason, reason

@@ -43,10 +43,25 @@ def main() -> None:
     b.check()
     s = Session(id="userns-test", state_dir=state)
     out: dict[str, object] = {}
-    out["host"] = expect_unavailable(b, MachineSpec(name="h"), s, "image='host' needs root")
+    host = MachineSpec(name="h")
+    out["host"] = expect_unavailable(b, host, s, "image='host' needs root")
+    assert out["host"] == b.unavailable_for(host)
     base = MachineSpec(name="base", image=str(rootfs), image_config={"rootfs": str(rootfs)})
     netspec = replace(base, name="n", network="lan")
-    out["network"] = expect_unavailable(b, netspec, s, "network= needs root")
+    assert b.unavailable_for(base) is None
+    out["network"] = b.unavailable_for(netspec)
+    assert "network= needs root" in str(out["network"]), out["network"]
+    assert "image='host'" not in str(out["network"]), out["network"]
+    assert "image='host' and network= need root" in str(b.restrictions())
+    # a template does not depend on network=: it is built; the network clone is refused
+    ntpl = b.build_template(netspec, "userns-net", s)
+    try:
+        b.clone(ntpl, replace(netspec, network="lan#1"), s)
+    except errors.BackendUnavailable as exc:
+        assert exc.reason == out["network"], exc.reason
+    else:
+        raise AssertionError("a network= clone was not refused")
+    b.remove_template(ntpl)
     spec = replace(
         base,
         name="tpl",
