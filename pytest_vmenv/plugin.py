@@ -24,7 +24,7 @@ from .keys import machines_key, plugin_key, specs_key
 from .machine import Machine
 from .options import Options, add_options
 from .paths import state_dir
-from .registry import Registry
+from .registry import Registry, not_installed
 from .signals import GracefulSignals
 from .spec import MachineSpec, SpecParser
 
@@ -190,7 +190,7 @@ class VmenvPlugin:
             if default not in self.registry:
                 raise ConfigError(
                     f"backend {default!r} (--vm-backend / VMENV_BACKEND / vmenv.toml backend) "
-                    f"is not installed. Choose one of: {', '.join(self.registry) or '(none)'}"
+                    + not_installed(default, self.registry)
                 )
             self._parser = SpecParser(self.vmenv_config, default, self.registry)
         return self._parser
