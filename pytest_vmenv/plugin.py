@@ -27,6 +27,7 @@ from .paths import state_dir
 from .registry import Registry, not_installed
 from .signals import GracefulSignals
 from .spec import MachineSpec, SpecParser
+from .summary import WORKEROUTPUT_KEY, Summary
 
 if TYPE_CHECKING:
     from .orchestrator import Orchestrator
@@ -84,13 +85,20 @@ def pytest_vmenv_make_backend(
 
 
 class _XdistHooks:
-    """Hands the controller's session id to every xdist worker: one session, many workers."""
+    """Hands the controller's session id to every xdist worker (one session, many workers)
+    and gathers what each worker's summary says when it finishes."""
 
     def __init__(self, plugin: VmenvPlugin) -> None:
         self.plugin = plugin
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["vmenv_session_id"] = self.plugin.session_id
+
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        """Fold a finished worker's summary (kept machines, timings...) into the session's."""
+        data = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
+        if data is not None:
+            self.plugin.summary.merge(Summary.from_data(data))
 
 
 class _MachineHooks:
@@ -162,6 +170,7 @@ class VmenvPlugin:
         self._factory_ids = itertools.count()
         self._next_specs: dict[str, list[MachineSpec]] = {}
         self._signals = GracefulSignals()
+        self.summary = Summary()  # this process's, plus every finished xdist worker's
 
     # -- lazily built parts -----------------------------------------------------------------
 
@@ -371,35 +380,14 @@ class VmenvPlugin:
             errors = self._orchestrator.close()
         finally:
             self._signals.restore()
-        if errors:
-            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-            if reporter is not None:
-                reporter.write_line("pytest-vmenv: teardown failures:", red=True)
-                for error in errors:
-                    reporter.write_line(f"  {error}", red=True)
+        summary = Summary.of(self._orchestrator, errors)
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if workeroutput is not None:  # an xdist worker: the controller writes the summary
+            workeroutput[WORKEROUTPUT_KEY] = summary.to_data()
+        self.summary.merge(summary)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        orchestrator = self._orchestrator
-        if orchestrator is None:
-            return
-        if orchestrator.notes:
-            terminalreporter.write_sep("-", "vmenv: backends")
-            for line in orchestrator.notes:
-                terminalreporter.write_line(line)
-        if orchestrator.swept:
-            terminalreporter.write_sep("-", "vmenv: swept what dead sessions left")
-            for line in orchestrator.swept:
-                terminalreporter.write_line(f"removed {line}")
-        if orchestrator.kept:
-            terminalreporter.write_sep("-", "vmenv: kept machines (remove with: vmenv gc --all)")
-            for m in orchestrator.kept:
-                terminalreporter.write_line(
-                    f"{m.name} ({m.backend.name}, {m.ref.id}): vmenv shell {m.ref.id}"
-                )
-        if orchestrator.timings:
-            terminalreporter.write_sep("-", f"vmenv timings (session {self.session_id})")
-            for line in orchestrator.timing_summary():
-                terminalreporter.write_line(line)
+        self.summary.write(terminalreporter, self.session_id)
 
     # -- imperative machines ----------------------------------------------------------------
 
