@@ -19,7 +19,17 @@ import pytest
 from .backend import Backend, Session
 from .config import VmenvConfig, load_config
 from .errors import ConfigError
-from .fixtures import vm, vm_factory, vmenv_backend, vms, with_scope
+from .fixtures import (
+    module_vm,
+    module_vms,
+    session_vm,
+    session_vms,
+    vm,
+    vm_factory,
+    vmenv_backend,
+    vms,
+    with_scope,
+)
 from .keys import machines_key, plugin_key, specs_key
 from .machine import Machine
 from .options import Options, add_options
@@ -35,7 +45,11 @@ if TYPE_CHECKING:
 __all__ = [
     "VmenvPlugin",
     "machines_key",
+    "module_vm",
+    "module_vms",
     "plugin_key",
+    "session_vm",
+    "session_vms",
     "specs_key",
     "vm",
     "vm_factory",
@@ -324,6 +338,8 @@ class VmenvPlugin:
             specs: list[MachineSpec] = []
             if "vm" in uses or "vms" in uses:
                 specs = item.stash.get(specs_key, [])
+            elif "module_vms" in uses or "session_vms" in uses:  # through module_vm ...
+                specs = [s for s in item.stash.get(specs_key, []) if s.scope != "function"]
             per_item.append(specs)
             wanted += specs
         if not wanted:
@@ -399,3 +415,60 @@ class VmenvPlugin:
             [spec_session], {"function": owner, "module": owner, "session": owner}
         )
         return machines[spec.name]
+
+    # -- machines of a module or of the session, for fixtures of that scope --------------------
+
+    def scope_machines(self, request: pytest.FixtureRequest, scope: str) -> dict[str, Machine]:
+        """The machines of ``scope`` ("module"/"session") where ``request`` is, by name.
+
+        They are the machines the tests there get from marks with that scope, so the very
+        objects ``vm``/``vms`` hand those tests: the specs come from the selected tests' marks
+        (of ``request``'s module, or of the whole session), and the orchestrator's scope key
+        ("module:<module nodeid>", "session:") is the one ``machines_for`` uses.
+        """
+        node = request.node
+        items = request.session.items
+        if scope == "module":
+            items = [i for i in items if i.getparent(pytest.Module) is node]
+            where = f"module {node.nodeid}"
+            owner = node.nodeid
+        else:
+            where, owner = "this session", ""
+        specs: dict[str, MachineSpec] = {}
+        others: set[str] = set()
+        for item in items:
+            for spec in item.stash.get(specs_key, []):
+                if spec.scope != scope:
+                    others.add(f"{spec.name} (scope={spec.scope!r}, {item.nodeid})")
+                    continue
+                seen = specs.setdefault(spec.name, spec)
+                if seen != spec:
+                    pytest.fail(
+                        f"{request.fixturename}: {where} has two different machines named "
+                        f"{spec.name!r} with scope={scope!r}; give them distinct names",
+                        pytrace=False,
+                    )
+        if not specs:
+            found = "; its tests' machines: " + ", ".join(sorted(others)[:5]) if others else ""
+            pytest.fail(
+                f"{request.fixturename}: {where} has no machine with scope={scope!r}{found}. "
+                f'Declare one with @pytest.mark.vm(..., scope="{scope}"), or use the fixtures '
+                "vm / vms in a function-scoped fixture",
+                pytrace=False,
+            )
+        for spec in specs.values():
+            reason = self.orchestrator.unavailable(spec.backend)
+            if reason is not None:
+                message = f"backend {spec.backend!r} is unavailable: {reason}"
+                if self.options.unavailable == "skip":
+                    pytest.skip(message)
+                pytest.fail(
+                    f"{request.fixturename} ({where}): {message} "
+                    "(--vm-unavailable=skip skips such tests)",
+                    pytrace=False,
+                )
+        keys = {"function": f"{scope}-fixture:{owner}", "module": owner, "session": ""}
+        machines = self.orchestrator.acquire(list(specs.values()), keys)
+        for machine in machines.values():
+            self.config.hook.pytest_vmenv_machine_ready(machine=machine, item=None)
+        return machines
