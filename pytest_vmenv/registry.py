@@ -15,9 +15,10 @@ from typing import Any
 
 from .errors import BackendUnavailable, ConfigError
 
-__all__ = ["GROUP", "Registry", "not_installed"]
+__all__ = ["GROUP", "SHIPPED", "Registry", "not_installed"]
 
 GROUP = "pytest_vmenv.backends"
+SHIPPED = ("emulator", "libvirt", "vsphere")  # the backends this project ships
 _HINTS = {
     "libvirt": "pip install pytest-vmenv-libvirt",
     "kvm": "pip install pytest-vmenv-libvirt",
