@@ -19,9 +19,10 @@ Optional methods, used when present: ``templates() -> list[Snapshot]`` (for ``vm
 and sweeps; ``data`` carries ``session``, ``owner``, ``created``, ``reuse``),
 ``shell(ref, argv) -> int`` (``vmenv shell``), ``summary() -> list[str]`` (lines for the
 terminal summary), ``end_session(session_id)`` (session-wide cleanup once no process of the
-session is left) and ``close()``. A backend that runs here but cannot make every machine
-implements :class:`SpecCheck` (checked with ``isinstance``). A backend is constructed as
-``cls(options)`` with its table from ``[tool.vmenv.backends.NAME]``, kept as
+session is left) and ``close()``; :class:`CacheKeeper` (``caches``/``remove_cache``: what it
+keeps on disk between sessions, for ``vmenv images``) and :class:`SpecCheck` (a backend that
+runs here but cannot make every machine), both checked with ``isinstance``. A backend is
+constructed as ``cls(options)`` with its table from ``[tool.vmenv.backends.NAME]``, kept as
 ``backend.options``.
 """
 
@@ -29,7 +30,7 @@ from __future__ import annotations
 
 import enum
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -39,6 +40,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backend",
+    "Cache",
+    "CacheKeeper",
     "Capabilities",
     "MachineRef",
     "MachineState",
@@ -271,3 +274,36 @@ class SpecCheck(Protocol):
 
     def restrictions(self) -> str | None:
         """One line for ``vmenv backends``: what this backend cannot make here, or None."""
+
+
+@dataclass(frozen=True)
+class Cache:
+    """Something kept on disk between sessions, as ``vmenv images`` lists it.
+
+    ``id`` is what ``vmenv images rm ID`` takes (unique within ``backend``); ``size`` is bytes
+    on this host's disk (None: not stored here, e.g. a vSphere template); ``held`` says why it
+    must stay ("" when nothing live uses it and it may go); ``handle`` is the backend's own
+    object for it (a :class:`Snapshot` for a template).
+    """
+
+    backend: str
+    kind: str
+    id: str
+    size: int | None
+    path: str = ""
+    detail: str = ""
+    created: float = 0.0
+    held: str = ""
+    handle: Any = field(default=None, compare=False)
+
+
+@runtime_checkable
+class CacheKeeper(Protocol):
+    """Optional: a backend that lists and removes everything it keeps between sessions
+    (templates, unpacked images, build leftovers), not only its templates."""
+
+    def caches(self, live_sessions: Collection[str]) -> list[Cache]:
+        """Every cache on this host; ``live_sessions`` are the ids of running sessions."""
+
+    def remove_cache(self, cache: Cache, live_sessions: Collection[str]) -> None:
+        """Remove ``cache``; raise ``BackendError`` saying why if it is (now) in use."""

@@ -3,7 +3,7 @@
 ``vmenv backends``   installed backends, whether each can run here, and if not why
 ``vmenv ls``         live and kept machines: backend, session, age, state
 ``vmenv gc``         destroy what dead sessions left (``--all``: kept machines too)
-``vmenv images``     cached templates (``vmenv images rm KEY...|--all``)
+``vmenv images``     what is cached between sessions, with sizes (``vmenv images rm [ID...]``)
 ``vmenv shell ID``   an interactive shell in a machine (a kept one, typically)
 """
 
@@ -17,13 +17,21 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from .backend import Backend, MachineRef, SpecCheck, owner_alive
+from .backend import Backend, Cache, CacheKeeper, MachineRef, Snapshot, SpecCheck, owner_alive
+from .caches import (
+    human_size,
+    live_sessions,
+    other_files,
+    remove_scratch,
+    scratch_caches,
+    template_caches,
+)
 from .config import load_config
 from .errors import BackendUnavailable, ConfigError, VmenvError
 from .ledger import file_lock, owners
 from .paths import state_dir
 from .reaper import close_backends, sweep
-from .registry import Registry
+from .registry import SHIPPED, Registry
 
 __all__ = ["main"]
 
@@ -138,29 +146,173 @@ def cmd_gc(args: argparse.Namespace) -> int:
     return 1 if report.errors else 0
 
 
-def cmd_images(args: argparse.Namespace) -> int:
-    backends = _usable()
-    status = 0
-    try:
-        for backend in backends:
-            list_templates = getattr(backend, "templates", None)
-            if not callable(list_templates):
+def _caches(state: Path) -> tuple[list[Cache], list[Backend]]:
+    """Every cache in ``state`` (see :mod:`.caches`) and the backends made to list them."""
+    registry = Registry()
+    options = _options(registry)
+    live = live_sessions(state)
+    found = scratch_caches(state, live)
+    made: list[Backend] = []
+    listed: set[str] = set()  # backends whose every cache is listed
+    why: dict[str, str] = {}
+    seen: set[type[Any]] = set()
+    for name in registry:
+        try:
+            cls = registry.load(name)
+            if cls in seen:
+                continue  # an alias (kvm -> libvirt)
+            seen.add(cls)
+            backend: Backend = cls(options.get(name, {}))
+        except (BackendUnavailable, ConfigError) as exc:
+            why[name] = exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
+            continue
+        made.append(backend)
+        try:
+            if isinstance(backend, CacheKeeper):  # lists what it keeps without a hypervisor
+                found += backend.caches(live)
+                listed.add(backend.name)
                 continue
-            for snap in list_templates():
-                if args.action == "rm":
-                    if args.all or snap.key in args.keys:
-                        backend.remove_template(snap)
-                        print(f"removed {backend.name} template {snap.key}")
+            backend.check()
+            snaps = getattr(backend, "templates", None)
+            found += template_caches(backend, snaps() if callable(snaps) else [], live)
+            why[backend.name] = "files the backend does not list as caches"
+        except VmenvError as exc:
+            why[backend.name] = exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
+    for name in sorted((set(registry) | set(SHIPPED)) - listed):
+        reason = why.get(name) or "its backend is not installed here"
+        row = other_files(state, name, [c for c in found if c.backend == name], reason)
+        if row is not None:
+            found.append(row)
+    return found, made
+
+
+_REMOVAL_ORDER = ("snapshot", "torn build", "template", "scratch")  # then what they stack on
+
+
+def _remove(cache: Cache, backends: Sequence[Backend], state: Path) -> None:
+    if not cache.backend:
+        remove_scratch(state, cache)
+        return
+    backend = next(b for b in backends if b.name == cache.backend)
+    if isinstance(backend, CacheKeeper):
+        backend.remove_cache(cache, live_sessions(state))
+    elif isinstance(cache.handle, Snapshot):
+        backend.remove_template(cache.handle)
+
+
+def _pick(caches: Sequence[Cache], wanted: Sequence[str]) -> tuple[set[str], list[str]]:
+    """(ids of the caches named by ``wanted``: an id, a template key or a unique prefix of an
+    id; errors for names that match none or several)."""
+    picked: set[str] = set()
+    problems = []
+    for name in wanted:
+        exact = [
+            c
+            for c in caches
+            if name in (c.id, getattr(c.handle, "key", None)) and c.kind != "other files"
+        ]
+        matches = exact or [c for c in caches if c.id.startswith(name) and c.kind != "other files"]
+        if len(matches) == 1:
+            picked.add(matches[0].id)
+        elif not matches:
+            problems.append(f"no cache {name!r}; `vmenv images` lists them")
+        else:
+            problems.append(
+                f"{name!r} names {len(matches)} caches ({', '.join(c.id for c in matches)}); "
+                "give more of the id"
+            )
+    return picked, problems
+
+
+def _images_rm(args: argparse.Namespace, state: Path) -> int:
+    caches, backends = _caches(state)
+    close_backends(backends)
+    targets, problems = _pick(caches, args.keys) if args.keys and not args.all else (None, [])
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    freed, failed = 0, False
+    removed: set[str] = set()
+    for _round in range(len(_REMOVAL_ORDER) + 2):  # a removal can free what stacked under it
+        caches, backends = _caches(state)
+        try:
+            todo = [
+                c
+                for c in caches
+                if c.kind != "other files"
+                and not c.held
+                and c.id not in removed
+                and (targets is None or c.id in targets)
+            ]
+            todo.sort(key=lambda c: _REMOVAL_ORDER.index(c.kind) if c.kind in _REMOVAL_ORDER else 9)
+            for cache in todo:
+                try:
+                    _remove(cache, backends, state)
+                except (VmenvError, OSError) as exc:
+                    print(f"error: {cache.kind} {cache.id}: {exc}", file=sys.stderr)
+                    failed = True
+                    removed.add(cache.id)  # not retried
                     continue
-                session = snap.data.get("session") or "(reusable)"
-                print(f"{snap.key:<44} {backend.name:<9} {session:<22} "
-                      f"{_age(float(snap.data.get('created', 0))):>5}")  # fmt: skip
-    except VmenvError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        status = 1
-    finally:
-        close_backends(backends)
-    return status
+                removed.add(cache.id)
+                freed += cache.size or 0
+                where = f"{cache.backend} " if cache.backend else ""
+                print(f"removed {where}{cache.kind} {cache.id} ({human_size(cache.size)})")
+        finally:
+            close_backends(backends)
+        if not todo:
+            break
+    caches, backends = _caches(state)
+    close_backends(backends)
+    left = [c for c in caches if c.id not in removed and (targets is None or c.id in targets)]
+    for cache in left:
+        if cache.kind == "other files":
+            print(f"left {cache.path} ({human_size(cache.size)}): {cache.held}")
+        else:
+            print(f"left {cache.kind} {cache.id}: in use: {cache.held}")
+    if not removed and not left:
+        print(f"no cached images in {state}")
+    elif removed:
+        print(f"freed {human_size(freed)}")
+    in_use = targets is not None and any(c.kind != "other files" for c in left)
+    return 1 if problems or failed or in_use else 0
+
+
+def cmd_images(args: argparse.Namespace) -> int:
+    state = state_dir()
+    if args.action == "rm":
+        return _images_rm(args, state)
+    if args.keys:
+        print("vmenv images: KEY... goes with rm: vmenv images rm KEY...", file=sys.stderr)
+        return 2
+    caches, backends = _caches(state)
+    close_backends(backends)
+    if not caches:
+        print(f"no cached images in {state}")
+        return 0
+    rows = [
+        (
+            c.kind,
+            c.backend or "-",
+            human_size(c.size),
+            _age(c.created),
+            c.id,
+            c.detail
+            if c.kind == "other files"
+            else c.detail + (f"; in use: {c.held}" if c.held else ""),
+        )
+        for c in caches
+    ]
+    header = ("KIND", "BACKEND", "SIZE", "AGE", "ID", "DETAIL")
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(5)]
+    for row in [header, *rows]:
+        print(
+            f"{row[0]:<{widths[0]}}  {row[1]:<{widths[1]}}  {row[2]:>{widths[2]}}  "
+            f"{row[3]:>{widths[3]}}  {row[4]:<{widths[4]}}  {row[5]}"
+        )
+    total = sum(c.size or 0 for c in caches)
+    held = sum(1 for c in caches if c.held)
+    note = f"; {held} in use or not ours to remove (vmenv images rm leaves them)" if held else ""
+    print(f"total {human_size(total)} in {state}{note}")
+    return 0
 
 
 def cmd_shell(args: argparse.Namespace) -> int:
@@ -198,10 +350,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     gc = sub.add_parser("gc", help="destroy what dead sessions left")
     gc.add_argument("--all", action="store_true", help="kept machines too")
     gc.add_argument("--older-than", type=_seconds, metavar="AGE", help="e.g. 30m, 1h, 2d")
-    images = sub.add_parser("images", help="cached templates")
+    images = sub.add_parser(
+        "images",
+        help="what is cached between sessions (templates, unpacked images...), with sizes",
+        description="List the caches in the state dir; `rm` removes every one (or those "
+        "named) that no live session or machine uses.",
+    )
     images.add_argument("action", nargs="?", choices=["ls", "rm"], default="ls")
-    images.add_argument("keys", nargs="*", metavar="KEY")
-    images.add_argument("--all", action="store_true", help="with rm: every template")
+    images.add_argument(
+        "keys", nargs="*", metavar="ID", help="with rm: ids (or prefixes) to remove"
+    )
+    images.add_argument("--all", action="store_true", help="with rm: every cache (the default)")
     shell = sub.add_parser("shell", help="a shell in a machine")
     shell.add_argument("machine", metavar="ID", help="a machine's id (or unique name)")
     shell.add_argument("command", nargs="*", help="a command instead of the login shell")

@@ -1,4 +1,5 @@
-"""The fixtures a test author uses: ``vm``, ``vms``, ``vm_factory``, ``vmenv_backend``."""
+"""The fixtures a test author uses: ``vm``, ``vms``, ``vm_factory``, ``vmenv_backend``, and
+``module_vm``/``module_vms``/``session_vm``/``session_vms`` for fixtures of those scopes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,17 @@ from .spec import MachineSpec
 if TYPE_CHECKING:
     from .plugin import VmenvPlugin
 
-__all__ = ["VmFactory", "vm", "vm_factory", "vmenv_backend", "vms"]
+__all__ = [
+    "VmFactory",
+    "module_vm",
+    "module_vms",
+    "session_vm",
+    "session_vms",
+    "vm",
+    "vm_factory",
+    "vmenv_backend",
+    "vms",
+]
 
 
 def with_scope(spec: MachineSpec, scope: str) -> MachineSpec:
@@ -55,6 +66,54 @@ def vm(vms: dict[str, Machine]) -> Machine:
     """The machine of a test that has exactly one (checked at collection time)."""
     (machine,) = vms.values()
     return machine
+
+
+def _only(machines: dict[str, Machine], scope: str, request: pytest.FixtureRequest) -> Machine:
+    if len(machines) != 1:
+        where = f"module {request.node.nodeid}" if scope == "module" else "this session"
+        pytest.fail(
+            f"{scope}_vm: {where} has {len(machines)} machines with scope={scope!r} "
+            f"({', '.join(sorted(machines))}); use {scope}_vms['NAME']",
+            pytrace=False,
+        )
+    (machine,) = machines.values()
+    return machine
+
+
+@pytest.fixture(scope="module")
+def module_vms(request: pytest.FixtureRequest) -> dict[str, Machine]:
+    """The machines of the module's ``scope="module"`` marks, by name, for module-scoped
+    fixtures (``vm``/``vms`` are per test): start a service once, and every test of the
+    module gets that same machine from ``vm``/``vms``::
+
+        @pytest.fixture(scope="module")
+        def web(module_vm):
+            module_vm.succeed("nohup python3 -m http.server 8000 >/dev/null 2>&1 &")
+            module_vm.wait_for_port(8000)
+            return module_vm
+    """
+    plugin: VmenvPlugin = request.config.stash[plugin_key]
+    return plugin.scope_machines(request, "module")
+
+
+@pytest.fixture(scope="module")
+def module_vm(module_vms: dict[str, Machine], request: pytest.FixtureRequest) -> Machine:
+    """The module's one ``scope="module"`` machine (see ``module_vms``)."""
+    return _only(module_vms, "module", request)
+
+
+@pytest.fixture(scope="session")
+def session_vms(request: pytest.FixtureRequest) -> dict[str, Machine]:
+    """The machines of ``scope="session"`` marks, by name, for session-scoped fixtures
+    (one set per xdist worker, as for the tests)."""
+    plugin: VmenvPlugin = request.config.stash[plugin_key]
+    return plugin.scope_machines(request, "session")
+
+
+@pytest.fixture(scope="session")
+def session_vm(session_vms: dict[str, Machine], request: pytest.FixtureRequest) -> Machine:
+    """The session's one ``scope="session"`` machine (see ``session_vms``)."""
+    return _only(session_vms, "session", request)
 
 
 @pytest.fixture(scope="session")

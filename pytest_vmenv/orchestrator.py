@@ -16,13 +16,12 @@ import json
 import logging
 import os
 import shutil
-import statistics
 import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from typing import Any
 
 from .backend import Backend, Session, Snapshot, SpecCheck
@@ -31,6 +30,7 @@ from .ledger import Ledger, file_lock, owners
 from .machine import Machine
 from .reaper import SweepReport, Watchdog, close_session, sweep
 from .spec import MachineSpec
+from .summary import Timing, timing_lines
 
 __all__ = ["Orchestrator", "TeardownError", "template_key"]
 
@@ -73,14 +73,6 @@ def _identity(spec: MachineSpec) -> str:
     return json.dumps(asdict(spec), sort_keys=True, default=str)
 
 
-@dataclass
-class _Timing:
-    phase: str
-    backend: str
-    machine: str
-    seconds: float
-
-
 class Orchestrator:
     """Owns every backend, template and machine of one session (one xdist worker)."""
 
@@ -115,7 +107,7 @@ class Orchestrator:
         self._scoped: dict[str, dict[str, Machine]] = defaultdict(dict)
         self._pool: dict[str, Machine] = {}
         self._on_template = on_template
-        self.timings: list[_Timing] = []
+        self.timings: list[Timing] = []
         self.scratch = session.state_dir / "scratch" / f"{session.id}-{session.worker_id}"
         self.scratch.mkdir(parents=True, exist_ok=True)
 
@@ -476,26 +468,8 @@ class Orchestrator:
 
     def _record(self, phase: str, spec: MachineSpec, seconds: float) -> None:
         with self._lock:
-            self.timings.append(_Timing(phase, spec.backend, spec.name, seconds))
+            self.timings.append(Timing(phase, spec.backend, spec.name, seconds))
 
     def timing_summary(self) -> list[str]:
         """Lines for the terminal summary: per backend and phase, count, median and max."""
-        groups: dict[tuple[str, str], list[float]] = defaultdict(list)
-        for t in self.timings:
-            groups[(t.backend, t.phase)].append(t.seconds)
-        lines = []
-        for (backend, phase), values in sorted(groups.items()):
-            median = statistics.median(values)
-            lines.append(
-                f"{backend:<10} {phase:<9} n={len(values):<5} median={median:.3f}s "
-                f"max={max(values):.3f}s"
-            )
-        slowest = sorted(self.timings, key=lambda t: t.seconds, reverse=True)[:3]
-        if slowest:
-            lines.append(
-                "slowest machines: "
-                + ", ".join(
-                    f"{t.machine} ({t.backend} {t.phase}) {t.seconds:.3f}s" for t in slowest
-                )
-            )
-        return lines
+        return timing_lines(self.timings)

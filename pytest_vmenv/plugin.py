@@ -19,14 +19,25 @@ import pytest
 from .backend import Backend, Session
 from .config import VmenvConfig, load_config
 from .errors import BackendUnavailable, ConfigError
-from .fixtures import vm, vm_factory, vmenv_backend, vms, with_scope
+from .fixtures import (
+    module_vm,
+    module_vms,
+    session_vm,
+    session_vms,
+    vm,
+    vm_factory,
+    vmenv_backend,
+    vms,
+    with_scope,
+)
 from .keys import machines_key, plugin_key, specs_key
 from .machine import Machine
 from .options import Options, add_options
 from .paths import state_dir
-from .registry import Registry
+from .registry import Registry, not_installed
 from .signals import GracefulSignals
 from .spec import MachineSpec, SpecParser
+from .summary import WORKEROUTPUT_KEY, Summary
 
 if TYPE_CHECKING:
     from .orchestrator import Orchestrator
@@ -34,7 +45,11 @@ if TYPE_CHECKING:
 __all__ = [
     "VmenvPlugin",
     "machines_key",
+    "module_vm",
+    "module_vms",
     "plugin_key",
+    "session_vm",
+    "session_vms",
     "specs_key",
     "vm",
     "vm_factory",
@@ -84,13 +99,20 @@ def pytest_vmenv_make_backend(
 
 
 class _XdistHooks:
-    """Hands the controller's session id to every xdist worker: one session, many workers."""
+    """Hands the controller's session id to every xdist worker (one session, many workers)
+    and gathers what each worker's summary says when it finishes."""
 
     def __init__(self, plugin: VmenvPlugin) -> None:
         self.plugin = plugin
 
     def pytest_configure_node(self, node: Any) -> None:
         node.workerinput["vmenv_session_id"] = self.plugin.session_id
+
+    def pytest_testnodedown(self, node: Any, error: object) -> None:
+        """Fold a finished worker's summary (kept machines, timings...) into the session's."""
+        data = getattr(node, "workeroutput", {}).get(WORKEROUTPUT_KEY)
+        if data is not None:
+            self.plugin.summary.merge(Summary.from_data(data))
 
 
 class _MachineHooks:
@@ -162,6 +184,7 @@ class VmenvPlugin:
         self._factory_ids = itertools.count()
         self._next_specs: dict[str, list[MachineSpec]] = {}
         self._signals = GracefulSignals()
+        self.summary = Summary()  # this process's, plus every finished xdist worker's
 
     # -- lazily built parts -----------------------------------------------------------------
 
@@ -190,7 +213,7 @@ class VmenvPlugin:
             if default not in self.registry:
                 raise ConfigError(
                     f"backend {default!r} (--vm-backend / VMENV_BACKEND / vmenv.toml backend) "
-                    f"is not installed. Choose one of: {', '.join(self.registry) or '(none)'}"
+                    + not_installed(default, self.registry)
                 )
             self._parser = SpecParser(self.vmenv_config, default, self.registry)
         return self._parser
@@ -315,6 +338,8 @@ class VmenvPlugin:
             specs: list[MachineSpec] = []
             if "vm" in uses or "vms" in uses:
                 specs = item.stash.get(specs_key, [])
+            elif "module_vms" in uses or "session_vms" in uses:  # through module_vm ...
+                specs = [s for s in item.stash.get(specs_key, []) if s.scope != "function"]
             per_item.append(specs)
             wanted += specs
         if not wanted:
@@ -345,34 +370,38 @@ class VmenvPlugin:
             "module": module.nodeid if module else "",
             "session": "",
         }
-        orchestrator = self.orchestrator
-        for spec in specs:
-            reason = orchestrator.unavailable(spec.backend)
-            if reason is not None:
-                self._unavailable(item, f"backend {spec.backend!r} is unavailable: {reason}")
-            reason = orchestrator.unavailable_for(spec)
-            if reason is not None:
-                self._unavailable(
-                    item, f"machine {spec.name!r} ({spec.backend}) cannot be made here: {reason}"
-                )
         item.stash[machines_key] = {}
-        try:
-            machines = orchestrator.acquire(specs, scope_keys)
-        except BackendUnavailable as exc:  # a backend that finds out only while making it
-            self._unavailable(item, str(exc))
+        machines = self._acquire(item.nodeid, specs, scope_keys)
         item.stash[machines_key] = machines
         self.orchestrator.warm(self._next_specs.get(item.nodeid, []))
         for machine in machines.values():
             self.config.hook.pytest_vmenv_machine_ready(machine=machine, item=item)
         return machines
 
-    def _unavailable(self, item: pytest.Item, message: str) -> NoReturn:
+    def _acquire(
+        self, where: str, specs: list[MachineSpec], scope_keys: Mapping[str, str]
+    ) -> dict[str, Machine]:
+        """Machines for ``specs``, or a skip/failure naming ``where`` if one cannot be made."""
+        orchestrator = self.orchestrator
+        for spec in specs:
+            reason = orchestrator.unavailable(spec.backend)
+            if reason is not None:
+                self._unavailable(where, f"backend {spec.backend!r} is unavailable: {reason}")
+            reason = orchestrator.unavailable_for(spec)
+            if reason is not None:
+                self._unavailable(
+                    where, f"machine {spec.name!r} ({spec.backend}) cannot be made here: {reason}"
+                )
+        try:
+            return orchestrator.acquire(specs, scope_keys)
+        except BackendUnavailable as exc:  # a backend that finds out only while making it
+            self._unavailable(where, str(exc))
+
+    def _unavailable(self, where: str, message: str) -> NoReturn:
         """Skip (``--vm-unavailable skip``) or fail the test with one line: what and why."""
         if self.options.unavailable == "skip":
             pytest.skip(message)
-        pytest.fail(
-            f"{item.nodeid}: {message} (--vm-unavailable=skip skips such tests)", pytrace=False
-        )
+        pytest.fail(f"{where}: {message} (--vm-unavailable=skip skips such tests)", pytrace=False)
 
     @pytest.hookimpl(trylast=True)  # after the runner tore fixtures down: they may use machines
     def pytest_sessionfinish(self, session: pytest.Session) -> None:
@@ -382,35 +411,14 @@ class VmenvPlugin:
             errors = self._orchestrator.close()
         finally:
             self._signals.restore()
-        if errors:
-            reporter = session.config.pluginmanager.get_plugin("terminalreporter")
-            if reporter is not None:
-                reporter.write_line("pytest-vmenv: teardown failures:", red=True)
-                for error in errors:
-                    reporter.write_line(f"  {error}", red=True)
+        summary = Summary.of(self._orchestrator, errors)
+        workeroutput = getattr(self.config, "workeroutput", None)
+        if workeroutput is not None:  # an xdist worker: the controller writes the summary
+            workeroutput[WORKEROUTPUT_KEY] = summary.to_data()
+        self.summary.merge(summary)
 
     def pytest_terminal_summary(self, terminalreporter: Any) -> None:
-        orchestrator = self._orchestrator
-        if orchestrator is None:
-            return
-        if orchestrator.notes:
-            terminalreporter.write_sep("-", "vmenv: backends")
-            for line in orchestrator.notes:
-                terminalreporter.write_line(line)
-        if orchestrator.swept:
-            terminalreporter.write_sep("-", "vmenv: swept what dead sessions left")
-            for line in orchestrator.swept:
-                terminalreporter.write_line(f"removed {line}")
-        if orchestrator.kept:
-            terminalreporter.write_sep("-", "vmenv: kept machines (remove with: vmenv gc --all)")
-            for m in orchestrator.kept:
-                terminalreporter.write_line(
-                    f"{m.name} ({m.backend.name}, {m.ref.id}): vmenv shell {m.ref.id}"
-                )
-        if orchestrator.timings:
-            terminalreporter.write_sep("-", f"vmenv timings (session {self.session_id})")
-            for line in orchestrator.timing_summary():
-                terminalreporter.write_line(line)
+        self.summary.write(terminalreporter, self.session_id)
 
     # -- imperative machines ----------------------------------------------------------------
 
@@ -422,3 +430,49 @@ class VmenvPlugin:
             [spec_session], {"function": owner, "module": owner, "session": owner}
         )
         return machines[spec.name]
+
+    # -- machines of a module or of the session, for fixtures of that scope --------------------
+
+    def scope_machines(self, request: pytest.FixtureRequest, scope: str) -> dict[str, Machine]:
+        """The machines of ``scope`` ("module"/"session") where ``request`` is, by name.
+
+        They are the machines the tests there get from marks with that scope, so the very
+        objects ``vm``/``vms`` hand those tests: the specs come from the selected tests' marks
+        (of ``request``'s module, or of the whole session), and the orchestrator's scope key
+        ("module:<module nodeid>", "session:") is the one ``machines_for`` uses.
+        """
+        node = request.node
+        items = request.session.items
+        if scope == "module":
+            items = [i for i in items if i.getparent(pytest.Module) is node]
+            where = f"module {node.nodeid}"
+            owner = node.nodeid
+        else:
+            where, owner = "this session", ""
+        specs: dict[str, MachineSpec] = {}
+        others: set[str] = set()
+        for item in items:
+            for spec in item.stash.get(specs_key, []):
+                if spec.scope != scope:
+                    others.add(f"{spec.name} (scope={spec.scope!r}, {item.nodeid})")
+                    continue
+                seen = specs.setdefault(spec.name, spec)
+                if seen != spec:
+                    pytest.fail(
+                        f"{request.fixturename}: {where} has two different machines named "
+                        f"{spec.name!r} with scope={scope!r}; give them distinct names",
+                        pytrace=False,
+                    )
+        if not specs:
+            found = "; its tests' machines: " + ", ".join(sorted(others)[:5]) if others else ""
+            pytest.fail(
+                f"{request.fixturename}: {where} has no machine with scope={scope!r}{found}. "
+                f'Declare one with @pytest.mark.vm(..., scope="{scope}"), or use the fixtures '
+                "vm / vms in a function-scoped fixture",
+                pytrace=False,
+            )
+        keys = {"function": f"{scope}-fixture:{owner}", "module": owner, "session": ""}
+        machines = self._acquire(f"{request.fixturename} ({where})", list(specs.values()), keys)
+        for machine in machines.values():
+            self.config.hook.pytest_vmenv_machine_ready(machine=machine, item=None)
+        return machines

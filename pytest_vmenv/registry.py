@@ -9,20 +9,32 @@ failure becomes :class:`BackendUnavailable` with an install hint.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
 from .errors import BackendUnavailable, ConfigError
 
-__all__ = ["GROUP", "Registry"]
+__all__ = ["GROUP", "SHIPPED", "Registry", "not_installed"]
 
 GROUP = "pytest_vmenv.backends"
+SHIPPED = ("emulator", "libvirt", "vsphere")  # the backends this project ships
 _HINTS = {
     "libvirt": "pip install pytest-vmenv-libvirt",
     "kvm": "pip install pytest-vmenv-libvirt",
     "vsphere": "pip install pytest-vmenv-vsphere",
 }
+
+
+def not_installed(name: str, installed: Iterable[str]) -> str:
+    """The end of every message that rejects a backend name: "is not installed (how to
+    install it, for the backends this project ships). Choose one of: <what is installed>"."""
+    hint = ""
+    if name in _HINTS:
+        alias = " (the libvirt backend)" if name == "kvm" else ""
+        hint = f"{alias}; install it with: {_HINTS[name]}"
+    choices = ", ".join(sorted(installed)) or "(none)"
+    return f"is not installed{hint}. Choose one of: {choices}"
 
 
 class Registry(Mapping[str, Sequence[str]]):
@@ -56,10 +68,7 @@ class Registry(Mapping[str, Sequence[str]]):
                 return self._classes[name]
             ep = self._eps.get(name)
             if ep is None:
-                hint = f" ({_HINTS[name]})" if name in _HINTS else ""
-                raise ConfigError(
-                    f"unknown backend {name!r}{hint}. Choose one of: {', '.join(self) or '(none)'}"
-                )
+                raise ConfigError(f"backend {name!r} {not_installed(name, self)}")
             try:
                 cls: type[Any] = ep.load()
             except ImportError as exc:

@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import VmenvConfig
 from .errors import ConfigError
+from .registry import not_installed
 
 __all__ = ["ISOLATIONS", "SCOPES", "MachineSpec", "SpecParser", "parse_size"]
 
@@ -98,8 +99,7 @@ class SpecParser:
         backend = get("backend") or self.default_backend
         if backend not in self.backends:
             raise ConfigError(
-                f"{where}: backend={backend!r} is not installed. "
-                f"Choose one of: {', '.join(sorted(self.backends))}"
+                f"{where}: backend={backend!r} {not_installed(backend, self.backends)}"
             )
         image, image_config = self._image(get("image", "host"), backend, where)
         cpus = get("cpus", 1)

@@ -30,14 +30,14 @@ import sys
 import time
 import uuid
 import warnings
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
-from ..backend import Capabilities, MachineRef, Result, Session, Snapshot
-from . import inventory, layers, userns
+from ..backend import Cache, Capabilities, MachineRef, Result, Session, Snapshot
+from . import caches, inventory, layers, userns
 from .base import NAME, EmulatorBase, LimitNotApplied, boundary
 from .control import FILE_IDLE_TIMEOUT, CommandTimedOut
 from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest
@@ -398,6 +398,15 @@ class EmulatorBackend(EmulatorBase):
         process. Shared base layers (the host mask) are not listed.
         """
         return layers.listing(self.emu_dir / "layers")
+
+    def caches(self, live_sessions: Collection[str]) -> list[Cache]:
+        """Templates, snapshots, torn builds, host masks and unpacked tarball images, each
+        with its size and whether something live holds it (see :mod:`.caches`)."""
+        return caches.listing(self.emu_dir, live_sessions)
+
+    @boundary
+    def remove_cache(self, cache: Cache, live_sessions: Collection[str]) -> None:
+        caches.remove(self.emu_dir, cache, live_sessions)
 
     def owned(self, session: str | None = None) -> Iterable[MachineRef]:
         """Guests on disk (of ``session`` only, if given), live, kept, half-created or dead.

@@ -138,6 +138,43 @@ def test_timings_in_summary(pytester: pytest.Pytester) -> None:
     )
 
 
+def test_xdist_summary_has_every_workers_kept_machines_and_timings(
+    pytester: pytest.Pytester,
+) -> None:
+    """The workers run the tests, the controller writes the summary: nothing may be lost."""
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.vm(image="host", name="box")
+        @pytest.mark.parametrize("n", range(4))
+        def test_t(vm, n):
+            vm.succeed("true")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-n", "2", "--vm-keep=always")
+    out = result.stdout.str()
+    kept = re.findall(r"^box \(emulator, (\S+)\): vmenv shell \1$", out, re.M)
+    try:
+        result.assert_outcomes(passed=4)
+        assert len(set(kept)) == 4, out
+        result.stdout.fnmatch_lines(
+            [
+                "*vmenv: kept machines (remove with: vmenv gc --all)*",
+                "*vmenv timings (session *",
+                "emulator   clone     n=* median=*s max=*s",
+                "emulator   template  n=2 *",  # one lookup per worker
+                "slowest machines:*",
+            ]
+        )
+        session = re.search(r"vmenv timings \(session (\S+)\)", out).group(1)  # type: ignore[union-attr]
+        listed = [r.id for r in EmulatorBackend().owned(session) if r.kept]
+        assert sorted(listed) == sorted(kept), (listed, out)
+    finally:
+        gc = vmenv("gc", "--all")
+    for machine_id in kept:
+        assert f"({machine_id})" in gc.stdout, gc.stdout
+
+
 def test_vmenv_backends_and_images() -> None:
     out = vmenv("backends").stdout
     assert re.search(r"^emulator\s+usable$", out, re.M), out

@@ -107,3 +107,64 @@ def test_markers_registered_with_signature(pytester: pytest.Pytester) -> None:
 def test_plain_tests_unaffected(pytester: pytest.Pytester) -> None:
     pytester.makepyfile("def test_a(): pass\ndef test_b(): assert 1")
     pytester.runpytest_subprocess().assert_outcomes(passed=2)
+
+
+_ONLY_CORE = """
+import importlib.metadata
+
+import pytest_vmenv.plugin
+from pytest_vmenv.registry import GROUP, Registry
+
+# this run sees the core alone, as after `pip install pytest-vmenv`
+_core = [ep for ep in importlib.metadata.entry_points(group=GROUP) if ep.name == "emulator"]
+pytest_vmenv.plugin.Registry = lambda: Registry(_core)
+"""
+
+
+@pytest.mark.parametrize(
+    ("args", "mark", "toml", "pattern"),
+    [
+        (
+            ["--vm-backend", "kvm"],
+            "",
+            "",
+            "backend 'kvm' (--vm-backend *) is not installed (the libvirt backend); install it "
+            "with: pip install pytest-vmenv-libvirt. Choose one of: emulator",
+        ),
+        (
+            [],
+            '@pytest.mark.vm(backend="libvirt")',
+            "",
+            "*::test_a: @pytest.mark.vm: backend='libvirt' is not installed; install it with: "
+            "pip install pytest-vmenv-libvirt. Choose one of: emulator",
+        ),
+        (
+            [],
+            "",
+            'backend = "vsphere"\n',
+            "backend 'vsphere' (*vmenv.toml backend) is not installed; install it with: "
+            "pip install pytest-vmenv-vsphere. Choose one of: emulator",
+        ),
+        (
+            [],
+            '@pytest.mark.vmenv("stack")',
+            '[environments.stack]\nmachines = { db = { backend = "vsphere" } }\n',
+            "*::test_a: @pytest.mark.vmenv (*vmenv.toml: environments.stack.machines.db): "
+            "backend='vsphere' is not installed; install it with: pip install "
+            "pytest-vmenv-vsphere. Choose one of: emulator",
+        ),
+    ],
+    ids=["option", "mark", "toml-default", "toml-environment"],
+)
+def test_missing_backend_says_which_distribution_to_install(
+    pytester: pytest.Pytester, args: list[str], mark: str, toml: str, pattern: str
+) -> None:
+    pytester.makeconftest(_ONLY_CORE)
+    if toml:
+        pytester.makefile(".toml", vmenv=toml)
+    fixture = "vms" if "vmenv" in mark else "vm"
+    pytester.makepyfile(f"import pytest\n{mark}\ndef test_a({fixture}): pass\n")
+    result = pytester.runpytest_subprocess("--collect-only", "-q", *args)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
+    result.stderr.fnmatch_lines(["ERROR: pytest-vmenv:", pattern])
+    assert "Traceback" not in result.stderr.str()

@@ -1,0 +1,241 @@
+"""What the emulator keeps between sessions, for ``vmenv images``, and its safe removal.
+
+Under ``<state>/emulator``: templates, snapshots and torn builds (``layers/tpl-*``,
+``snap-*``, ``.build-*``), the host image's mask layers (``layers/mask-*``) and unpacked
+tarball images (``images/<sha256>``). Guests (``guests/``) are machines, not caches
+(``vmenv ls``, ``vmenv gc``).
+
+A cache is *held*, and ``vmenv images rm`` leaves it, while anything may still use it:
+
+* a guest on disk (running, kept or dead) or another layer stacks on it;
+* its session runs; a ``reuse`` template while any session runs (it may be reusing it);
+* a build is under way: a template build lock (``layers/.tpl-*.lock``) or an unpack lock
+  (``images/.<sha256>.lock``) is taken, or a torn build's owner process still lives.
+
+Removal takes every template build lock first (without waiting: a running build makes it
+fail with that reason), then decides again on what is on disk then; a build that starts
+meanwhile waits for the locks, and finds the image gone and unpacks it anew.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import time
+from collections.abc import Collection, Iterator
+from pathlib import Path
+
+from .. import errors
+from ..backend import Cache, Snapshot, owner_alive
+from ..caches import disk_usage
+from . import layers, userns
+from .host import read_meta
+
+__all__ = ["listing", "remove"]
+
+NAME = "emulator"
+_FRESH = 60.0  # an unlabelled build dir younger than this may be labelled any moment
+
+
+def _real(path: str | Path) -> str:
+    return os.path.realpath(path)
+
+
+def _busy(lock: Path) -> bool:
+    """Whether another process (or thread) holds the ``flock`` on ``lock``."""
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+    except OSError:
+        return False
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
+
+
+@contextlib.contextmanager
+def _all_build_locks(layers_dir: Path) -> Iterator[None]:
+    """Every template build lock, taken without waiting; BackendError if one is busy."""
+    fds: list[int] = []
+    try:
+        for lock in sorted(layers_dir.glob(".tpl-*.lock")):
+            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
+            fds.append(fd)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise errors.BackendError(
+                    f"{NAME}: a template build is running ({lock.name[1:-5]}); try again "
+                    "when it is done"
+                ) from None
+        yield
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
+def _users(emu_dir: Path, snaps: list[Snapshot]) -> dict[str, str]:
+    """Stack entry (real path) -> who stacks on it: a guest on disk, or another layer."""
+    users: dict[str, str] = {}
+    try:
+        guests = sorted((emu_dir / "guests").iterdir())
+    except OSError:
+        guests = []
+    for gdir in guests:
+        meta = read_meta(gdir)
+        if meta is None:
+            continue
+        who = f"machine {meta.get('name', '?')} ({gdir.name}) stacks on it"
+        for entry in meta.get("stack", []):
+            users.setdefault(_real(str(entry)), who)
+    for snap in snaps:
+        own = _real(snap.handle) + os.sep
+        who = f"{Path(snap.handle).name} stacks on it"
+        for entry in snap.data.get("layers", []):
+            real = _real(str(entry))
+            if not real.startswith(own):
+                users.setdefault(real, who)
+    return users
+
+
+def _user_of(path: Path, users: dict[str, str]) -> str:
+    root = _real(path)
+    for entry, who in users.items():
+        if entry == root or entry.startswith(root + os.sep):
+            return who
+    return ""
+
+
+def _created(path: Path, meta: dict[str, object] | None = None) -> float:
+    value = (meta or {}).get("created")
+    if isinstance(value, int | float):
+        return float(value)
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def listing(emu_dir: Path, live: Collection[str], *, locked: bool = False) -> list[Cache]:
+    """Every cache under ``emu_dir`` with its size and, if held, why (module docstring).
+
+    ``locked``: the caller holds every template build lock (so no build is running).
+    """
+    layers_dir, images_dir = emu_dir / "layers", emu_dir / "images"
+    snaps = layers.listing(layers_dir)
+    users = _users(emu_dir, snaps)
+    building = not locked and any(_busy(lock) for lock in layers_dir.glob(".tpl-*.lock"))
+    found: list[Cache] = []
+    labelled = set()
+    for snap in snaps:
+        path = Path(snap.handle)
+        labelled.add(path.name)
+        session = str(snap.data.get("session") or "")
+        reuse = bool(snap.data.get("reuse"))
+        if path.name.startswith(".build-"):
+            kind = "torn build"
+        elif path.name.startswith("snap-"):
+            kind = "snapshot"
+        else:
+            kind = "template"
+        owner = str(snap.data.get("owner") or "")
+        held = _user_of(path, users)
+        if not held and session in live:
+            held = f"session {session} is running"
+        if not held and reuse and live:
+            held = "a running session may be reusing it (--vm-reuse)"
+        if not held and kind == "torn build" and owner and owner_alive(owner):
+            held = "its build is running"
+        if not held and kind == "snapshot":
+            guest = _guest_of(path)
+            if guest and (emu_dir / "guests" / guest).exists():
+                held = f"a snapshot of machine {guest}"
+        found.append(
+            Cache(
+                backend=NAME,
+                kind=kind,
+                id=path.name,
+                size=disk_usage(path),
+                path=str(path),
+                detail=("reusable (--vm-reuse)" if reuse else f"session {session or '?'}")
+                + (f"; machine {snap.name}" if snap.name else ""),
+                created=_created(path, dict(snap.data)),
+                held=held,
+                handle=snap,
+            )
+        )
+    for path in _dirs(layers_dir):
+        if path.name.startswith("mask-"):
+            held = _user_of(path, users) or ("a template build is running" if building else "")
+            found.append(_plain(path, "host mask", "what the host image hides", held))
+        elif path.name.startswith(".build-") and path.name not in labelled:
+            held = "a template build is running" if building else ""
+            if not held and time.time() - _created(path) < _FRESH:
+                held = "just created (a build may be labelling it)"
+            found.append(_plain(path, "torn build", "an unlabelled build left behind", held))
+    for path in _dirs(images_dir):
+        if path.name.startswith("."):
+            continue
+        complete = path / "complete"
+        try:
+            source = complete.read_text().strip()
+        except OSError:
+            source = ""
+        held = _user_of(path, users) or ("a template build is running" if building else "")
+        if not source:
+            if not held and _busy(images_dir / f".{path.name}.lock"):
+                held = "it is being unpacked"
+            found.append(_plain(path, "torn unpack", "an unpack that did not finish", held))
+        else:
+            found.append(_plain(path, "tarball image", f"unpacked from {source}", held))
+    return found
+
+
+def _guest_of(layer: Path) -> str:
+    try:
+        meta = json.loads((layer / "meta.json").read_text())
+    except (OSError, ValueError):
+        return ""
+    return str(meta.get("guest") or "") if isinstance(meta, dict) else ""
+
+
+def _dirs(root: Path) -> list[Path]:
+    try:
+        return sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
+    except OSError:
+        return []
+
+
+def _plain(path: Path, kind: str, detail: str, held: str) -> Cache:
+    return Cache(
+        backend=NAME,
+        kind=kind,
+        id=path.name,
+        size=disk_usage(path),
+        path=str(path),
+        detail=detail,
+        created=_created(path),
+        held=held,
+    )
+
+
+def remove(emu_dir: Path, cache: Cache, live: Collection[str]) -> None:
+    """Remove one cache unless it is held now (BackendError with the reason)."""
+    layers_dir = emu_dir / "layers"
+    with _all_build_locks(layers_dir):
+        now = {c.id: c for c in listing(emu_dir, live, locked=True)}.get(cache.id)
+        if now is None or now.path != cache.path:
+            return  # already gone
+        if now.held:
+            raise errors.BackendError(f"{NAME}: {cache.kind} {cache.id} is in use: {now.held}")
+        path = Path(now.path)
+        if _real(path.parent) not in (_real(layers_dir), _real(emu_dir / "images")):
+            raise errors.BackendError(f"{NAME}: refusing to remove {path}: not under {emu_dir}")
+        userns.rmtree(path)
+        if path.exists():
+            raise errors.BackendError(f"{NAME}: could not remove all of {path}")
