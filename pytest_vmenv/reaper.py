@@ -2,10 +2,10 @@
 
 * :func:`sweep` destroys every machine whose owner process is dead (never one of a live
   owner: two sessions side by side survive each other's sweeps), removes non-reused
-  templates of sessions that have no live owner left, and clears their ledger entries. Kept
-  machines (``--vm-keep``) are left alone unless ``include_kept``; so is a template a
-  machine is still built on (``TemplateInUse``): its record stays, and the sweep that
-  removes the last machine on it removes it too.
+  templates of sessions that have no live owner left, the scratch dirs of dead owners, and
+  clears their ledger entries. Kept machines (``--vm-keep``) are left alone unless
+  ``include_kept``; so is a template a machine is still built on (``TemplateInUse``): its
+  record stays, and the sweep that removes the last machine on it removes it too.
 * :class:`Watchdog` is a small detached process started with the first machine. pytest holds
   the write end of a pipe to it; a clean end writes ``bye`` first. End-of-file without
   ``bye`` means pytest died (SIGKILL, OOM, a crashed xdist worker): the watchdog waits for
@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from .backend import Backend, Session, Snapshot, owner_alive
+from .caches import remove_scratch, scratch_caches
 from .errors import TemplateInUse
 from .ledger import (
     OwnerRecord,
@@ -43,6 +44,8 @@ from .registry import Registry
 __all__ = ["SweepReport", "Watchdog", "backends_from_ledger", "close_session", "sweep"]
 
 log = logging.getLogger("pytest_vmenv")
+
+_MACHINE_TEMP = ("put-", "get-")  # a Machine's transfer files when it has no session's dir
 
 
 @dataclass
@@ -119,7 +122,34 @@ def sweep(
         if session in live or owners(state_dir, session):
             continue  # a process of it lives, or a dead one's records could not be cleared yet
         close_session(backends, state_dir, session, report, skip=removed_handles, held=held_handles)
+    if only_owner is None:
+        _sweep_scratch(state_dir, report, older_than=older_than)
     return report
+
+
+def _sweep_scratch(
+    state_dir: Path,
+    report: SweepReport,
+    session: str | None = None,
+    older_than: float | None = None,
+) -> None:
+    """Remove the scratch dirs (``<state>/scratch/<session>-<worker>``) of sessions with no
+    live process (of ``session`` only, if given); a live session's are never touched."""
+    prefix = f"{session}-" if session is not None else ""
+    for cache in scratch_caches(state_dir, _live_sessions(state_dir)):
+        path = Path(cache.path)
+        if cache.held or not path.name.startswith(prefix) or not path.is_dir():
+            continue
+        if path.name.startswith(_MACHINE_TEMP) or path.is_symlink():
+            continue  # a Machine's transfer dir (no session's), or not ours
+        if older_than is not None and time.time() - cache.created < older_than:
+            continue
+        try:
+            remove_scratch(state_dir, cache)
+        except OSError as exc:
+            report.errors.append(f"scratch dir {path.name}: {exc}")
+            continue
+        report.removed.append(f"scratch dir {path.name}")
 
 
 def close_session(
@@ -135,7 +165,8 @@ def close_session(
     Removes the templates recorded for it that belong to ``backends`` (a record stays, for a
     later sweep, while its removal fails, a machine is still built on it, or its backend is
     not at hand; handles in ``skip`` are already gone, those in ``held`` were just found in
-    use), its ledger dir, and lets each backend clean up (optional ``end_session``).
+    use), its scratch dirs, its ledger dir, and lets each backend clean up (optional
+    ``end_session``).
     """
     by_name = {b.name: b for b in backends}
     for path, data in session_templates(state_dir, session):
@@ -153,6 +184,7 @@ def close_session(
             if _remove_template(backend, snap, report) != "removed":
                 continue
         path.unlink(missing_ok=True)
+    _sweep_scratch(state_dir, report, session=session)
     remove_session_dir(state_dir, session)
     for backend in by_name.values():
         end = getattr(backend, "end_session", None)
