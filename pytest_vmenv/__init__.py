@@ -15,6 +15,7 @@ from .errors import (
     ConfigError,
     MachineGone,
     ProvisionError,
+    TemplateInUse,
     VmenvError,
 )
 from .machine import Machine
@@ -38,6 +39,7 @@ __all__ = [
     "Result",
     "Session",
     "Snapshot",
+    "TemplateInUse",
     "VmenvError",
 ]
 __version__ = "0.1.0"

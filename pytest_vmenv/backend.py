@@ -253,7 +253,11 @@ class Backend(Protocol):
         """Let the machine outlive this process (``--vm-keep``) until ``destroy``."""
 
     def remove_template(self, snapshot: Snapshot) -> None:
-        """Delete a template built by ``build_template``; already gone is success."""
+        """Delete a template built by ``build_template``; already gone is success.
+
+        While a machine (a kept one, say) is still built on it, the template is left and
+        :class:`~pytest_vmenv.errors.TemplateInUse` says which machine; works from any process.
+        """
 
     def owned(self, session: str | None = None) -> Iterable[MachineRef]:
         """Machines that carry our labels (of ``session`` only, if given)."""

@@ -27,7 +27,7 @@ from .caches import (
     template_caches,
 )
 from .config import load_config
-from .errors import BackendUnavailable, ConfigError, VmenvError
+from .errors import BackendUnavailable, ConfigError, TemplateInUse, VmenvError
 from .ledger import file_lock, owners
 from .paths import state_dir
 from .reaper import close_backends, sweep
@@ -49,6 +49,12 @@ def _options(registry: Registry) -> dict[str, Mapping[str, Any]]:
     return found
 
 
+def _options_of(name: str, cls: type[Any], options: Mapping[str, Mapping[str, Any]]) -> Any:
+    """The options of backend ``name``; an alias (``kvm``) falls back to its class's name's
+    (``libvirt``: the table users write, and the name the ledger records them under)."""
+    return options.get(name) or options.get(str(getattr(cls, "name", name)), {})
+
+
 def _backends(quiet: bool = True) -> Iterator[tuple[str, Backend | str]]:
     """(name, backend) for each installed backend, or (name, reason) when it cannot run."""
     registry = Registry()
@@ -60,7 +66,7 @@ def _backends(quiet: bool = True) -> Iterator[tuple[str, Backend | str]]:
             if cls in seen:
                 continue  # an alias (kvm -> libvirt)
             seen.add(cls)
-            backend: Backend = cls(options.get(name, {}))
+            backend: Backend = cls(_options_of(name, cls, options))
             backend.check()
         except (BackendUnavailable, ConfigError) as exc:
             yield name, exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
@@ -139,6 +145,8 @@ def cmd_gc(args: argparse.Namespace) -> int:
         close_backends(backends)
     for line in report.removed:
         print(f"removed {line}")
+    for line in report.left:
+        print(f"left {line}")
     for line in report.errors:
         print(f"error: {line}", file=sys.stderr)
     if not report.removed and not report.errors:
@@ -162,7 +170,7 @@ def _caches(state: Path) -> tuple[list[Cache], list[Backend]]:
             if cls in seen:
                 continue  # an alias (kvm -> libvirt)
             seen.add(cls)
-            backend: Backend = cls(options.get(name, {}))
+            backend: Backend = cls(_options_of(name, cls, options))
         except (BackendUnavailable, ConfigError) as exc:
             why[name] = exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
             continue
@@ -232,6 +240,7 @@ def _images_rm(args: argparse.Namespace, state: Path) -> int:
         print(f"error: {problem}", file=sys.stderr)
     freed, failed = 0, False
     removed: set[str] = set()
+    busy: set[str] = set()  # found in use when removed (a backend's own check)
     for _round in range(len(_REMOVAL_ORDER) + 2):  # a removal can free what stacked under it
         caches, backends = _caches(state)
         try:
@@ -240,13 +249,17 @@ def _images_rm(args: argparse.Namespace, state: Path) -> int:
                 for c in caches
                 if c.kind != "other files"
                 and not c.held
-                and c.id not in removed
+                and c.id not in removed | busy
                 and (targets is None or c.id in targets)
             ]
             todo.sort(key=lambda c: _REMOVAL_ORDER.index(c.kind) if c.kind in _REMOVAL_ORDER else 9)
             for cache in todo:
                 try:
                     _remove(cache, backends, state)
+                except TemplateInUse as exc:
+                    print(f"left {cache.kind} {cache.id}: in use: {exc.holder}")
+                    busy.add(cache.id)
+                    continue
                 except (VmenvError, OSError) as exc:
                     print(f"error: {cache.kind} {cache.id}: {exc}", file=sys.stderr)
                     failed = True
@@ -262,17 +275,19 @@ def _images_rm(args: argparse.Namespace, state: Path) -> int:
             break
     caches, backends = _caches(state)
     close_backends(backends)
-    left = [c for c in caches if c.id not in removed and (targets is None or c.id in targets)]
+    left = [
+        c for c in caches if c.id not in removed | busy and (targets is None or c.id in targets)
+    ]
     for cache in left:
         if cache.kind == "other files":
             print(f"left {cache.path} ({human_size(cache.size)}): {cache.held}")
         else:
             print(f"left {cache.kind} {cache.id}: in use: {cache.held}")
-    if not removed and not left:
+    if not removed and not left and not busy:
         print(f"no cached images in {state}")
     elif removed:
         print(f"freed {human_size(freed)}")
-    in_use = targets is not None and any(c.kind != "other files" for c in left)
+    in_use = targets is not None and (bool(busy) or any(c.kind != "other files" for c in left))
     return 1 if problems or failed or in_use else 0
 
 

@@ -10,7 +10,8 @@ the backend boundary, so a test author catches one family::
     ├── BackendError           the infrastructure failed: not the test's fault
     │   ├── ProvisionError     a provision step exited non-zero or timed out
     │   ├── BootTimeout        a machine did not become ready in time (carries console tail)
-    │   └── MachineGone        the machine no longer exists (killed, destroyed, crashed)
+    │   ├── MachineGone        the machine no longer exists (killed, destroyed, crashed)
+    │   └── TemplateInUse      a template was not removed: a machine is still built on it
     ├── CommandTimeout         ``run(timeout=...)`` passed; the command's process group was killed
     └── CommandFailed          ``succeed``/``fail`` saw the wrong exit status (also AssertionError)
 
@@ -31,6 +32,7 @@ __all__ = [
     "ConfigError",
     "MachineGone",
     "ProvisionError",
+    "TemplateInUse",
     "VmenvError",
 ]
 
@@ -73,6 +75,18 @@ class BootTimeout(BackendError):
 
 class MachineGone(BackendError):
     """The machine does not exist any more (destroyed, crashed or reaped)."""
+
+
+class TemplateInUse(BackendError):
+    """``remove_template`` left the template: ``holder`` (a kept machine, say) is built on it.
+
+    Not a failure of a sweep or a session end: the template's record stays, and the sweep
+    that removes the last machine on it (``vmenv gc --all``) removes the template too.
+    """
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
 
 
 def _tail(data: str, lines: int = 20) -> str:

@@ -388,7 +388,19 @@ class EmulatorBackend(EmulatorBase):
 
     @boundary
     def remove_template(self, snapshot: Snapshot) -> None:
-        layers.remove(Path(snapshot.handle), self.emu_dir)
+        """Remove a template or snapshot layer, unless a machine on disk still needs it.
+
+        A guest (kept, running or dead) that stacks on the layer, directly or through a
+        snapshot, or whose snapshot it is, keeps it: TemplateInUse names that machine (see
+        :func:`.caches.held_by`, the rule ``vmenv images rm`` applies too).
+        """
+        layer = Path(snapshot.handle)
+        holder = caches.held_by(self.emu_dir, layer)
+        if holder:
+            raise errors.TemplateInUse(
+                f"{NAME}: template {snapshot.key or layer.name} left in place: {holder}", holder
+            )
+        layers.remove(layer, self.emu_dir)
 
     def templates(self) -> list[Snapshot]:
         """Every template and snapshot layer (torn builds included), with its labels.

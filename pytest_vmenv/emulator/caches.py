@@ -33,7 +33,7 @@ from ..caches import disk_usage
 from . import layers, userns
 from .host import read_meta
 
-__all__ = ["listing", "remove"]
+__all__ = ["held_by", "listing", "remove"]
 
 NAME = "emulator"
 _FRESH = 60.0  # an unlabelled build dir younger than this may be labelled any moment
@@ -111,6 +111,24 @@ def _user_of(path: Path, users: dict[str, str]) -> str:
     return ""
 
 
+def _machine_holder(emu_dir: Path, path: Path, users: dict[str, str]) -> str:
+    """Which machine on disk still needs layer ``path``: one that stacks on it (directly or
+    through another layer), or the machine a ``snap-*`` layer is a snapshot of; else ''."""
+    held = _user_of(path, users)
+    if not held and path.name.startswith("snap-"):
+        guest = _guest_of(path)
+        if guest and (emu_dir / "guests" / guest).exists():
+            held = f"a snapshot of machine {guest}"
+    return held
+
+
+def held_by(emu_dir: Path, layer: Path) -> str:
+    """Why a template or snapshot layer must stay because a machine on disk (running, kept
+    or dead) needs it, or '' (the part of :func:`listing`'s *held* that sessions and builds
+    play no part in: what ``remove_template`` checks)."""
+    return _machine_holder(emu_dir, layer, _users(emu_dir, layers.listing(emu_dir / "layers")))
+
+
 def _created(path: Path, meta: dict[str, object] | None = None) -> float:
     value = (meta or {}).get("created")
     if isinstance(value, int | float):
@@ -144,17 +162,13 @@ def listing(emu_dir: Path, live: Collection[str], *, locked: bool = False) -> li
         else:
             kind = "template"
         owner = str(snap.data.get("owner") or "")
-        held = _user_of(path, users)
+        held = _machine_holder(emu_dir, path, users)
         if not held and session in live:
             held = f"session {session} is running"
         if not held and reuse and live:
             held = "a running session may be reusing it (--vm-reuse)"
         if not held and kind == "torn build" and owner and owner_alive(owner):
             held = "its build is running"
-        if not held and kind == "snapshot":
-            guest = _guest_of(path)
-            if guest and (emu_dir / "guests" / guest).exists():
-                held = f"a snapshot of machine {guest}"
         found.append(
             Cache(
                 backend=NAME,

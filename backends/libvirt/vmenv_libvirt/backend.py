@@ -22,6 +22,8 @@ Lifecycle (see the README for the user's view):
 * ``destroy``: destroy, undefine (with snapshot metadata), delete the volume, the console
   log, and the environment's network once no machine is on it. From any process, by the
   labels in the domain's ``<metadata>``; already gone is success.
+* ``remove_template``: the template's disks and record, unless a clone (``--vm-keep``) still
+  has it as its backing file (``TemplateInUse``; a later sweep removes it with the clone).
 
 Every public method maps foreign exceptions at :func:`.connection.boundary`.
 """
@@ -47,7 +49,7 @@ from .base import READY_SNAPSHOT, LibvirtBase
 from .connection import NAME, boundary, is_gone
 from .domains import read_labels, set_labels
 from .images import resolve
-from .inventory import owned_refs
+from .inventory import built_on, owned_refs
 from .remote import Runner, channel_config
 
 if TYPE_CHECKING:
@@ -210,6 +212,13 @@ class LibvirtBackend(LibvirtBase):
 
     @boundary
     def remove_template(self, snapshot: Snapshot) -> None:
+        """Delete the template's disks and record, unless a clone (a kept one, say) is still
+        built on it: TemplateInUse names it, and the disks stay as its backing file."""
+        holder = built_on(self.hv, self.uris, snapshot.key) if snapshot.key else ""
+        if holder:
+            raise errors.TemplateInUse(
+                f"{NAME}: template {snapshot.key} left in place: {holder}", holder
+            )
         record = self.load_record(snapshot.key) or {}
         for path in (record.get("ram"), record.get("disk"), snapshot.handle):
             if path:

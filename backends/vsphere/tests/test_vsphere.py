@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -276,6 +277,32 @@ def test_templates_are_reused_and_listed(lab_backend: LabBackend) -> None:
         lab_backend.remove_template(first)
     assert key not in {t.key for t in lab_backend.templates()}
     lab_backend.remove_template(first)  # already gone: fine
+
+
+def test_a_template_with_a_kept_linked_clone_is_left_until_the_clone_is_gone(
+    lab_backend: LabBackend,
+) -> None:
+    """A linked clone reads its template's snapshot disks: the template VM stays while one
+    (kept, as ``--vm-keep`` leaves it) exists, and goes once the clone is destroyed."""
+    spec = replace(base_spec("tplkeep"), provision=("echo built > /var/tmp/built",))
+    session = _session("keep")
+    template = lab_backend.build_template(spec, "vs-keep-" + os.urandom(3).hex(), session)
+    try:
+        ref = lab_backend.clone(template, spec, session)
+        try:
+            lab_backend.keep(ref)
+            with pytest.raises(errors.TemplateInUse) as info:
+                lab_backend.remove_template(template)
+            assert info.value.holder == f"machine tplkeep ({ref.id}) is a linked clone of it"
+            assert template.key in {t.key for t in lab_backend.templates()}
+            assert lab_backend.execute(ref, ["cat", "/var/tmp/built"]).stdout == "built\n"
+        finally:
+            lab_backend.destroy(ref)
+        lab_backend.remove_template(template)
+        assert template.key not in {t.key for t in lab_backend.templates()}
+    finally:
+        with contextlib.suppress(errors.VmenvError):
+            lab_backend.remove_template(template)
 
 
 def test_missing_snapshot_is_a_config_error_naming_the_fix(lab_backend: LabBackend) -> None:

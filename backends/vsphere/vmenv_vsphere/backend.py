@@ -161,9 +161,17 @@ class VsphereBackend(VsphereBase):
 
     @boundary
     def remove_template(self, snapshot: Snapshot) -> None:
+        """Delete a template VM we built, unless a linked clone (a kept one, say) still reads
+        its snapshot's disks: TemplateInUse names it, and a later sweep removes both."""
         if snapshot.data.get("base"):
             return  # the user's own template: never ours to delete
         vm, _ = self._split(snapshot)
+        child = next((r for r in self.owned(None) if r.data.get("parent") == vm._moId), None)
+        if child is not None:
+            holder = f"machine {child.name} ({child.id}) is a linked clone of it"
+            raise errors.TemplateInUse(
+                f"{NAME}: template {snapshot.key or snapshot.name} left in place: {holder}", holder
+            )
         self._drop_channel(vm._moId)
         with contextlib.suppress(errors.MachineGone):
             self._call(lambda: vms.destroy_vm(self.conn, vm, snapshot.name, None))
