@@ -7,6 +7,8 @@ Real emulator machines, driven through pytester subprocesses.
 from __future__ import annotations
 
 import os
+import shutil
+import time
 
 import pytest
 
@@ -144,3 +146,58 @@ def test_errors_in_a_test_show_the_tests_line(pytester: pytest.Pytester) -> None
     failures = _section(result, "FAILURES")
     assert _plugin_frames(failures) == [], "\n".join(failures)
     assert "The above exception was the direct cause" not in result.stdout.str()
+
+
+def test_a_failed_fetch_says_there_is_no_network(pytester: pytest.Pytester) -> None:
+    if shutil.which("apt-get") is None:
+        pytest.skip("needs apt-get on the host (the host image runs the host's programs)")
+    result = _run(
+        pytester,
+        """
+        import pytest
+        @pytest.mark.vm(image="host", provision=["apt-get install -y vmenv-no-such-package"])
+        def test_fetch(vm):
+            pass
+        @pytest.mark.vm(image="host", provision=["echo local-step >&2; exit 3"])
+        def test_local(vm):
+            pass
+        """,
+    )
+    result.assert_outcomes(errors=2)
+    text = "\n".join(_section(result, "ERRORS"))
+    fetch, local = text.split("ERROR at setup of test_local")
+    assert "exited with 100" in fetch
+    assert "the machine has no outbound network, so 'apt-get' cannot download" in fetch
+    assert "vm.put" in fetch and "outbound=" not in fetch and "packages=" not in fetch
+    assert "local-step" in local and "outbound network" not in local
+
+
+def test_a_missing_command_is_named(pytester: pytest.Pytester) -> None:
+    start = time.monotonic()
+    result = _run(
+        pytester,
+        """
+        import pytest
+        @pytest.mark.vm(image="host", provision=["vmenv-no-such-tool --init"])
+        def test_provision(vm):
+            pass
+        @pytest.mark.vm(image="host", provision=[["/usr/bin/vmenv-no-such-binary"]])
+        def test_provision_argv(vm):
+            pass
+        @pytest.mark.vm(image="host", ready="vmenv-no-such-probe -h localhost", timeout=20)
+        def test_ready(vm):
+            pass
+        """,
+    )
+    elapsed = time.monotonic() - start
+    result.assert_outcomes(errors=3)
+    result.stdout.fnmatch_lines(
+        [
+            "*provision step 'vmenv-no-such-tool --init' of 'vm' failed: command "
+            "'vmenv-no-such-tool' not found in the guest image (exit 127)*",
+            "*command '/usr/bin/vmenv-no-such-binary' not found in the guest image*",
+            "*machine 'vm' was not ready (ready='vmenv-no-such-probe -h localhost'): command "
+            "'vmenv-no-such-probe' not found in the guest image (exit 127)*",
+        ]
+    )
+    assert elapsed < 15, "a probe the image lacks must fail at once, not after timeout=20"
