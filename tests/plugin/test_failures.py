@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import tarfile
 import time
+from pathlib import Path
 
 import pytest
 
@@ -201,3 +204,75 @@ def test_a_missing_command_is_named(pytester: pytest.Pytester) -> None:
         ]
     )
     assert elapsed < 15, "a probe the image lacks must fail at once, not after timeout=20"
+
+
+def _copy_program(root: Path, program: str) -> None:
+    """``program`` and the libraries it loads, at their paths, under ``root``."""
+    out = subprocess.run(["ldd", program], capture_output=True, text=True, check=False).stdout
+    for path in [program, *(p for p in out.split() if p.startswith("/"))]:
+        target = root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            shutil.copy2(os.path.realpath(path), target)
+
+
+def _broken_images(base: Path) -> dict[str, Path]:
+    empty = base / "empty"
+    empty.mkdir()
+    # /bin/sh -> a path that exists on the host if followed out of the image, not inside it
+    escaping = base / "escaping"
+    (escaping / "bin").mkdir(parents=True)
+    (escaping / "etc").mkdir()
+    os.symlink("../../../../../../../../bin/sh", escaping / "bin" / "sh")
+    tarball = base / "noshell.tar"
+    with tarfile.open(tarball, "w") as tar:
+        tar.add(escaping / "etc", arcname="etc")
+    script = base / "script"
+    (script / "usr" / "bin").mkdir(parents=True)
+    (script / "usr" / "bin" / "setup").write_text("#!/bin/vmenv-no-interpreter\n")
+    os.chmod(script / "usr" / "bin" / "setup", 0o755)
+    return {"empty": empty, "escaping": escaping, "tarball": tarball, "script": script}
+
+
+def test_an_image_without_a_shell_is_refused_at_build(pytester: pytest.Pytester) -> None:
+    images = _broken_images(pytester.path)
+    good = pytester.path / "good"
+    for program in ("/bin/sh", "/bin/cat"):
+        _copy_program(good, program)
+    (good / "etc").mkdir()
+    os.rename(good / "bin" / "sh", good / "bin" / "dash")
+    os.symlink("/bin/../bin/dash", good / "bin" / "sh")  # resolved inside the image
+    result = _run(
+        pytester,
+        f"""
+        import pytest
+        @pytest.mark.vm(image={str(images["empty"])!r})
+        def test_empty(vm):
+            vm.succeed("true")
+        @pytest.mark.vm(image={str(images["escaping"])!r}, provision=["echo hi"])
+        def test_escaping(vm):
+            pass
+        @pytest.mark.vm(image={str(images["tarball"])!r}, ready="true", timeout=20)
+        def test_tarball(vm):
+            pass
+        @pytest.mark.vm(image={str(images["script"])!r}, provision=[["setup"]])
+        def test_script(vm):
+            pass
+        @pytest.mark.vm(image={str(good)!r}, provision=["echo built > /etc/built"])
+        def test_good(vm):
+            assert vm.succeed("cat /etc/built") == "built\\n"
+        """,
+    )
+    result.assert_outcomes(errors=4, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            f"ConfigError: emulator: image '{images['empty']}' is an empty directory*/bin/sh*",
+            f"ConfigError: emulator: image '{images['escaping']}' cannot run provision step "
+            "'echo hi': /bin/sh does not exist*",
+            f"ConfigError: emulator: image '{images['tarball']}', unpacked in * cannot run "
+            "ready='true': /bin/sh does not exist*",
+            f"ConfigError: emulator: image '{images['script']}' cannot run provision step "
+            "'setup': /usr/bin/setup needs /bin/vmenv-no-interpreter, but "
+            "/bin/vmenv-no-interpreter does not exist*",
+        ]
+    )

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from pytest_vmenv.diagnose import fetches, missing_command, provision_failed
+from pytest_vmenv.emulator.images import resolve_inside
 
 
 @pytest.mark.parametrize(
@@ -57,3 +61,18 @@ def test_hint_only_without_outbound_network() -> None:
     )
     assert "command 'curl' not found in the guest image" in str(missing)
     assert "outbound" not in str(missing)
+
+
+def test_resolve_inside_never_leaves_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "root"
+    (root / "usr" / "bin").mkdir(parents=True)
+    (root / "usr" / "bin" / "dash").write_text("")
+    os.symlink("usr/bin", root / "bin")
+    os.symlink("/bin/dash", root / "usr" / "bin" / "sh")
+    os.symlink("../../../../../../../etc", root / "up")
+    os.symlink("loop", root / "loop")
+    assert resolve_inside(root, "/bin/sh") == root / "usr" / "bin" / "dash"
+    assert resolve_inside(root, "/up/passwd") is None  # /etc of the root, not the host's
+    assert resolve_inside(root, "/../../bin/sh") == root / "usr" / "bin" / "dash"
+    assert resolve_inside(root, "/loop") is None
+    assert resolve_inside(root, "/usr/bin/dash/x") is None
