@@ -7,14 +7,15 @@ import os
 import shlex
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from .backend import Backend, MachineRef, Result, Snapshot
-from .errors import CommandFailed, CommandTimeout
+from .errors import CommandFailed, CommandTimeout, VmenvError
 from .paths import state_dir
+from .tracebacks import hide, trimmed
 
 if TYPE_CHECKING:
     from .spec import MachineSpec
@@ -23,6 +24,17 @@ __all__ = ["CommandRecord", "Machine"]
 
 log = logging.getLogger("pytest_vmenv")
 Command = str | Sequence[str]
+_T = TypeVar("_T")
+# A failed verb is reported at the test's line, not in this module (see .tracebacks).
+__tracebackhide__ = hide
+
+
+def _backend(call: Callable[[], _T]) -> _T:
+    """``call()``; a VmenvError from the backend comes out without the backend's frames."""
+    try:
+        return call()
+    except VmenvError as exc:
+        raise trimmed(exc)  # noqa: B904 - trimmed() decides what chain to show
 
 
 @dataclass(frozen=True)
@@ -91,9 +103,11 @@ class Machine:
             result = self.backend.execute(
                 self.ref, _argv(command), input=data, env=env, user=user, timeout=timeout
             )
-        except CommandTimeout:
+        except CommandTimeout as exc:
             self.history.append(CommandRecord(_show(command), None, time.monotonic() - start))
-            raise
+            raise trimmed(exc)  # noqa: B904 - trimmed() decides what chain to show
+        except VmenvError as exc:
+            raise trimmed(exc)  # noqa: B904
         self.history.append(CommandRecord(_show(command), result.exit_code, result.duration))
         return result
 
@@ -178,11 +192,11 @@ class Machine:
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
         """Copy the local file ``local`` to ``remote`` inside the machine."""
-        self.backend.copy_in(self.ref, Path(local), remote)
+        _backend(lambda: self.backend.copy_in(self.ref, Path(local), remote))
 
     def get(self, remote: str, local: str | os.PathLike[str]) -> None:
         """Copy the file ``remote`` from the machine to the local path ``local``."""
-        self.backend.copy_out(self.ref, remote, Path(local))
+        _backend(lambda: self.backend.copy_out(self.ref, remote, Path(local)))
 
     def write_bytes(self, remote: str, data: bytes) -> None:
         with tempfile.NamedTemporaryFile(dir=self._scratch, prefix="put-") as tmp:
@@ -204,10 +218,10 @@ class Machine:
 
     def snapshot(self, name: str = "snapshot") -> Snapshot:
         """Freeze the machine's current state; ``revert`` returns to it."""
-        return self.backend.snapshot(self.ref, name)
+        return _backend(lambda: self.backend.snapshot(self.ref, name))
 
     def revert(self, snapshot: Snapshot) -> None:
-        self.backend.revert(self.ref, snapshot)
+        _backend(lambda: self.backend.revert(self.ref, snapshot))
 
     def console_log(self) -> str:
-        return self.backend.console_log(self.ref)
+        return _backend(lambda: self.backend.console_log(self.ref))

@@ -25,6 +25,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from .backend import Backend, Session, Snapshot, SpecCheck
+from .diagnose import missing_command
 from .errors import BackendUnavailable, BootTimeout, CommandFailed, CommandTimeout, VmenvError
 from .ledger import Ledger, file_lock, owners
 from .machine import Machine
@@ -340,23 +341,38 @@ class Orchestrator:
         return machine
 
     def _wait_ready(self, machine: Machine, deadline: float) -> None:
+        """Wait for ``ready=``; BootTimeout with the console tail if it does not hold.
+
+        A probe whose command the guest does not have (exit 127, "not found") fails at once:
+        waiting cannot make it appear.
+        """
         ready = machine.spec.ready or ""
         left = max(deadline - time.monotonic(), 0.5)
         try:
             if ready.startswith("port:"):
                 machine.wait_for_port(int(ready[5:]), timeout=left)
-            else:
-                machine.wait_until_succeeds(ready, timeout=left)
+                return
+            first = machine.run(ready, timeout=left)
+            if first.exit_code == 0:
+                return
+            missing = missing_command(first.exit_code, first.stderr)
+            if missing is None:
+                machine.wait_until_succeeds(ready, timeout=max(deadline - time.monotonic(), 0.5))
+                return
         except (CommandFailed, CommandTimeout) as exc:
-            try:
-                tail = "\n".join(machine.console_log().splitlines()[-30:])
-            except VmenvError:
-                tail = ""
-            raise BootTimeout(
-                f"machine {machine.name!r} was not ready (ready={ready!r}) within "
-                f"{machine.spec.timeout:g}s: {str(exc).splitlines()[0]}",
-                tail,
-            ) from None
+            failed = exc if isinstance(exc, CommandFailed) else None
+            missing = missing_command(failed.exit_code, failed.stderr) if failed else None
+            why = f" within {machine.spec.timeout:g}s: {str(exc).splitlines()[0]}"
+        if missing is not None:
+            why = (
+                f": command {missing!r} not found in the guest image (exit 127); install it in "
+                "the image (or in a provision step), or change ready="
+            )
+        try:
+            tail = "\n".join(machine.console_log().splitlines()[-30:])
+        except VmenvError:
+            tail = ""
+        raise BootTimeout(f"machine {machine.name!r} was not ready (ready={ready!r}){why}", tail)
 
     def release(self, owner: str) -> None:
         """Release the machines of one scope owner (``"function:<nodeid>"`` ...)."""

@@ -41,7 +41,7 @@ from . import caches, inventory, layers, userns
 from .base import NAME, EmulatorBase, LimitNotApplied, boundary
 from .control import FILE_IDLE_TIMEOUT, CommandTimedOut
 from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest
-from .images import base_stack, is_host
+from .images import base_stack, check_image, is_host
 from .spawner import Zygote
 from .terminal import run_shell
 
@@ -151,6 +151,7 @@ class EmulatorBackend(EmulatorBase):
             if done is not None:
                 return done
             base = base_stack(spec.image, spec.image_config, self.emu_dir, self.state_dir)
+            check_image(base, spec)
             tags = layers.labels(session.id, session.owner, session.reuse)
             if not spec.provision:
                 return layers.commit(final, key, spec.name, None, base, "", tags)

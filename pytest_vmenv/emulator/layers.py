@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..backend import Snapshot
+from ..diagnose import provision_failed
 from . import userns
 from .control import CommandTimedOut
 
@@ -208,16 +209,9 @@ def provision(guest: Guest, spec: MachineSpec, start: float) -> str:
         with open(guest.dir / "boot.log", "a", encoding="utf-8") as f:
             f.write(log[-1])
         if code != 0:
-            raise errors.ProvisionError(
-                f"{NAME}: provision step {shown!r} of {spec.name!r} exited with {code}\n"
-                f"  stdout:\n{_indent(text_out)}\n  stderr:\n{_indent(text_err)}"
-            )
+            # a template is built with no network at all: nothing can be fetched
+            raise provision_failed(NAME, spec.name, step, code, text_out, text_err, outbound=False)
     return "".join(log)
-
-
-def _indent(text: str, lines: int = 30) -> str:
-    parts = text.rstrip("\n").splitlines()[-lines:]
-    return "\n".join("    " + p for p in parts) if parts else "    (empty)"
 
 
 def live_snapshot(guest: Guest, name: str, emu_dir: Path, tags: dict[str, Any]) -> Snapshot:

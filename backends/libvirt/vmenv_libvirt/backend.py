@@ -43,6 +43,7 @@ import libvirt  # type: ignore[import-untyped]
 
 from pytest_vmenv import errors
 from pytest_vmenv.backend import Capabilities, MachineRef, Result, Session, Snapshot
+from pytest_vmenv.diagnose import provision_failed
 
 from .agent import CommandTimedOut
 from .base import READY_SNAPSHOT, LibvirtBase
@@ -171,12 +172,11 @@ class LibvirtBackend(LibvirtBase):
                     f"{NAME}: provision step {step!r} of {spec.name!r} timed out after "
                     f"{left:.0f}s (the spec's timeout)"
                 ) from None
-            if code != 0:
-                raise errors.ProvisionError(
-                    f"{NAME}: provision step {step!r} of {spec.name!r} exited with {code}\n"
-                    f"  stdout: {out.decode(errors='replace').strip()[-2000:]}\n"
-                    f"  stderr: {err.decode(errors='replace').strip()[-2000:]}"
-                )
+            if code != 0:  # template networks have no <forward>: nothing leaves the host
+                raise provision_failed(
+                    NAME, spec.name, step, code,
+                    out.decode(errors="replace"), err.decode(errors="replace"), outbound=False,
+                )  # fmt: skip
 
     def _capture_ram(
         self, key: str, disk: Path, boot: Mapping[str, Any], spec: MachineSpec, session: Session

@@ -33,6 +33,7 @@ from pyVmomi import vim, vmodl
 
 from pytest_vmenv import errors
 from pytest_vmenv.backend import Capabilities, MachineRef, Result, Session, Snapshot
+from pytest_vmenv.diagnose import provision_failed
 
 from . import inventory, vms
 from .base import NAME, VsphereBase, _handle, boundary
@@ -131,19 +132,18 @@ class VsphereBackend(VsphereBase):
             self._call(lambda: vms.power_on(self.conn, vm, spec.name))
             ref = MachineRef(NAME, vm._moId, spec.name, session.id, owner=session.owner)
             ref = self._ready(ref, vm, spec.timeout)
-            for i, step in enumerate(spec.provision, 1):
+            for step in spec.provision:
                 argv = ["/bin/sh", "-c", step] if isinstance(step, str) else list(step)
                 left = max(spec.timeout - (time.monotonic() - start), 1.0)
                 try:
                     result = self.execute(ref, argv, timeout=left)
                 except errors.CommandTimeout as exc:
                     raise errors.ProvisionError(f"{NAME}: template {spec.name}: {exc}") from None
-                if not result.ok:
-                    raise errors.ProvisionError(
-                        f"{NAME}: template {spec.name}: provision step {i} exited with "
-                        f"{result.exit_code}: {step}\n  stdout: {result.stdout[-2000:]}\n"
-                        f"  stderr: {result.stderr[-2000:]}"
-                    )
+                if not result.ok:  # the template's own network: outbound unknown
+                    raise provision_failed(
+                        NAME, spec.name, step, result.exit_code,
+                        result.stdout, result.stderr, outbound=None,
+                    )  # fmt: skip
             self.execute(ref, ["sync"], timeout=60)
             self._drop_channel(ref.id)
             self._call(lambda: vms.power_off(self.conn, vm, spec.name))
