@@ -187,7 +187,8 @@ def test_stale_govc_url_stops_the_suite_once(dead_url: str) -> None:
     ca = ssl.get_default_verify_paths().cafile or ""  # a certificate file that is still there
     env = {**os.environ, "GOVC_URL": dead_url, "VMENV_VCSIM_CA": ca}
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-qp", "no:cacheprovider", "tests/test_conformance.py"],
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_conformance.py"],
         cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     out = done.stdout + done.stderr
