@@ -103,13 +103,18 @@ _DEPS += ("jinja2", "markupsafe", "tenacity", "pytest_vmenv-*.dist-info")
 def _python_for_nobody(area: Area) -> None:
     """This interpreter if nobody can use it; else the system's with a copy of our deps.
 
-    (A Python under root's 0700 home is not readable by nobody.) "Usable" includes starting
-    itself again (``sys.executable``), as the emulator does for its probe and helpers. The
-    copy goes into the area; symlinks are copied as links, never followed.
+    (A Python under root's 0700 home is not readable by nobody.) Usable means from inside a
+    user namespace too, where the emulator re-executes it: a venv whose ``bin/python`` links
+    into root's home may start as nobody and still fail there. The copy goes into the area;
+    symlinks are copied as links, never followed.
     """
-    code = "import subprocess, sys, tenacity, pytest, jinja2, pluggy\n"
-    code += "subprocess.run([sys.executable, '-c', ''], check=True)"
-    check = [sys.executable, "-c", code]
+    reexec = (
+        "import ctypes, os, sys, tenacity, pytest, jinja2, pluggy\n"
+        "if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER\n"
+        "    sys.exit(1)\n"
+        "os.execv(sys.executable, [sys.executable, '-c', ''])"
+    )
+    check = [sys.executable, "-c", reexec]
     ok = subprocess.run(_setpriv(check), capture_output=True, env={"PATH": "/usr/bin:/bin"})
     if ok.returncode == 0:
         return

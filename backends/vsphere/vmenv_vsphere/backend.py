@@ -37,7 +37,7 @@ from pytest_vmenv.diagnose import provision_failed
 
 from . import inventory, vms
 from .base import NAME, VsphereBase, _handle, boundary
-from .connection import fault_message, release
+from .connection import fault_message, release, unreachable
 
 if TYPE_CHECKING:
     from pytest_vmenv.spec import MachineSpec
@@ -96,9 +96,7 @@ class VsphereBackend(VsphereBase):
         except vmodl.MethodFault as exc:
             raise errors.BackendUnavailable(NAME, fault_message(exc)) from None
         except OSError as exc:
-            raise errors.BackendUnavailable(
-                NAME, f"cannot reach {self.config.host}: {exc}"
-            ) from None
+            raise errors.BackendUnavailable(NAME, unreachable(self.config, exc)) from None
 
     def templates(self) -> list[Snapshot]:
         """Templates this backend built (complete ones), for ``vmenv images`` and the sweep."""
