@@ -5,7 +5,17 @@ the plugin hands real, isolated machines to the test through the ``vm``/``vms`` 
 destroys them afterwards.
 """
 
-from .backend import Backend, Capabilities, MachineRef, MachineState, Result, Session, Snapshot
+from .backend import (
+    GET_LIMIT,
+    OUTPUT_LIMIT,
+    Backend,
+    Capabilities,
+    MachineRef,
+    MachineState,
+    Result,
+    Session,
+    Snapshot,
+)
 from .errors import (
     BackendError,
     BackendUnavailable,
@@ -13,6 +23,7 @@ from .errors import (
     CommandFailed,
     CommandTimeout,
     ConfigError,
+    FileTooLarge,
     MachineGone,
     ProvisionError,
     TemplateInUse,
@@ -22,6 +33,8 @@ from .machine import Machine
 from .spec import MachineSpec
 
 __all__ = [
+    "GET_LIMIT",
+    "OUTPUT_LIMIT",
     "Backend",
     "BackendError",
     "BackendUnavailable",
@@ -30,6 +43,7 @@ __all__ = [
     "CommandFailed",
     "CommandTimeout",
     "ConfigError",
+    "FileTooLarge",
     "Machine",
     "MachineGone",
     "MachineRef",

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from .backend import Backend, MachineRef, Result, Snapshot
+from .backend import GET_LIMIT, OUTPUT_LIMIT, Backend, MachineRef, Result, Snapshot
 from .errors import CommandFailed, CommandTimeout, VmenvError
 from .paths import state_dir
 from .tracebacks import hide, trimmed
@@ -95,20 +95,35 @@ class Machine:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
         user: str | None = None,
+        max_output: int = OUTPUT_LIMIT,
     ) -> Result:
-        """Run ``command``; raise :class:`CommandTimeout` if ``timeout`` seconds pass."""
+        """Run ``command``; raise :class:`CommandTimeout` if ``timeout`` seconds pass.
+
+        ``timeout`` bounds the whole call, reading the output included. At most
+        ``max_output`` bytes of each stream are kept (default 16 MiB): past that,
+        ``Result.truncated`` is True and ``stdout_dropped``/``stderr_dropped`` count the rest.
+        """
         data = input.encode() if isinstance(input, str) else input
         start = time.monotonic()
         try:
             result = self.backend.execute(
-                self.ref, _argv(command), input=data, env=env, user=user, timeout=timeout
-            )
+                self.ref, _argv(command), input=data, env=env, user=user, timeout=timeout,
+                max_output=max_output,
+            )  # fmt: skip
         except CommandTimeout as exc:
             self.history.append(CommandRecord(_show(command), None, time.monotonic() - start))
             raise trimmed(exc)  # noqa: B904 - trimmed() decides what chain to show
         except VmenvError as exc:
             raise trimmed(exc)  # noqa: B904
         self.history.append(CommandRecord(_show(command), result.exit_code, result.duration))
+        if result.truncated:
+            log.warning(
+                "%s: %s wrote more than max_output=%d bytes per stream; kept the first "
+                "(dropped: stdout %d, stderr %d bytes). Redirect it to a file and get() it, "
+                "or pass a larger max_output=",
+                self.name, _show(command), max_output, result.stdout_dropped,
+                result.stderr_dropped,
+            )  # fmt: skip
         return result
 
     def succeed(self, command: Command, **kwargs: object) -> str:
@@ -194,9 +209,21 @@ class Machine:
         """Copy the local file ``local`` to ``remote`` inside the machine."""
         _backend(lambda: self.backend.copy_in(self.ref, Path(local), remote))
 
-    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
-        """Copy the file ``remote`` from the machine to the local path ``local``."""
-        _backend(lambda: self.backend.copy_out(self.ref, remote, Path(local)))
+    def get(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        max_size: int | None = GET_LIMIT,
+    ) -> None:
+        """Copy the file ``remote`` from the machine to the local path ``local``.
+
+        A file larger than ``max_size`` bytes (default 1 GiB; None: no limit) raises
+        :class:`~pytest_vmenv.errors.FileTooLarge`; a new ``local`` is then not left behind.
+        Holes in a sparse file stay holes (the emulator sees them; other backends turn
+        blocks of zeros into holes).
+        """
+        _backend(lambda: self.backend.copy_out(self.ref, remote, Path(local), max_size=max_size))
 
     def write_bytes(self, remote: str, data: bytes) -> None:
         with tempfile.NamedTemporaryFile(dir=self._scratch, prefix="put-") as tmp:
@@ -204,17 +231,18 @@ class Machine:
             tmp.flush()
             self.put(tmp.name, remote)
 
-    def read_bytes(self, remote: str) -> bytes:
+    def read_bytes(self, remote: str, *, max_size: int | None = GET_LIMIT) -> bytes:
+        """The content of the file ``remote`` (``max_size`` as for :meth:`get`)."""
         with tempfile.TemporaryDirectory(dir=self._scratch, prefix="get-") as tmp:
             target = Path(tmp) / "data"
-            self.get(remote, target)
+            self.get(remote, target, max_size=max_size)
             return target.read_bytes()
 
     def write_text(self, remote: str, text: str) -> None:
         self.write_bytes(remote, text.encode())
 
-    def read_text(self, remote: str) -> str:
-        return self.read_bytes(remote).decode("utf-8", "replace")
+    def read_text(self, remote: str, *, max_size: int | None = GET_LIMIT) -> str:
+        return self.read_bytes(remote, max_size=max_size).decode("utf-8", "replace")
 
     def snapshot(self, name: str = "snapshot") -> Snapshot:
         """Freeze the machine's current state; ``revert`` returns to it."""

@@ -25,6 +25,7 @@ applied (``LimitNotApplied``, once).
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -36,10 +37,19 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
-from ..backend import Cache, Capabilities, MachineRef, Result, Session, Snapshot
-from . import caches, inventory, layers, userns
+from ..backend import (
+    GET_LIMIT,
+    OUTPUT_LIMIT,
+    Cache,
+    Capabilities,
+    MachineRef,
+    Result,
+    Session,
+    Snapshot,
+)
+from . import caches, disk, inventory, layers, userns
 from .base import NAME, EmulatorBase, LimitNotApplied, boundary
-from .control import FILE_IDLE_TIMEOUT, CommandTimedOut
+from .control import FILE_IDLE_TIMEOUT, CommandTimedOut, TooLarge
 from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest
 from .images import base_stack, check_image, is_host
 from .spawner import Zygote
@@ -60,7 +70,7 @@ class EmulatorBackend(EmulatorBase):
     def _boot(self, guest: Guest, spec: MachineSpec) -> None:
         self._warn_unfiltered()
         zygote, cgroups = self._spawner()
-        guest.memory, guest.cpus = spec.memory, spec.cpus
+        guest.memory, guest.cpus, guest.disk = spec.memory, spec.cpus, spec.disk
         with self._lock:
             self._guests[guest.id] = guest
         try:
@@ -109,11 +119,16 @@ class EmulatorBackend(EmulatorBase):
     def unavailable_for(self, spec: MachineSpec) -> str | None:
         """Why ``spec`` cannot be made here (see :class:`~pytest_vmenv.backend.SpecCheck`).
 
-        Root makes every spec. Unprivileged, ``image="host"`` and ``network=`` are refused,
-        each with its own reason (both, if a spec asks for both).
+        Root makes every spec (``disk=`` where loop devices and mkfs.ext4 exist, from
+        :data:`.disk.MIN_SIZE` up). Unprivileged, ``image="host"`` and ``network=`` are
+        refused, each with its own reason (both, if a spec asks for both).
         """
         if not userns.rootless():
-            return None
+            if spec.disk is None:
+                return None
+            if spec.disk < disk.MIN_SIZE:
+                return f"disk={spec.disk} is too small: the emulator's smallest disk is 1M"
+            return disk.unavailable()
         reasons = []
         if is_host(spec.image, spec.image_config):
             reasons.append(userns.HOST_REASON)
@@ -168,7 +183,7 @@ class EmulatorBackend(EmulatorBase):
             try:
                 log = layers.provision(guest, spec, start)
                 stop_guest(guest)
-                upper = guest.dir / "upper"
+                upper = disk.upper_dir(guest.dir)
                 return layers.commit(final, key, spec.name, upper, base, log, tags)
             finally:
                 self._destroy(guest.id)
@@ -209,16 +224,20 @@ class EmulatorBackend(EmulatorBase):
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
+        max_output: int = OUTPUT_LIMIT,
     ) -> Result:
+        start = time.monotonic()
         conn = self._guest(ref).conn
         if conn is None:
             raise errors.MachineGone(f"{NAME}: machine {ref.name!r} is stopped")
-        start = time.monotonic()
+        left = None if timeout is None else timeout - (time.monotonic() - start)
         try:
-            code, out, err = conn.execute(argv, input=input, env=env, user=user, timeout=timeout)
+            code, out, err = conn.execute(
+                argv, input=input, env=env, user=user, timeout=left, max_output=max_output
+            )
         except CommandTimedOut:
             raise errors.CommandTimeout(ref.name, list(argv), timeout or 0.0) from None
-        return Result.from_bytes(code, out, err, time.monotonic() - start)
+        return Result.from_output(code, out, err, time.monotonic() - start)
 
     def _file_request(self, ref: MachineRef, msg: dict[str, Any], fd: int) -> dict[str, Any]:
         conn = self._guest(ref).conn
@@ -231,6 +250,8 @@ class EmulatorBackend(EmulatorBase):
                 f"{NAME}: {msg['op']} {msg['path']!r} on {ref.name!r} made no progress for "
                 f"{FILE_IDLE_TIMEOUT:g}s; gave up"
             ) from exc
+        if reply.get("errno") == errno.EFBIG and "size" in reply:
+            raise TooLarge(int(reply["size"]))
         if "error" in reply:
             raise errors.BackendError(
                 f"{NAME}: {msg['op']} {msg['path']!r} on {ref.name!r} failed: {reply['error']}"
@@ -254,7 +275,10 @@ class EmulatorBackend(EmulatorBase):
             os.close(fd)
 
     @boundary
-    def copy_out(self, ref: MachineRef, src: str, dst: Path) -> None:
+    def copy_out(
+        self, ref: MachineRef, src: str, dst: Path, *, max_size: int | None = GET_LIMIT
+    ) -> None:
+        """Copy ``src`` out of the guest; its holes stay holes, over ``max_size`` is refused."""
         dst = Path(dst)
         if dst.is_dir():
             raise errors.BackendError(
@@ -262,8 +286,13 @@ class EmulatorBackend(EmulatorBase):
             )
         existed = dst.exists()
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        msg = {"op": "get", "path": src, "extents": True, "max": max_size}
         try:
-            self._file_request(ref, {"op": "get", "path": src}, fd)
+            try:
+                self._file_request(ref, msg, fd)
+            except TooLarge as exc:
+                assert max_size is not None
+                raise errors.FileTooLarge(ref.name, src, exc.size, max_size) from None
         except BaseException:
             os.close(fd)
             fd = -1
@@ -385,6 +414,7 @@ class EmulatorBackend(EmulatorBase):
         for handle in guest.snapshots:
             if not any(handle in s for s in in_use):
                 layers.remove(Path(handle), self.emu_dir)
+        disk.detach(gdir)
         userns.rmtree(gdir)
 
     @boundary

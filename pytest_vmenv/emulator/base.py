@@ -28,7 +28,7 @@ from .spawner import Zygote, ZygoteGone
 __all__ = ["NAME", "EmulatorBase", "LimitNotApplied", "boundary"]
 
 NAME = "emulator"
-_PRIVATE_DIRS = ("layers", "images", "guests", "networks")
+_PRIVATE_DIRS = ("layers", "images", "guests", "networks", "disks")
 _GUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _WARNED: set[str] = set()
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -203,7 +203,7 @@ class EmulatorBase:
     def _console(self, guest: Guest) -> str:
         """PID 1's boot log (and provision output), then what the guest wrote on its console."""
         parts = []
-        for name in ("boot.log", "console.log"):
+        for name in ("boot.log", "console.log.1", "console.log"):
             try:
                 fd = os.open(guest.dir / name, os.O_RDONLY | os.O_NOFOLLOW)
             except OSError:

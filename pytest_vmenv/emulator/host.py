@@ -5,7 +5,9 @@ owner token, name, PID 1's and its keeper's host pids with their start times, cg
 stack, kept flag), ``upper``/``work`` (its overlay upper dir), ``root``/``base``/``empty``
 (mount points used only inside its own mount namespace), ``ctl.sock`` (PID 1's listener for
 other processes, see :mod:`.guest`), ``boot.log`` (what PID 1 printed, and provision output)
-and ``console.log`` (bound on the guest's ``/dev/console``). ``meta.json`` is written before
+and ``console.fifo`` (bound on the guest's ``/dev/console``) with ``console.log`` (what came
+through it, capped, see :mod:`.console`); with ``disk=``, ``disk.img`` mounted on ``disk/``
+holds the upper and work dirs instead (see :mod:`.disk`). ``meta.json`` is written before
 anything is started and again after every step that creates something (cgroups, keeper,
 PID 1), so a half-created guest is always found and destroyable, from any process.
 
@@ -28,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from ..backend import process_start
-from . import userns, wire
+from . import console, disk, userns, wire
 from .cgroups import Cgroups, GuestGroups
 from .control import Conn
 from .spawner import Zygote
@@ -66,6 +68,7 @@ class Guest:
     snapshots: list[str] = field(default_factory=list)
     memory: int | None = None
     cpus: int | None = None
+    disk: int | None = None
     pid_start: str = ""
     keeper_start: str = ""
     zygote: int = 0
@@ -207,11 +210,13 @@ def start_guest(
 ) -> list[str]:
     """Create the guest's dirs and cgroups, fork it, wait for ready. Returns limit problems.
 
-    On failure the guest is left half-created (its meta says what exists) for
-    :func:`stop_guest` to remove.
+    ``guest.disk`` set, its upper and work dirs go on a filesystem of that size (as root;
+    unprivileged it is a limit problem). On failure the guest is left half-created (its
+    meta says what exists) for :func:`stop_guest` and :func:`.disk.detach` to remove.
     """
     guest.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _fresh_dirs(guest.dir)
+    upper, work = guest.dir / "upper", guest.dir / "work"
     guest.pid = guest.keeper = 0
     guest.save()  # labels first: a half-created guest is always found
     rootless = userns.rootless()
@@ -221,8 +226,18 @@ def start_guest(
         groups, problems = cgroups.create(guest.id, memory, cpus)
     guest.groups = groups
     guest.save()
-    console = guest.dir / "console.log"
-    console.touch(mode=0o600)
+    if guest.disk is not None and rootless:
+        problems.append(
+            "the disk limit is not applied: pytest runs unprivileged and the emulator's "
+            "user-namespace mode cannot mount a filesystem of that size (run as root)"
+        )
+    elif guest.disk is not None:
+        upper, work = disk.attach(guest.dir, guest.disk, layers_root.parent / "disks")
+    (guest.dir / console.LOG).touch(mode=0o600)
+    fifo = guest.dir / console.FIFO
+    if not fifo.is_fifo():
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo, 0o600)
     prefix = f"{layers_root}/"
     stack = [s[len(prefix) :] if s.startswith(prefix) else s for s in guest.stack]
     cfg: dict[str, Any] = {
@@ -230,8 +245,11 @@ def start_guest(
         "stack": stack,
         "layers_root": str(layers_root),
         "hostname": guest.name,
-        "console": str(console),
+        "console": str(fifo),
+        "console_relay": True,
         "boot_log": str(guest.dir / "boot.log"),
+        "upper": str(upper),
+        "work": str(work),
     }
     if rootless:
         cfg["userns"] = [os.getuid(), os.getgid()]

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any
 from .. import errors
 from ..backend import Snapshot
 from ..diagnose import provision_failed
-from . import userns
+from . import disk, userns
 from .control import CommandTimedOut
 
 if TYPE_CHECKING:
@@ -144,7 +144,16 @@ def commit(
     build = _begin(final.parent, "", meta)
     stack = list(base)
     if upper is not None:
-        upper.rename(build / "fs")
+        try:
+            upper.rename(build / "fs")
+        except OSError as exc:  # on the guest's own disk (disk=): copy it off
+            if exc.errno != errno.EXDEV:
+                raise
+            try:
+                _copy_tree(upper, build / "fs")
+            except subprocess.CalledProcessError as err:
+                detail = err.stderr.decode(errors="replace").strip()
+                raise OSError(errno.EIO, f"copying {upper} failed: {detail}") from None
         stack.insert(0, str(final / "fs"))
     _check_depth(stack)
     (build / "provision.log").write_text(log)
@@ -203,9 +212,11 @@ def provision(guest: Guest, spec: MachineSpec, start: float) -> str:
                 f"{NAME}: provision step {shown!r} of {spec.name!r} timed out (the build is "
                 f"bounded by timeout={spec.timeout:g}s)"
             ) from None
-        text_out = out.decode("utf-8", "replace")
-        text_err = err.decode("utf-8", "replace")
-        log.append(f"$ {shown}\n{text_out}{text_err}[exit {code}]\n")
+        text_out = out.value().decode("utf-8", "replace")
+        text_err = err.value().decode("utf-8", "replace")
+        cut = out.dropped + err.dropped
+        note = f"[vmenv: {cut} more bytes of output not kept]\n" if cut else ""
+        log.append(f"$ {shown}\n{text_out}{text_err}{note}[exit {code}]\n")
         with open(guest.dir / "boot.log", "a", encoding="utf-8") as f:
             f.write(log[-1])
         if code != 0:
@@ -230,13 +241,7 @@ def live_snapshot(guest: Guest, name: str, emu_dir: Path, tags: dict[str, Any]) 
                 f"{NAME}: snapshot of {guest.name!r} refused: its processes could not be "
                 f"frozen ({exc.strerror or exc}), and a copy of a running guest may be torn"
             ) from exc
-        # cp -a never follows symlinks and keeps whiteouts (0/0 char devices) and xattrs
-        # (trusted.overlay.* as root, user.overlay.* in the user-namespace mode)
-        subprocess.run(
-            ["cp", "-a", "--", f"{guest.dir}/upper", str(build / "fs")],
-            check=True,
-            capture_output=True,
-        )
+        _copy_tree(disk.upper_dir(guest.dir), build / "fs")
     except BaseException as exc:
         userns.rmtree(build)
         if isinstance(exc, subprocess.CalledProcessError):
@@ -249,6 +254,13 @@ def live_snapshot(guest: Guest, name: str, emu_dir: Path, tags: dict[str, Any]) 
     (build / "complete").write_text(time.ctime() + "\n")
     build.rename(final)
     return _snapshot(final, meta)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy an upper dir: ``cp -a`` never follows symlinks and keeps whiteouts (0/0 char
+    devices) and xattrs (trusted.overlay.* as root, user.overlay.* in the user-namespace
+    mode)."""
+    subprocess.run(["cp", "-a", "--", str(src), str(dst)], check=True, capture_output=True)
 
 
 def _freeze(guest: Guest, frozen: bool) -> None:

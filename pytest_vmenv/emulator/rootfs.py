@@ -84,7 +84,8 @@ def _mount_stack(cfg: Mapping[str, Any], root: str) -> None:
         else:
             lowers.append(entry)
     os.chdir(cfg["layers_root"])  # relative lowerdirs keep the option string short
-    options = f"lowerdir={':'.join(lowers)},upperdir={gdir}/upper,workdir={gdir}/work,index=off"
+    upper, work = cfg.get("upper", f"{gdir}/upper"), cfg.get("work", f"{gdir}/work")
+    options = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},index=off"
     if cfg.get("userns") is not None:  # user.overlay.* xattrs: trusted.* needs real root
         options += ",userxattr"
     # nodev: device nodes in a layer (or in the host's / outside /dev) cannot be opened;
@@ -161,7 +162,8 @@ def build_root(cfg: Mapping[str, Any]) -> None:
     """Mount the guest's root from ``cfg`` and make it ``/`` (then drop capabilities).
 
     ``cfg`` keys: ``gdir`` (guest dir with ``upper``, ``work``, ``root``, ``base``,
-    ``empty``), ``stack`` (lower layers, top first; :data:`HOST_BASE` for the host's /),
+    ``empty``), ``upper``/``work`` (the overlay's, default in ``gdir``), ``stack`` (lower
+    layers, top first; :data:`HOST_BASE` for the host's /),
     ``layers_root`` (directory relative stack entries are resolved from), ``hostname``,
     ``console`` (file bound on ``/dev/console``), ``userns`` (``[uid, gid]`` when PID 1 is in
     the unprivileged mode's user namespace, see :mod:`.userns`; absent as root).

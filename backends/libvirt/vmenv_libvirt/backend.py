@@ -42,7 +42,15 @@ from typing import TYPE_CHECKING, Any
 import libvirt  # type: ignore[import-untyped]
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import Capabilities, MachineRef, Result, Session, Snapshot
+from pytest_vmenv.backend import (
+    GET_LIMIT,
+    OUTPUT_LIMIT,
+    Capabilities,
+    MachineRef,
+    Result,
+    Session,
+    Snapshot,
+)
 from pytest_vmenv.diagnose import provision_failed
 
 from .agent import CommandTimedOut
@@ -166,16 +174,16 @@ class LibvirtBackend(LibvirtBase):
             argv = ["/bin/sh", "-c", step] if isinstance(step, str) else list(step)
             left = max(1.0, spec.timeout - (time.monotonic() - started))
             try:
-                code, out, err = runner.execute(argv, timeout=left)
+                result = runner.execute(argv, timeout=left)
             except CommandTimedOut:
                 raise errors.ProvisionError(
                     f"{NAME}: provision step {step!r} of {spec.name!r} timed out after "
                     f"{left:.0f}s (the spec's timeout)"
                 ) from None
-            if code != 0:  # template networks have no <forward>: nothing leaves the host
+            if result.exit_code != 0:  # template networks have no <forward>: nothing leaves
                 raise provision_failed(
-                    NAME, spec.name, step, code,
-                    out.decode(errors="replace"), err.decode(errors="replace"), outbound=False,
+                    NAME, spec.name, step, result.exit_code,
+                    result.stdout, result.stderr, outbound=False,
                 )  # fmt: skip
 
     def _capture_ram(
@@ -300,14 +308,15 @@ class LibvirtBackend(LibvirtBase):
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
+        max_output: int = OUTPUT_LIMIT,
     ) -> Result:
-        start = time.monotonic()
         runner = self._runner(ref)
         try:
-            code, out, err = runner.execute(argv, input=input, env=env, user=user, timeout=timeout)
+            return runner.execute(
+                argv, input=input, env=env, user=user, timeout=timeout, max_output=max_output
+            )
         except CommandTimedOut:
             raise errors.CommandTimeout(ref.name, list(argv), timeout or 0.0) from None
-        return Result.from_bytes(code, out, err, time.monotonic() - start)
 
     @boundary
     def copy_in(self, ref: MachineRef, src: Path, dst: str) -> None:
@@ -320,8 +329,10 @@ class LibvirtBackend(LibvirtBase):
         self._runner(ref).write_file(dst, src.read_bytes(), src.stat().st_mode)
 
     @boundary
-    def copy_out(self, ref: MachineRef, src: str, dst: Path) -> None:
-        Path(dst).write_bytes(self._runner(ref).read_file(src))
+    def copy_out(
+        self, ref: MachineRef, src: str, dst: Path, *, max_size: int | None = GET_LIMIT
+    ) -> None:
+        self._runner(ref).copy_out(src, Path(dst), max_size, ref.name)
 
     def _runner(self, ref: MachineRef) -> Runner:
         """The agent, or SSH to ``ref.ip`` for a machine whose image has no agent."""

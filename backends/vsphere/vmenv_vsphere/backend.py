@@ -32,7 +32,15 @@ from typing import TYPE_CHECKING, Any
 from pyVmomi import vim, vmodl
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import Capabilities, MachineRef, Result, Session, Snapshot
+from pytest_vmenv.backend import (
+    GET_LIMIT,
+    OUTPUT_LIMIT,
+    Capabilities,
+    MachineRef,
+    Result,
+    Session,
+    Snapshot,
+)
 from pytest_vmenv.diagnose import provision_failed
 
 from . import inventory, vms
@@ -63,12 +71,13 @@ class VsphereBackend(VsphereBase):
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
+        max_output: int = OUTPUT_LIMIT,
     ) -> Result:
         from pytest_vmenv.ssh import SSHUnreachable
 
         try:
             return self._channel(ref).execute(
-                argv, input=input, env=env, user=user, timeout=timeout
+                argv, input=input, env=env, user=user, timeout=timeout, max_output=max_output
             )
         except SSHUnreachable:
             if not self._exists(ref):
@@ -82,8 +91,10 @@ class VsphereBackend(VsphereBase):
         self._channel(ref).copy_in(Path(src), dst)
 
     @boundary
-    def copy_out(self, ref: MachineRef, src: str, dst: Path) -> None:
-        self._channel(ref).copy_out(src, Path(dst))
+    def copy_out(
+        self, ref: MachineRef, src: str, dst: Path, *, max_size: int | None = GET_LIMIT
+    ) -> None:
+        self._channel(ref).copy_out(src, Path(dst), max_size=max_size)
 
     # -- protocol -----------------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
