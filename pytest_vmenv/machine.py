@@ -219,11 +219,20 @@ class Machine:
         """Copy the file ``remote`` from the machine to the local path ``local``.
 
         A file larger than ``max_size`` bytes (default 1 GiB; None: no limit) raises
-        :class:`~pytest_vmenv.errors.FileTooLarge`; a new ``local`` is then not left behind.
-        Holes in a sparse file stay holes (the emulator sees them; other backends turn
-        blocks of zeros into holes).
+        :class:`~pytest_vmenv.errors.FileTooLarge`. The copy goes to a temporary file beside
+        ``local`` that replaces it only once complete: a failed ``get`` leaves an existing
+        ``local`` as it was and no new one behind. Holes in a sparse file stay holes (the
+        emulator sees them; other backends turn blocks of zeros into holes).
         """
-        _backend(lambda: self.backend.copy_out(self.ref, remote, Path(local), max_size=max_size))
+        target = Path(local)
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        os.close(fd)
+        partial = Path(name)
+        try:
+            _backend(lambda: self.backend.copy_out(self.ref, remote, partial, max_size=max_size))
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
 
     def write_bytes(self, remote: str, data: bytes) -> None:
         with tempfile.NamedTemporaryFile(dir=self._scratch, prefix="put-") as tmp:

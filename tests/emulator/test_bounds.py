@@ -277,6 +277,21 @@ def test_get_refuses_files_over_max_size(vm: Machine, tmp_path: Path) -> None:
     assert (tmp_path / "huge").stat().st_size == core.GET_LIMIT + 1
 
 
+def test_a_failed_get_leaves_an_existing_local_file_as_it_was(
+    vm: Machine, tmp_path: Path
+) -> None:
+    vm.succeed("head -c 2M /dev/urandom > /var/tmp/two")
+    out = tmp_path / "kept"
+    out.write_bytes(b"the test's own data")
+    with pytest.raises(errors.FileTooLarge):
+        vm.get("/var/tmp/two", out, max_size=MiB)
+    assert out.read_bytes() == b"the test's own data"
+    with pytest.raises(errors.BackendError):
+        vm.get("/var/tmp/no-such-file", out)
+    assert out.read_bytes() == b"the test's own data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kept"]
+
+
 def test_get_of_a_file_that_grows_past_max_size_is_stopped(vm: Machine, tmp_path: Path) -> None:
     """The guest appends while copies run: whether a copy sees it up front or on the way,
     it stops at ``max_size`` and leaves no new file behind."""
