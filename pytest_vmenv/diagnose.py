@@ -6,9 +6,9 @@ same everywhere:
 
 * exit status 127 with the shell's "not found" complaint (or the guest's, when ``argv[0]``
   does not exist) names the command the image lacks;
-* a step that fetches from the internet (``apt-get``, ``pip``, ``curl``, ``git clone``...)
-  and fails on a machine that has no outbound network says that this is why, and what to do
-  instead.
+* a step that fetches from the internet (``apt-get``, ``pip``, ``curl``, ``git clone``...),
+  fails on a machine that has no outbound network, and complains of the network (a name that
+  does not resolve, an unreachable network) says that this is why, and what to do instead.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 from .errors import ProvisionError
 
-__all__ = ["fetches", "missing_command", "provision_failed"]
+__all__ = ["fetches", "missing_command", "not_found", "offline_error", "provision_failed"]
 
 NOT_FOUND = 127
 _NOT_FOUND = re.compile(r"([^\s:'\"]+)'?: (?:command )?not found\s*$", re.MULTILINE)
@@ -38,6 +38,13 @@ _FETCHERS: dict[str, tuple[str, ...] | None] = {  # program: the verbs that fetc
     "gem": ("install", "update"), "cargo": None,
     "go": ("get", "install", "mod"), "docker": ("pull",), "podman": ("pull",),
 }  # fmt: skip
+_OFFLINE = re.compile(  # what fetchers print when there is no network to fetch over
+    r"Temporary failure (?:resolving|in name resolution)|Could not resolve|"
+    r"Name or service not known|Network is unreachable|No route to host|"
+    r"Failed to establish a new connection|getaddrinfo|EAI_AGAIN|ENOTFOUND|ENETUNREACH|"
+    r"Could not connect to|Connection refused|unable to access '",
+    re.IGNORECASE,
+)
 _WRAPPERS = ("sudo", "env", "nice", "nohup", "time", "timeout", "xargs", "exec")
 NO_OUTBOUND = (
     "the machine has no outbound network, so {tool!r} cannot download anything. Use an "
@@ -111,6 +118,20 @@ def missing_command(exit_code: int | None, stderr: str) -> str | None:
     return str(named[-1]) if named else None
 
 
+def offline_error(stdout: str, stderr: str) -> bool:
+    """Whether a failed command's output says the network was not there."""
+    return _OFFLINE.search(stderr) is not None or _OFFLINE.search(stdout) is not None
+
+
+def not_found(missing: str) -> str:
+    """Words for a command the guest could not run (exit 127): missing, or a script whose
+    ``#!`` interpreter is missing (the shell says "not found" for both)."""
+    return (
+        f"command {missing!r} not found in the guest image (exit {NOT_FOUND}; if it is there, "
+        "the interpreter on its #! line is not)"
+    )
+
+
 def _indent(text: str, lines: int = 30) -> str:
     parts = text.rstrip("\n").splitlines()
     if len(parts) > lines:
@@ -131,20 +152,23 @@ def provision_failed(
     """The error for a provision step that exited non-zero, with the most likely cause.
 
     ``outbound`` is whether the machine could reach the internet while it was provisioned
-    (``None``: the backend cannot tell, so no network hint is given).
+    (``None``: the backend cannot tell, so no network hint is given). The hint needs the
+    step's own word for it too (:func:`offline_error`): a fetch that failed for another
+    reason (no such package) is not blamed on the network.
     """
     shown = _show(step)
     missing = missing_command(exit_code, stderr)
     if missing is not None:
         head = (
-            f"{backend}: provision step {shown!r} of {machine!r} failed: command {missing!r} "
-            f"not found in the guest image (exit {exit_code}); install it in the image"
+            f"{backend}: provision step {shown!r} of {machine!r} failed: {not_found(missing)}; "
+            "install it in the image"
             + ("" if "/" in missing else ", or call it by its full path")
         )
     else:
         head = f"{backend}: provision step {shown!r} of {machine!r} exited with {exit_code}"
     text = f"{head}\n  stdout:\n{_indent(stdout)}\n  stderr:\n{_indent(stderr)}"
-    tool = fetches(step) if missing is None and outbound is False else None
+    offline = missing is None and outbound is False and offline_error(stdout, stderr)
+    tool = fetches(step) if offline else None
     if tool is not None:
         text += "\n  hint: " + NO_OUTBOUND.format(tool=tool)
     return ProvisionError(text)

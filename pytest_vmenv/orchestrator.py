@@ -25,8 +25,16 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from .backend import Backend, Session, Snapshot, SpecCheck
-from .diagnose import missing_command
-from .errors import BackendUnavailable, BootTimeout, CommandFailed, CommandTimeout, VmenvError
+from .diagnose import missing_command, not_found
+from .errors import (
+    BackendUnavailable,
+    BootTimeout,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    ProvisionError,
+    VmenvError,
+)
 from .ledger import Ledger, file_lock, owners
 from .machine import Machine
 from .reaper import SweepReport, Watchdog, close_session, sweep
@@ -277,9 +285,15 @@ class Orchestrator:
 
     def _check_spare(self, spare: Future[Machine]) -> Machine | None:
         """The spare if it still answers (it may have died while it waited, e.g. with the
-        hypervisor connection); else None, and whatever is left of it is destroyed."""
+        hypervisor connection); else None, and whatever is left of it is destroyed.
+
+        A spare whose build or ``ready=`` failed raises that error: a fresh clone of the same
+        spec would only wait out the same failure a second time.
+        """
         try:
             machine = spare.result()
+        except (BootTimeout, ProvisionError, ConfigError):
+            raise
         except Exception:  # noqa: BLE001 - a failed spare is replaced by a fresh clone
             return None
         try:
@@ -365,8 +379,8 @@ class Orchestrator:
             why = f" within {machine.spec.timeout:g}s: {str(exc).splitlines()[0]}"
         if missing is not None:
             why = (
-                f": command {missing!r} not found in the guest image (exit 127); install it in "
-                "the image (or in a provision step), or change ready="
+                f": {not_found(missing)}; install it in the image (or in a provision step), or "
+                "change ready="
             )
         try:
             tail = "\n".join(machine.console_log().splitlines()[-30:])

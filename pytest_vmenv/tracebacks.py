@@ -14,8 +14,9 @@ unless ``--vm-debug`` (``vmenv_debug``, ``VMENV_DEBUG``), ``-vv`` or pytest's
   test's own frame: :func:`hide` is the ``__tracebackhide__`` of the plugin's frames, and
   :func:`trimmed` drops the frames (and the chained cause) below the verb.
 
-The switch is process-wide (:func:`configure`, called from ``pytest_configure``; reset by
-:func:`unconfigure`): a ``__tracebackhide__`` callable is only given the exception, not the
+The switch is process-wide (:func:`configure`, called from ``pytest_configure``; undone by
+:func:`unconfigure`, which restores the enclosing run's setting: a ``pytester`` run inside a
+run is a nested pair): a ``__tracebackhide__`` callable is only given the exception, not the
 config. Outside a pytest run nothing is cut.
 """
 
@@ -33,18 +34,20 @@ __all__ = ["clean_setup", "configure", "debug", "hide", "trimmed", "unconfigure"
 _T = TypeVar("_T")
 _E = TypeVar("_E", bound=BaseException)
 _state = {"debug": True}  # outside a configured pytest run (a script): nothing is cut
+_outer: list[bool] = []  # the settings of the enclosing runs
 HOW_TO_SEE_MORE = "(pytest-vmenv: --vm-debug or -vv shows the plugin's traceback)"
 
 
 def configure(config: pytest.Config, option: bool) -> None:
     """Show the plugin's frames if ``option`` (``--vm-debug``), ``-vv`` or ``--full-trace``."""
     verbose = config.getoption("verbose", 0) or 0
+    _outer.append(_state["debug"])
     _state["debug"] = bool(option or verbose >= 2 or config.getoption("fulltrace", False))
 
 
 def unconfigure() -> None:
-    """Back to cutting nothing (the run is over)."""
-    _state["debug"] = True
+    """Back to the enclosing run's setting (nothing cut outside any run)."""
+    _state["debug"] = _outer.pop() if _outer else True
 
 
 def debug() -> bool:

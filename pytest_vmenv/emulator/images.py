@@ -335,11 +335,11 @@ def _unrunnable(root: Path, name: str) -> str | None:
 def check_image(stack: list[str], spec: MachineSpec) -> None:
     """Refuse a rootfs that cannot run what ``spec`` will run in it (a ConfigError).
 
-    Shell strings (provision steps, ``ready=``, ``vm.run("...")``) need ``/bin/sh``; so does
-    a spec that runs nothing at build time, since its tests will. A spec whose provision
-    steps are all argv lists (and whose ``ready`` is absent or a ``port:``) needs their
-    programs instead, and the interpreters of their ``#!`` lines. The host image is the
-    host's own ``/`` and is not checked; nor is a path this user may not search.
+    Every rootfs needs ``/bin/sh``: string commands (provision steps, ``ready=``,
+    ``vm.run("...")``) run through ``/bin/sh -c``, and a test runs them whatever its
+    template's steps were. Argv provision steps need their programs too, and the
+    interpreters of their ``#!`` lines. The host image is the host's own ``/`` and is not
+    checked; nor is a path this user may not search.
     """
     if not stack or HOST_BASE in stack:
         return
@@ -361,24 +361,22 @@ def check_image(stack: list[str], spec: MachineSpec) -> None:
                 f"emulator: {image} is an empty directory; a rootfs needs at least /bin/sh "
                 "(make one with mmdebstrap or debootstrap, or a busybox with its applet links)"
             )
-        if not needs:
-            why = _unrunnable(root, "/bin/sh")
-            if why is not None:
-                raise ConfigError(
-                    f"emulator: {image} has no shell: {why}. Every string command "
-                    '(vm.run("..."), provision steps, ready=) runs through /bin/sh -c; add a '
-                    "shell to the image (e.g. busybox and its sh link)"
-                )
-            return
         for program, user in needs.items():
             why = _unrunnable(root, program)
             if why is not None:
                 advice = (
-                    "a string runs through /bin/sh -c: add a shell to the image, or give the "
-                    "provision steps as argv lists"
+                    "a string runs through /bin/sh -c: add a shell to the image (e.g. busybox "
+                    "and its sh link)"
                     if program == "/bin/sh"
                     else "add it to the image, or fix the step's program path"
                 )
                 raise ConfigError(f"emulator: {image} cannot run {user}: {why}; {advice}")
+        why = None if "/bin/sh" in needs else _unrunnable(root, "/bin/sh")
+        if why is not None:
+            raise ConfigError(
+                f"emulator: {image} has no shell: {why}. Every string command "
+                '(vm.run("..."), provision steps, ready=) runs through /bin/sh -c; add a '
+                "shell to the image (e.g. busybox and its sh link)"
+            )
     except PermissionError:
         return  # the guest may see it another way (user namespace); its commands will tell

@@ -152,26 +152,34 @@ def test_errors_in_a_test_show_the_tests_line(pytester: pytest.Pytester) -> None
 
 
 def test_a_failed_fetch_says_there_is_no_network(pytester: pytest.Pytester) -> None:
-    if shutil.which("apt-get") is None:
-        pytest.skip("needs apt-get on the host (the host image runs the host's programs)")
+    """A fetch that fails for want of a network gets the hint; one that fails for another
+    reason (no such package) and a local step do not. The guest's network namespace has no
+    interface but loopback, so curl's name lookup fails inside it: nothing leaves."""
+    if shutil.which("curl") is None or shutil.which("apt-get") is None:
+        pytest.fail("needs curl and apt-get on the host (the host image runs the host's programs)")
     result = _run(
         pytester,
         """
         import pytest
-        @pytest.mark.vm(image="host", provision=["apt-get install -y vmenv-no-such-package"])
+        @pytest.mark.vm(image="host", provision=["curl -sSf http://deb.debian.org/debian/"])
         def test_fetch(vm):
+            pass
+        @pytest.mark.vm(image="host", provision=["apt-get install -y vmenv-no-such-package"])
+        def test_no_such_package(vm):
             pass
         @pytest.mark.vm(image="host", provision=["echo local-step >&2; exit 3"])
         def test_local(vm):
             pass
         """,
     )
-    result.assert_outcomes(errors=2)
+    result.assert_outcomes(errors=3)
     text = "\n".join(_section(result, "ERRORS"))
-    fetch, local = text.split("ERROR at setup of test_local")
-    assert "exited with 100" in fetch
-    assert "the machine has no outbound network, so 'apt-get' cannot download" in fetch
+    fetch, rest = text.split("ERROR at setup of test_no_such_package")
+    package, local = rest.split("ERROR at setup of test_local")
+    assert "Could not resolve host" in fetch
+    assert "the machine has no outbound network, so 'curl' cannot download" in fetch
     assert "vm.put" in fetch and "outbound=" not in fetch and "packages=" not in fetch
+    assert "exited with 100" in package and "outbound network" not in package
     assert "local-step" in local and "outbound network" not in local
 
 
@@ -197,10 +205,11 @@ def test_a_missing_command_is_named(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines(
         [
             "*provision step 'vmenv-no-such-tool --init' of 'vm' failed: command "
-            "'vmenv-no-such-tool' not found in the guest image (exit 127)*",
+            "'vmenv-no-such-tool' not found in the guest image (exit 127; if it is there, the "
+            "interpreter on its #! line is not)*",
             "*command '/usr/bin/vmenv-no-such-binary' not found in the guest image*",
             "*machine 'vm' was not ready (ready='vmenv-no-such-probe -h localhost'): command "
-            "'vmenv-no-such-probe' not found in the guest image (exit 127)*",
+            "'vmenv-no-such-probe' not found in the guest image (exit 127*",
         ]
     )
     assert elapsed < 15, "a probe the image lacks must fail at once, not after timeout=20"
@@ -276,3 +285,22 @@ def test_an_image_without_a_shell_is_refused_at_build(pytester: pytest.Pytester)
             "/bin/vmenv-no-interpreter does not exist*",
         ]
     )
+
+
+def test_a_spare_that_was_not_ready_is_not_waited_for_twice(pytester: pytest.Pytester) -> None:
+    """The spare of the second test is cloned while the first runs; its ``ready=`` fails.
+    That failure is the test's error: no fresh clone waits out the same failure again."""
+    result = _run(
+        pytester,
+        """
+        import pytest
+        def test_first(vm):
+            vm.succeed("true")
+        @pytest.mark.vm(image="host", ready="false", timeout=2)
+        def test_never_ready(vm):
+            pass
+        """,
+    )
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*was not ready (ready='false')*"])
+    result.stdout.fnmatch_lines(["emulator   ready     n=1 *"])

@@ -51,8 +51,15 @@ def test_missing_command(code: int, stderr: str, missing: str | None) -> None:
 
 
 def test_hint_only_without_outbound_network() -> None:
-    offline = provision_failed("emu", "vm", "apt-get update", 100, "", "E: x", outbound=False)
+    offline = provision_failed(
+        "emu", "vm", "apt-get update", 100, "", "W: Temporary failure resolving 'x'", outbound=False
+    )
     assert "no outbound network, so 'apt-get' cannot download" in str(offline)
+    other = provision_failed(
+        "emu", "vm", "apt-get install nope", 100, "", "E: Unable to locate package nope",
+        outbound=False,
+    )  # fmt: skip
+    assert "outbound" not in str(other)
     for outbound in (True, None):
         online = provision_failed("emu", "vm", "apt-get update", 100, "", "E", outbound=outbound)
         assert "outbound" not in str(online)
