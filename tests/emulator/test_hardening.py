@@ -494,3 +494,123 @@ def test_pid1_never_runs_a_binary_of_the_image_while_privileged(
             backend.destroy(ref)
     finally:
         backend.remove_template(snap)
+
+
+# -- 13: no user namespaces, no io_uring (seccomp argument rules) --------------------------
+# Probes run in a forked child each (a probe that works on a broken filter must not change
+# the test's process), on the x86_64 ABI and on i386 through `int 0x80`.
+_PROBES = r"""
+import ctypes, mmap, os, struct
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+# int 0x80 with eax, ebx, ecx, edx = the four arguments (push rbx; ...; pop rbx; ret)
+code = bytes.fromhex("5389f889f34189d189ca4489c9cd805bc3")
+page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page.write(code)
+i386 = ctypes.CFUNCTYPE(ctypes.c_int, *[ctypes.c_int] * 4)(
+    ctypes.addressof(ctypes.c_char.from_buffer(page)))
+def x64(nr, *args):
+    ctypes.set_errno(0)
+    res = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    return -ctypes.get_errno() if res < 0 else res
+def probe(call):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        mine = os.getpid()
+        res = call()
+        if res == 0 and os.getpid() != mine:  # a clone that worked: this is its child
+            os._exit(0)
+        os.write(w, struct.pack("q", res))
+        os._exit(0)
+    os.close(w)
+    res = struct.unpack("q", os.read(r, 8))[0]
+    os.close(r)
+    os.waitpid(pid, 0)
+    return "ok" if res >= 0 else -res
+NEWUSER, SIGCHLD = 0x10000000, 17
+def clone64():
+    res = x64(56, NEWUSER | SIGCHLD, 0, 0, 0, 0)
+    if res > 0:
+        os.waitpid(res, 0)
+    return res
+def clone32():
+    res = i386(120, NEWUSER | SIGCHLD, 0, 0)
+    if res > 0:
+        os.waitpid(res, 0)
+    return res
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter is x86_64 only")
+def test_guest_root_cannot_create_user_namespaces(backend: EmulatorBackend, g: MachineRef) -> None:
+    out = py(
+        backend,
+        g,
+        _PROBES
+        + """
+print(probe(lambda: x64(272, NEWUSER)))  # unshare(CLONE_NEWUSER)
+print(probe(lambda: x64(272, NEWUSER | 0x00020000)))  # with CLONE_NEWNS
+print(probe(clone64))
+print(probe(lambda: x64(435, 0, 88)))  # clone3: ENOSYS, so libc falls back to clone
+print(probe(lambda: i386(310, NEWUSER, 0, 0)))
+print(probe(clone32))
+print(probe(lambda: i386(435, 0, 88, 0)))
+print(probe(lambda: x64(0x40000000 | 272, NEWUSER)))  # x32
+""",
+    )
+    assert out.split() == ["1", "1", "1", "38", "1", "1", "38", "1"], out
+    r = sh(backend, g, "unshare -Urmn true")
+    assert r.exit_code != 0 and "Operation not permitted" in r.stderr, r
+    # every other way to make a process or thread still works (glibc falls back to clone)
+    out = py(
+        backend,
+        g,
+        """
+        import os, subprocess, threading
+        t = threading.Thread(target=lambda: None); t.start(); t.join()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        print(subprocess.run(["sh", "-c", "echo spawned"], capture_output=True, text=True).stdout)
+        """,
+    )
+    assert out.split() == ["7", "spawned"]
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter is x86_64 only")
+def test_io_uring_is_denied(backend: EmulatorBackend, g: MachineRef) -> None:
+    out = py(
+        backend,
+        g,
+        _PROBES
+        + """
+params = ctypes.create_string_buffer(120)
+print(probe(lambda: x64(425, 4, ctypes.addressof(params))))  # io_uring_setup
+print(probe(lambda: x64(426, -1, 1, 0, 0, 0, 0)))  # io_uring_enter
+print(probe(lambda: x64(427, -1, 0, 0, 0)))  # io_uring_register
+print(probe(lambda: i386(425, 4, 0, 0)))
+print(probe(lambda: i386(426, -1, 1, 0)))
+""",
+    )
+    assert out.split() == ["1"] * 5, out
+
+
+# -- 16: PID 1's resource limits are not the guest's to change -----------------------------
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter is x86_64 only")
+def test_guest_root_cannot_lower_pid1s_limits(
+    backend: EmulatorBackend, g: MachineRef, state: Path
+) -> None:
+    for limit in ("--nofile=4:4", "--cpu=1:1", "--nproc=1:1", "--as=1000000:1000000"):
+        r = sh(backend, g, f"prlimit --pid 1 {limit}")
+        assert r.exit_code != 0 and "Operation not permitted" in r.stderr, (limit, r)
+    assert "NOFILE" in ok(backend, g, "prlimit --pid 1 --nofile")  # reading them is fine
+    out = py(backend, g, _PROBES + "print(probe(lambda: i386(340, 1, 7, 4096)))")
+    assert out.split() == ["1"], out  # prlimit64(1, NOFILE, new, ...) through int 0x80
+    ok(backend, g, "prlimit --nofile=4:4 true")  # the guest's own processes: allowed
+    src = state / "after-prlimit"
+    src.write_text("still served")
+    for _ in range(3):  # PID 1 keeps serving commands and files
+        backend.copy_in(g, src, "/root/after")
+        assert ok(backend, g, "cat /root/after") == "still served"
