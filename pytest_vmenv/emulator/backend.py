@@ -69,6 +69,7 @@ class EmulatorBackend(EmulatorBase):
                 spec.memory,
                 spec.cpus,
                 min(spec.timeout, 60.0),
+                self.pids_max,
             )
         except TimeoutError as exc:
             tail = self._console(guest)
@@ -258,7 +259,14 @@ class EmulatorBackend(EmulatorBase):
         guest.stack = stack
         try:
             problems = start_guest(
-                guest, zygote, cgroups, self.emu_dir / "layers", guest.memory, guest.cpus, 60.0
+                guest,
+                zygote,
+                cgroups,
+                self.emu_dir / "layers",
+                guest.memory,
+                guest.cpus,
+                60.0,
+                self.pids_max,
             )
         except BaseException:
             self._destroy(guest.id)

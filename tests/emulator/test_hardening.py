@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import io
+import json
 import os
 import resource
 import shutil
@@ -26,10 +27,10 @@ from typing import Any
 import pytest
 
 from pytest_vmenv.backend import MachineRef, Result, Session, Snapshot
-from pytest_vmenv.emulator import EmulatorBackend, control, images, wire
+from pytest_vmenv.emulator import EmulatorBackend, cgroups, control, images, wire
 from pytest_vmenv.emulator.cgroups import GuestGroups
 from pytest_vmenv.emulator.control import CommandTimedOut
-from pytest_vmenv.errors import BackendError, CommandTimeout, MachineGone
+from pytest_vmenv.errors import BackendError, CommandTimeout, ConfigError, MachineGone
 from pytest_vmenv.spec import MachineSpec
 
 pytestmark = pytest.mark.skipif(
@@ -595,6 +596,58 @@ print(probe(lambda: i386(426, -1, 1, 0)))
 """,
     )
     assert out.split() == ["1"] * 5, out
+
+
+# -- 14: a pids limit ----------------------------------------------------------------------
+def _group_file(backend: EmulatorBackend, ref: MachineRef, name: str) -> str:
+    """A file of the guest's cgroups (the first hierarchy that has it), read on the host."""
+    meta = json.loads((backend.emu_dir / "guests" / ref.id / "meta.json").read_text())
+    for d in meta["cgroups"]:
+        if (Path(d) / name).exists():
+            return (Path(d) / name).read_text()
+    raise AssertionError(f"no {name} in {meta['cgroups']}")
+
+
+_FORKS = r"""
+import errno, os, sys
+started, failure = [], None
+for _ in range(int(sys.argv[1])):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        failure = errno.errorcode[exc.errno]
+        break
+    if pid == 0:
+        os.execv("/bin/sleep", ["sleep", "30"])
+    started.append(pid)
+for pid in started:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+print(len(started), failure)
+"""
+
+
+def test_fork_loop_stops_at_the_pids_limit(
+    state: Path, template: Snapshot, session: Session, backend: EmulatorBackend, g: MachineRef
+) -> None:
+    low = EmulatorBackend(state_dir=state, options={"pids_max": 512})
+    try:
+        ref = low.clone(template, MachineSpec(name="pids"), session)
+        r = low.execute(ref, [PY, "-c", _FORKS, "600"], timeout=60)
+        assert r.exit_code == 0, r
+        started, failure = r.stdout.split()
+        assert failure == "EAGAIN" and 400 < int(started) < 512, r.stdout
+        assert low.execute(ref, ["true"]).exit_code == 0  # PID 1 still starts commands
+        low.destroy(ref)
+    finally:
+        low.close()
+    assert _group_file(backend, g, "pids.max").strip() == str(cgroups.DEFAULT_PIDS_MAX)
+    bad = EmulatorBackend(state_dir=state, options={"pids_max": "lots"})
+    try:
+        with pytest.raises(ConfigError, match=r"backends\.emulator\] pids_max='lots'"):
+            bad.clone(template, MachineSpec(name="bad"), session)
+    finally:
+        bad.close()
 
 
 # -- 16: PID 1's resource limits are not the guest's to change -----------------------------
