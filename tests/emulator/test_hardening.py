@@ -650,6 +650,35 @@ def test_fork_loop_stops_at_the_pids_limit(
         bad.close()
 
 
+# -- 15: the OOM killer picks a command, never PID 1 ---------------------------------------
+_HOGS = (
+    "p=; for i in $(seq 24); do "
+    "( x=$(head -c 3000000 /dev/zero | tr '\\0' x); sleep 1 ) & p=\"$p $!\"; done; "
+    "n=0; for j in $p; do wait $j || n=$((n+1)); done; echo $n"
+)
+
+
+def test_oom_killer_takes_a_command_not_pid1(
+    backend: EmulatorBackend, template: Snapshot, session: Session
+) -> None:
+    """24 small processes of ~4 MB each in a 48 MB guest: PID 1 (a Python, the biggest
+    process) must not be the one that goes."""
+    ref = backend.clone(template, MachineSpec(name="oom", memory=48 << 20), session)
+    try:
+        r = backend.execute(ref, ["/bin/sh", "-c", _HOGS], timeout=120)
+        assert r.exit_code == 0 and int(r.stdout) > 0, r  # some hogs were killed ...
+        assert backend.execute(ref, ["true"], timeout=10).exit_code == 0  # ... PID 1 was not
+        pid1, keeper = (Path(f"/proc/{ref.data[k]}/oom_score_adj") for k in ("pid", "keeper"))
+        adj = [pid1.read_text().strip(), *ok(backend, ref, "cat /proc/self/oom_score_adj").split()]
+        assert adj in (["-1000", "0"], ["0", "1000"]), adj  # 0/1000: no CAP_SYS_RESOURCE
+        assert keeper.read_text().strip() == adj[0]  # its death would take PID 1 along
+        assert ok(backend, ref, "cat /proc/self/oom_score_adj", user="nobody") == adj[1] + "\n"
+        if adj == ["-1000", "0"]:  # commands start with their own score as their floor
+            assert sh(backend, ref, "echo -1000 > /proc/self/oom_score_adj").exit_code != 0
+    finally:
+        backend.destroy(ref)
+
+
 # -- 16: PID 1's resource limits are not the guest's to change -----------------------------
 @pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter is x86_64 only")
 def test_guest_root_cannot_lower_pid1s_limits(

@@ -37,6 +37,7 @@ BUSYBOX = Path("/bin/busybox")
 APPLETS = (
     "sh", "cat", "echo", "sleep", "printf", "head", "wc", "test", "kill", "ls", "rm", "mkdir",
     "chmod", "id", "touch", "cut", "true", "false", "env", "stat", "tr", "grep", "sed",
+    "unshare",
 )  # fmt: skip
 
 
@@ -371,3 +372,42 @@ def test_check_names_the_sysctl_when_userns_is_off(
         assert (caps.network, caps.limits) == (False, False)
     finally:
         backend.close()
+
+
+_NESTED = """
+import json, sys
+from pathlib import Path
+from pytest_vmenv.backend import Session
+from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.spec import MachineSpec
+rootfs, state = sys.argv[1], Path(sys.argv[2])
+b = EmulatorBackend(state_dir=state)
+spec = MachineSpec(name="nest", image=rootfs, image_config={"rootfs": rootfs})
+s = Session(id="nest", state_dir=state)
+tpl = b.build_template(spec, "nest", s)
+ref = b.clone(tpl, spec, s)
+try:
+    for cmd in ("unshare -U true", "unshare -r -n true", "cat /proc/self/oom_score_adj"):
+        r = b.execute(ref, ["/bin/sh", "-c", cmd], timeout=30)
+        print(json.dumps([r.exit_code, r.stdout, r.stderr]))
+    with open(f"/proc/{ref.data['pid']}/oom_score_adj") as f:  # PID 1, seen from the host
+        print(json.dumps(f.read()))
+finally:
+    b.destroy(ref)
+    b.remove_template(tpl)
+    b.close()
+"""
+
+
+def test_guest_cannot_nest_user_namespaces_as_nobody(area: Area, nobody: Runner) -> None:
+    """The guest is already in a user namespace here; a nested one would give guest root
+    full capabilities again over new namespaces. Also: commands score above PID 1 for the
+    OOM killer (a score can only be raised without CAP_SYS_RESOURCE)."""
+    _need_userns(nobody)
+    res = nobody.run(["python", "-c", _NESTED, str(area.rootfs), str(area.state)], timeout=120)
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    lines = res.stdout.strip().splitlines()[-4:]
+    plain, mapped, command, pid1 = (json.loads(line) for line in lines)
+    for code, _out, err in (plain, mapped):
+        assert code != 0 and "Operation not permitted" in err, (plain, mapped)
+    assert (command[1], pid1) == ("1000\n", "0\n"), (command, pid1)
