@@ -38,7 +38,7 @@ from . import inventory, layers, userns
 from .base import NAME, EmulatorBase, LimitNotApplied, boundary
 from .control import FILE_IDLE_TIMEOUT, CommandTimedOut
 from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest
-from .images import base_stack
+from .images import base_stack, refresh_mask
 from .spawner import Zygote
 from .terminal import run_shell
 
@@ -142,7 +142,7 @@ class EmulatorBackend(EmulatorBase):
     @boundary
     def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
         self._refuse_unprivileged(spec)
-        stack = layers.stack_of(snapshot)
+        stack = refresh_mask(layers.stack_of(snapshot), self.emu_dir, self.state_dir)
         guest = Guest(
             id=uuid.uuid4().hex[:16],
             name=spec.name,
@@ -252,7 +252,7 @@ class EmulatorBackend(EmulatorBase):
     @boundary
     def revert(self, ref: MachineRef, snapshot: Snapshot) -> None:
         guest = self._own(ref, "revert")
-        stack = layers.stack_of(snapshot)
+        stack = refresh_mask(layers.stack_of(snapshot), self.emu_dir, self.state_dir)
         zygote, cgroups = self._spawner()
         self._net.detach(guest)
         stop_guest(guest)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 from .. import errors
 from ..backend import MachineRef
+from ..paths import register
 from . import netglue, seccomp
 from .cgroups import DEFAULT_PIDS_MAX, Cgroups
 from .control import GuestDied
@@ -94,6 +95,7 @@ class EmulatorBase:
         path = self.state_dir / "emulator"
         if not self._secured:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            register(self.state_dir)  # so other sessions' host views hide it too
             os.chmod(path, 0o700)
             for sub in _PRIVATE_DIRS:
                 (path / sub).mkdir(mode=0o700, exist_ok=True)

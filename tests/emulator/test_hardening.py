@@ -6,10 +6,12 @@ Each test names the finding it covers. State lives under /var/lib/pytest-vmenv-t
 from __future__ import annotations
 
 import errno
+import grp
 import hashlib
 import io
 import json
 import os
+import pwd
 import resource
 import shutil
 import stat
@@ -26,6 +28,7 @@ from typing import Any
 
 import pytest
 
+from pytest_vmenv import paths
 from pytest_vmenv.backend import MachineRef, Result, Session, Snapshot
 from pytest_vmenv.emulator import EmulatorBackend, cgroups, control, images, wire
 from pytest_vmenv.emulator.cgroups import GuestGroups
@@ -696,3 +699,137 @@ def test_guest_root_cannot_lower_pid1s_limits(
     for _ in range(3):  # PID 1 keeps serving commands and files
         backend.copy_in(g, src, "/root/after")
         assert ok(backend, g, "cat /root/after") == "still served"
+
+
+# -- 17: the host view hides the host's credentials ----------------------------------------
+_CREDENTIALS = r"""
+import json, os, sys, uuid
+from pathlib import Path
+from pytest_vmenv.backend import Session
+from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.spec import MachineSpec
+state = Path(sys.argv[1])
+b = EmulatorBackend(state_dir=state)
+s = Session(id="cred-" + uuid.uuid4().hex[:8], state_dir=state)
+tpl = b.build_template(MachineSpec(name="cred"), "cred", s)
+ref = b.clone(tpl, MachineSpec(name="cred"), s)
+def run(cmd):
+    r = b.execute(ref, ["/bin/sh", "-c", cmd], timeout=30)
+    return {"code": r.exit_code, "out": r.stdout, "err": r.stderr}
+out = {
+    "shadow": run("cat /etc/shadow"),
+    "gshadow": run("cat /etc/gshadow"),
+    "canary": run("grep -rl CANARY /etc /root 2>/dev/null || true"),
+    "ssl": run("ls -A /etc/ssl/private; stat -c '%U:%G %a' /etc/ssl/private"),
+    "ssh": run("ls /etc/ssh"),
+    "login": run("id root && id daemon"),
+}
+b.destroy(ref)
+b.remove_template(tpl)
+b.close()
+print(json.dumps(out))
+"""
+
+
+def test_host_view_hides_the_hosts_credentials() -> None:
+    """Canary shadow files are mounted over the host's in a mount namespace of the test's
+    own (the host's stay as they are); canary SSH host keys and a TLS key are planted (and
+    removed) in the host's /etc. A guest on that host view must see none of them."""
+    tag = uuid.uuid4().hex[:8]
+    fake = TEST_ROOT / f"cred-{tag}"
+    (fake / "state").mkdir(parents=True)
+    hashed = "$6$CANARYsalt$CANARYhash"
+    (fake / "shadow").write_text(
+        f"root:{hashed}:19000:0:99999:7:::\nlocked:!{hashed}:19000::::::\nnone::19000::::::\n"
+        "daemon:*:19000:0:99999:7:::\n"
+    )
+    (fake / "gshadow").write_text(f"root:{hashed}::\nadm:!CANARY::alice\n")
+    planted = [
+        Path(f"/etc/ssh/ssh_host_vmenv{tag}_key"),
+        Path(f"/etc/ssh/ssh_host_vmenv{tag}_key.pub"),
+        Path(f"/etc/ssl/private/vmenv-{tag}.key"),
+    ]
+    binds = [("shadow", "/etc/shadow"), ("gshadow", "/etc/gshadow"), ("shadow", "/etc/shadow-")]
+    mounts = " && ".join(f"mount --bind {fake / src} {dst}" for src, dst in binds)
+    (fake / "run.py").write_text(_CREDENTIALS)
+    try:
+        for path in planted:
+            if path.parent.is_dir():
+                path.write_text("CANARY key\n" if path.suffix != ".pub" else "ssh-ed25519 AAAA\n")
+                os.chmod(path, 0o600 if path.suffix != ".pub" else 0o644)
+        res = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f'{mounts} && exec "$0" "$@"', sys.executable, str(fake / "run.py"),
+             str(fake / "state")],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+    finally:
+        for path in planted:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(fake, ignore_errors=True)
+    assert out["shadow"]["out"] == (
+        "root:*:19000:0:99999:7:::\nlocked:!:19000::::::\nnone:*:19000::::::\n"
+        "daemon:*:19000:0:99999:7:::\n"
+    ), out["shadow"]
+    assert out["gshadow"]["out"] == "root:*::\nadm:!::alice\n", out["gshadow"]
+    assert out["canary"]["out"] == "", out["canary"]  # no canary left anywhere in /etc
+    if Path("/etc/ssl/private").is_dir():  # empty, with the host's owner and mode
+        st = Path("/etc/ssl/private").stat()
+        want = f"{pwd.getpwuid(st.st_uid).pw_name}:{grp.getgrgid(st.st_gid).gr_name}"
+        assert out["ssl"]["out"].split() == [want, f"{stat.S_IMODE(st.st_mode):o}"], out
+    if Path("/etc/ssh").is_dir():  # the private key is gone, the public one stays
+        assert f"ssh_host_vmenv{tag}_key.pub" in out["ssh"]["out"].split(), out["ssh"]
+        assert f"ssh_host_vmenv{tag}_key" not in out["ssh"]["out"].split(), out["ssh"]
+    assert out["login"]["code"] == 0, out["login"]
+
+
+# -- 18: every pytest-vmenv state dir on the host is hidden --------------------------------
+def test_host_view_hides_every_state_dir(
+    backend: EmulatorBackend,
+    template: Snapshot,
+    session: Session,
+    state: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another live session's state dir (found through the registry it wrote itself into),
+    root's default one and ``$XDG_STATE_HOME``'s: all empty in a guest, also in a clone of a
+    template built before the other session started."""
+    tag = uuid.uuid4().hex[:8]
+    registry = TEST_ROOT / f"registry-{tag}"
+    registry.mkdir(mode=0o1777)
+    os.chmod(registry, 0o1777)
+    rootdef, xdg, other = (TEST_ROOT / f"{n}-{tag}" for n in ("rootdef", "xdg", "other"))
+    for d in (rootdef, xdg / "pytest-vmenv", other):
+        d.mkdir(parents=True)
+        (d / "canary").write_text("another session's file")
+    monkeypatch.setattr(paths, "REGISTRY", registry, raising=False)
+    monkeypatch.setattr(paths, "ROOT_STATE", rootdef, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(xdg))
+    passwd = TEST_ROOT / f"passwd-{tag}"
+    passwd.write_text(f"root:x:0:0::/root:/bin/sh\nsvc:x:130:130::{other}:/bin/false\n")
+    (other / ".local" / "state" / "pytest-vmenv").mkdir(parents=True)
+    second = EmulatorBackend(state_dir=other)
+    try:
+        snap = second.build_template(MachineSpec(name="other"), "other", session)
+        live = second.clone(snap, MachineSpec(name="other"), session)
+        ref = backend.clone(template, MachineSpec(name="seer"), session)  # built before
+        try:
+            listed = ok(backend, ref, f"ls -A {rootdef} {xdg}/pytest-vmenv {other}")
+            dirs = sorted(f"{d}:" for d in (rootdef, f"{xdg}/pytest-vmenv", other))
+            assert listed.split() == dirs, listed
+            assert sh(backend, ref, f"test -e {other}/emulator/guests/{live.id}").exit_code == 1
+            # found through the registry its first use of its state dir wrote it into
+            assert [p.name for p in paths.registered()] == [other.name]
+            # and a default state dir under an account's home (if its home is not masked)
+            assert f"{str(other)[1:]}/.local/state/pytest-vmenv" in images._state_dirs(passwd)
+        finally:
+            backend.destroy(ref)
+            second.destroy(live)
+            second.remove_template(snap)
+    finally:
+        second.close()
+        for d in (registry, rootdef, xdg, other):
+            shutil.rmtree(d, ignore_errors=True)
+        passwd.unlink()
