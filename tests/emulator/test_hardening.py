@@ -833,3 +833,95 @@ def test_host_view_hides_every_state_dir(
         for d in (registry, rootdef, xdg, other):
             shutil.rmtree(d, ignore_errors=True)
         passwd.unlink()
+
+
+# -- 19: PID 1 never follows a guest's link to its own /proc files -------------------------
+def test_guest_links_to_pid1s_proc_files_reach_nothing_of_the_host(
+    state: Path, template: Snapshot, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """File requests are served by PID 1, whose ``/proc/self`` is itself: a guest's symlink
+    to ``/proc/self/environ`` or ``/proc/self/fd/1`` must not hand a test's read-modify-write
+    pytest's environment, nor let a copy overwrite the host file PID 1 logs to."""
+    secret = f"CANARY{uuid.uuid4().hex}"
+    monkeypatch.setenv("VMENV_TEST_CI_TOKEN", secret)  # before this backend's zygote starts
+    b = EmulatorBackend(state_dir=state)
+    ref = b.clone(template, MachineSpec(name="links"), session)
+    try:
+        for link, target in (
+            ("env.conf", "/proc/self/environ"),
+            ("log.conf", "/proc/self/fd/1"),
+            ("err.conf", "/proc/1/fd/2"),
+            ("exe.conf", "/proc/self/exe"),
+            ("cwd", "/proc/self/cwd"),
+        ):
+            ok(b, ref, f"ln -s {target} /etc/{link}")
+        got = state / "links-got"
+        try:
+            b.copy_out(ref, "/etc/env.conf", got)
+            assert secret not in got.read_text(errors="replace")
+        except BackendError:
+            pass  # refusing the link is fine too
+        log = b.emu_dir / "guests" / ref.id / "boot.log"
+        before = log.read_bytes()
+        src = state / "links-src"
+        src.write_text("overwritten\n")
+        for path in ("/etc/log.conf", "/etc/err.conf", "/etc/exe.conf", "/etc/cwd/etc/x"):
+            with pytest.raises(BackendError):
+                b.copy_in(ref, src, path)
+        for path in ("/etc/log.conf", "/etc/exe.conf"):
+            with pytest.raises(BackendError):
+                b.copy_out(ref, path, got)
+        assert log.read_bytes()[: len(before)] == before  # the host's file is untouched
+        # what a guest path names inside the guest still works, symlinks included
+        ok(b, ref, "mkdir /srv/real && ln -s /srv/real /srv/link && ln -s ../srv/real/f /srv/rel")
+        b.copy_in(ref, src, "/srv/link/f")
+        assert ok(b, ref, "cat /srv/real/f") == "overwritten\n"
+        b.copy_out(ref, "/srv/rel", got)
+        assert got.read_text() == "overwritten\n"
+        assert ok(b, ref, "echo fine") == "fine\n"
+    finally:
+        b.destroy(ref)
+        b.close()
+
+
+@pytest.mark.parametrize("how", ["openat2", "walk"])
+def test_guest_paths_resolve_like_the_guest_means_them(how: str) -> None:
+    """PID 1's resolver (:mod:`.resolve`), with ``openat2`` and with the component walk used
+    where the kernel lacks it, run here on the host's root: symlinks of every kind work,
+    links into /proc and loops are refused."""
+    from pytest_vmenv.emulator import resolve
+
+    if how == "openat2" and not resolve._have_openat2():
+        pytest.skip("this kernel has no openat2")
+    opener = resolve.open_in_root if how == "openat2" else resolve._walk
+    tree = TEST_ROOT / f"resolve-{uuid.uuid4().hex[:8]}"
+    (tree / "real").mkdir(parents=True)
+    (tree / "real" / "f").write_text("found")
+    links = {
+        "abs": f"{tree}/real",
+        "rel": "real/f",
+        "up": f"../{tree.name}/real/f",
+        "chain": "abs/f",
+        "fd": "/proc/self/fd/0",
+        "exe": "/proc/self/exe",
+        "loop1": "loop2",
+        "loop2": "loop1",
+    }
+    for name, target in links.items():
+        os.symlink(target, tree / name)
+    try:
+        paths = [f"{tree}/{p}" for p in ("real/f", "abs/f", "rel", "up", "chain", "abs/../real/f")]
+        for path in [*paths, f"/../..{tree}/rel"]:  # ".." at the root stays there
+            with os.fdopen(opener(path, 0)) as f:
+                assert f.read() == "found", path
+        for path in ("fd", "exe", "loop1"):
+            with pytest.raises(OSError) as info:
+                os.close(opener(f"{tree}/{path}", 0))
+            assert info.value.errno == errno.ELOOP, path
+        fd = opener(f"{tree}/abs/new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        assert stat.S_IMODE((tree / "real" / "new").stat().st_mode) == 0o600
+        with pytest.raises(FileNotFoundError):
+            opener(f"{tree}/missing/x", 0)
+    finally:
+        shutil.rmtree(tree)
