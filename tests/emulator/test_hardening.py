@@ -835,6 +835,43 @@ def test_host_view_hides_every_state_dir(
         passwd.unlink()
 
 
+def test_state_dir_registry_counts_only_what_owners_registered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anyone may add to the registry (a sticky dir), so an entry counts only if its file and
+    the dir it names are the registering user's (root's entries: any dir); stale ones go."""
+    tag = uuid.uuid4().hex[:8]
+    registry, mine, theirs = (TEST_ROOT / f"{n}-{tag}" for n in ("reg", "mine", "theirs"))
+    registry.mkdir(mode=0o1777)
+    os.chmod(registry, 0o1777)
+    for d in (mine, theirs):
+        d.mkdir()
+    os.chown(mine, 1234, 1234)
+    monkeypatch.setattr(paths, "REGISTRY", registry)
+
+    def entry(name: str, text: str, uid: int) -> None:
+        (registry / name).write_text(text + "\n")
+        os.chown(registry / name, uid, uid)
+
+    try:
+        entry("1234-a", str(mine), 1234)  # counts: their own dir
+        entry("1234-b", str(theirs), 1234)  # root's dir, named by another user: ignored
+        entry("0-c", str(mine), 1234)  # claims to be root's entry: ignored
+        entry("0-d", str(TEST_ROOT / f"gone-{tag}"), 0)  # stale: removed
+        os.symlink(registry / "1234-a", registry / "1234-e")  # a link: ignored
+        assert paths.registered() == [mine]
+        assert not (registry / "0-d").exists()
+        paths.register(theirs)  # root registers: counts, and only once
+        paths.register(theirs)
+        assert sorted(paths.registered()) == sorted([mine, theirs])
+        assert len(list(registry.iterdir())) == 5
+        os.chmod(registry, 0o777)  # no longer sticky: not trusted at all
+        assert paths.registered() == []
+    finally:
+        for d in (registry, mine, theirs):
+            shutil.rmtree(d)
+
+
 # -- 19: PID 1 never follows a guest's link to its own /proc files -------------------------
 def test_guest_links_to_pid1s_proc_files_reach_nothing_of_the_host(
     state: Path, template: Snapshot, session: Session, monkeypatch: pytest.MonkeyPatch
