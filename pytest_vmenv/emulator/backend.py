@@ -51,7 +51,7 @@ from . import caches, disk, inventory, layers, userns
 from .base import NAME, EmulatorBase, LimitNotApplied, boundary
 from .control import FILE_IDLE_TIMEOUT, CommandTimedOut, TooLarge
 from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest
-from .images import base_stack, check_image, is_host
+from .images import base_stack, check_image, is_host, refresh_mask
 from .spawner import Zygote
 from .terminal import run_shell
 
@@ -82,6 +82,7 @@ class EmulatorBackend(EmulatorBase):
                 spec.memory,
                 spec.cpus,
                 min(spec.timeout, 60.0),
+                self.pids_max,
             )
         except TimeoutError as exc:
             tail = self._console(guest)
@@ -191,7 +192,7 @@ class EmulatorBackend(EmulatorBase):
     @boundary
     def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
         self._refuse(spec, template=False)
-        stack = layers.stack_of(snapshot)
+        stack = refresh_mask(layers.stack_of(snapshot), self.emu_dir, self.state_dir)
         guest = Guest(
             id=uuid.uuid4().hex[:16],
             name=spec.name,
@@ -315,14 +316,21 @@ class EmulatorBackend(EmulatorBase):
     @boundary
     def revert(self, ref: MachineRef, snapshot: Snapshot) -> None:
         guest = self._own(ref, "revert")
-        stack = layers.stack_of(snapshot)
+        stack = refresh_mask(layers.stack_of(snapshot), self.emu_dir, self.state_dir)
         zygote, cgroups = self._spawner()
         self._net.detach(guest)
         stop_guest(guest)
         guest.stack = stack
         try:
             problems = start_guest(
-                guest, zygote, cgroups, self.emu_dir / "layers", guest.memory, guest.cpus, 60.0
+                guest,
+                zygote,
+                cgroups,
+                self.emu_dir / "layers",
+                guest.memory,
+                guest.cpus,
+                60.0,
+                self.pids_max,
             )
         except BaseException:
             self._destroy(guest.id)

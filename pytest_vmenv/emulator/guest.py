@@ -28,7 +28,9 @@ the guest (transfers, ``/etc/passwd``) is opened non-blocking and must be a regu
 FIFO planted by the guest cannot freeze PID 1.
 
 PID 1 is not dumpable (``PR_SET_DUMPABLE`` 0): guest root cannot ptrace it, read
-``/proc/1/fd`` or ``pidfd_getfd`` its control sockets.
+``/proc/1/fd`` or ``pidfd_getfd`` its control sockets. Guest root cannot change its resource
+limits either (``prlimit``, see :mod:`.seccomp`), and the OOM killer picks a command before
+it (:mod:`.oom`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from . import _sys, guestfiles, rootfs, userns, wire
+from . import _sys, guestfiles, oom, rootfs, userns, wire
 from .guestfiles import login_argv, lookup_user, which
 
 __all__ = ["pid1_main"]
@@ -74,8 +76,11 @@ _PR_SET_DUMPABLE = 4
 class Init:
     """PID 1's state: the control sockets and the running commands."""
 
-    def __init__(self, ctl: socket.socket, wake: int, listener: socket.socket) -> None:
+    def __init__(
+        self, ctl: socket.socket, wake: int, listener: socket.socket, shield: oom.Shield
+    ) -> None:
         self.primary = ctl.fileno()
+        self.shield = shield
         self.wake = wake
         self.listener = listener
         self.kept = False
@@ -219,6 +224,21 @@ class Init:
             return -127
         cwd = msg.get("cwd")
         tty = bool(msg.get("tty"))
+        with self.shield.spawning():
+            return self._start(path, argv, env, ids, cwd, tty, (stdin, stdout, stderr))
+
+    def _start(
+        self,
+        path: str,
+        argv: list[str],
+        env: dict[str, str],
+        ids: tuple[int, int, str, list[int]] | None,
+        cwd: Any,
+        tty: bool,
+        fds: tuple[int, int, int],
+    ) -> int:
+        """posix_spawn when nothing needs doing in the child, else fork + exec."""
+        stdin, stdout, stderr = fds
         if ids is None and cwd is None and not tty:
             try:
                 return os.posix_spawn(
@@ -367,6 +387,7 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
         os.close(null)
         os.close(console)
         rootfs.build_root(cfg)
+        shield = oom.Shield(cfg.get("oom"))  # while /proc/self is still ours to open
         _sys.prctl(_PR_SET_DUMPABLE, 0)  # no ptrace, /proc/1/fd or pidfd_getfd from the guest
         os.environ.clear()
         os.environ.update(PATH=DEFAULT_PATH, HOME="/root", LANG="C.UTF-8")
@@ -375,7 +396,7 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        rootfs.close_fds_except([ctl.fileno(), rfd, wfd, listener.fileno()])
+        rootfs.close_fds_except([ctl.fileno(), rfd, wfd, listener.fileno(), shield.fd])
         os.write(1, f"vmenv: guest {cfg['hostname']} up\n".encode())
         wire.send(ctl, {"ready": True, "pid": host_pid})
     except BaseException:  # noqa: BLE001 - any boot failure is reported, then PID 1 exits
@@ -385,4 +406,4 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
             wire.send(ctl, {"error": text[-4000:]})
         finally:
             os._exit(1)
-    Init(ctl, rfd, listener).serve()
+    Init(ctl, rfd, listener, shield).serve()

@@ -3,8 +3,9 @@
 Runs in the guest's PID 1 after ``pivot_root``, so every path resolves inside the guest.
 Every file is opened non-blocking and must be a regular file (:func:`_open_regular`): a FIFO
 the guest planted (at a transfer's path, or as ``/etc/passwd``) is refused instead of
-freezing PID 1. Transfer data comes and goes through a pipe from the host (see
-:meth:`.control.Conn.transfer`), so PID 1 never holds a host file.
+freezing PID 1. Paths resolve inside the guest's root and never through a magic link such
+as ``/proc/self/fd/1`` (:mod:`.resolve`). Transfer data comes and goes through a pipe from
+the host (see :meth:`.control.Conn.transfer`), so PID 1 never holds a host file.
 
 A ``get`` with ``"extents": true`` sends the file as frames, each a header :data:`FRAME`
 (offset, length) and that many bytes: only the data the filesystem reports
@@ -24,6 +25,8 @@ import struct
 from collections.abc import Mapping
 from typing import Any
 
+from .resolve import open_in_root
+
 __all__ = ["FRAME", "file_op", "login_argv", "lookup_user", "which"]
 
 FRAME = struct.Struct("<QQ")
@@ -33,7 +36,7 @@ _CHUNK = 1 << 20
 
 def _open_regular(path: str, flags: int, mode: int = 0o644) -> tuple[int, os.stat_result]:
     """Open a guest file without blocking (a FIFO would), refusing anything but a file."""
-    fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode)
+    fd = open_in_root(path, flags | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC, mode)
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):

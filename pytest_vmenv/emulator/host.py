@@ -31,7 +31,7 @@ from typing import Any
 
 from ..backend import process_start
 from . import console, disk, userns, wire
-from .cgroups import Cgroups, GuestGroups
+from .cgroups import DEFAULT_PIDS_MAX, Cgroups, GuestGroups
 from .control import Conn
 from .spawner import Zygote
 
@@ -207,6 +207,7 @@ def start_guest(
     memory: int | None,
     cpus: int | None,
     timeout: float,
+    pids: int | None = DEFAULT_PIDS_MAX,
 ) -> list[str]:
     """Create the guest's dirs and cgroups, fork it, wait for ready. Returns limit problems.
 
@@ -223,7 +224,7 @@ def start_guest(
     if rootless:  # no cgroups in the user-namespace mode (see .userns)
         groups, problems = GuestGroups(), userns.limit_problems(memory, cpus)
     else:
-        groups, problems = cgroups.create(guest.id, memory, cpus)
+        groups, problems = cgroups.create(guest.id, memory, cpus, pids)
     guest.groups = groups
     guest.save()
     if guest.disk is not None and rootless:

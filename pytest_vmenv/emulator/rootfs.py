@@ -30,6 +30,7 @@ HOST_BASE = "@host"
 # FSETID 4, KILL 5, SETGID 6, SETUID 7, SETPCAP 8, NET_BIND_SERVICE 10, NET_RAW 13,
 # SYS_CHROOT 18, AUDIT_WRITE 29, SETFCAP 31.
 DOCKER_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31})
+CAP_SYS_RESOURCE = 24
 
 _DEVICES = {
     "null": (1, 3),
@@ -166,7 +167,9 @@ def build_root(cfg: Mapping[str, Any]) -> None:
     layers, top first; :data:`HOST_BASE` for the host's /),
     ``layers_root`` (directory relative stack entries are resolved from), ``hostname``,
     ``console`` (file bound on ``/dev/console``), ``userns`` (``[uid, gid]`` when PID 1 is in
-    the unprivileged mode's user namespace, see :mod:`.userns`; absent as root).
+    the unprivileged mode's user namespace, see :mod:`.userns`; absent as root), ``oom``
+    (see :mod:`.oom`: when ``shielded``, PID 1 keeps CAP_SYS_RESOURCE for itself, outside
+    the bounding set, to move its ``oom_score_adj`` around each spawn).
     """
     _sys.mount("none", "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
     root = f"{cfg['gdir']}/root"
@@ -185,7 +188,8 @@ def build_root(cfg: Mapping[str, Any]) -> None:
     _sys.umount2(".", _sys.MNT_DETACH)
     os.chdir("/")
     seccomp.install()  # while CAP_SYS_ADMIN is still held: no no_new_privs, so sudo works
-    _sys.drop_capabilities(DOCKER_CAPS)
+    shielded = bool((cfg.get("oom") or {}).get("shielded"))
+    _sys.drop_capabilities(DOCKER_CAPS, frozenset({CAP_SYS_RESOURCE} if shielded else ()))
 
 
 def close_fds_except(keep: Sequence[int]) -> None:

@@ -38,7 +38,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from . import _sys, console, guest, rootfs, userns, wire
+from . import _sys, console, guest, oom, rootfs, userns, wire
 
 __all__ = ["GUEST_NAMESPACES", "main"]
 
@@ -66,6 +66,7 @@ def _keeper(cfg: Mapping[str, Any], cgroups: list[str], ctl_fd: int, zygote: int
         for procs in cgroups:
             with open(procs, "w", encoding="ascii") as f:
                 f.write("0")
+        cfg = {**cfg, "oom": oom.probe()}  # before any user namespace (see .oom)
         ids = cfg.get("userns")
         if ids is not None:  # unprivileged: a user namespace owns the others (see .userns)
             userns.enter(int(ids[0]), int(ids[1]))
