@@ -92,7 +92,7 @@ class Guest:
             "ip": self.ip,
             "network": self.network,
             "snapshots": self.snapshots,
-            "cgroups": [str(d) for d in self.groups.dirs],
+            "cgroups": [str(d) for d in self.groups.leaves],
             "groups": self.groups.to_json(),
         }
 
@@ -221,8 +221,18 @@ def start_guest(
     guest.pid = guest.keeper = 0
     guest.save()  # labels first: a half-created guest is always found
     rootless = userns.rootless()
-    if rootless:  # no cgroups in the user-namespace mode (see .userns)
-        groups, problems = GuestGroups(), userns.limit_problems(memory, cpus)
+    if rootless:  # delegated cgroups only, and RLIMIT_NPROC (see .userns)
+        has = {c: cgroups.offers(c) for c in ("memory", "cpu", "pids")}
+        problems = userns.limit_problems(
+            None if has["memory"] else memory, None if has["cpu"] else cpus
+        )
+        groups, more = cgroups.create(
+            guest.id,
+            memory if has["memory"] else None,
+            cpus if has["cpu"] else None,
+            pids if has["pids"] else None,
+        )
+        problems += more
     else:
         groups, problems = cgroups.create(guest.id, memory, cpus, pids)
     guest.groups = groups
@@ -254,6 +264,8 @@ def start_guest(
     }
     if rootless:
         cfg["userns"] = [os.getuid(), os.getgid()]
+        if pids is not None:
+            cfg["nproc"] = pids
     mine, theirs = wire.socketpair()
     try:
         guest.keeper = zygote.spawn(cfg, groups.procs_files(), theirs.fileno())

@@ -11,8 +11,9 @@ with the guest end of its control socket attached; the answer is ``{"ok": true, 
 ``ready`` (with PID 1's host pid) on its control socket. ``{"op": "keep", "pid": N}`` marks
 keeper N as kept (``--vm-keep``); the answer is ``{"ok": true}``.
 
-Process chain: zygote -> keeper (host PID namespace, joins the guest's cgroups, unshares the
-namespaces; unprivileged, a user namespace first, see :mod:`.userns`) -> PID 1 of the new
+Process chain: zygote -> keeper (host PID namespace, joins the guest's leaf cgroups, see
+:mod:`.cgroups`, then unshares the namespaces, the cgroup namespace among them: its root is
+that leaf; unprivileged, a user namespace first, see :mod:`.userns`) -> PID 1 of the new
 PID namespace. Each link has ``PR_SET_PDEATHSIG=SIGKILL``
 on its parent, and the zygote kills every keeper that is not kept when its own socket
 reaches end-of-file (pytest exited or died), so no guest outlives the process that made it
@@ -69,7 +70,7 @@ def _keeper(cfg: Mapping[str, Any], cgroups: list[str], ctl_fd: int, zygote: int
         cfg = {**cfg, "oom": oom.probe()}  # before any user namespace (see .oom)
         ids = cfg.get("userns")
         if ids is not None:  # unprivileged: a user namespace owns the others (see .userns)
-            userns.enter(int(ids[0]), int(ids[1]))
+            userns.enter(int(ids[0]), int(ids[1]), cfg.get("nproc"))
             _sys.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # kept, but a new cred: re-arm
             if os.getppid() != zygote:
                 os._exit(1)
