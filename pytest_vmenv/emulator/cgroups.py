@@ -568,9 +568,7 @@ class Cgroups:
                 _write(groups.v2 / v2_file, v2_value)
                 return []
             v1 = groups._v1(ctrl)
-            if v1 is not None:
-                if ctrl == "cpu":
-                    _write(v1 / "cpu.cfs_period_us", str(_PERIOD))
+            if v1 is not None:  # a new group's cpu.cfs_period_us is already _PERIOD
                 _write(v1 / v1_file, v1_value)
                 return []
         except OSError as exc:

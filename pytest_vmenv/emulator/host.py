@@ -221,22 +221,21 @@ def start_guest(
     guest.pid = guest.keeper = 0
     guest.save()  # labels first: a half-created guest is always found
     rootless = userns.rootless()
+    problems: list[str] = []
+    nproc = pids  # unprivileged, RLIMIT_NPROC in the guest's user namespace either way
     if rootless:  # delegated cgroups only, and RLIMIT_NPROC (see .userns)
         has = {c: cgroups.offers(c) for c in ("memory", "cpu", "pids")}
-        problems = userns.limit_problems(
+        problems += userns.limit_problems(
             None if has["memory"] else memory, None if has["cpu"] else cpus
         )
-        groups, more = cgroups.create(
-            guest.id,
-            memory if has["memory"] else None,
-            cpus if has["cpu"] else None,
-            pids if has["pids"] else None,
-        )
-        problems += more
-    else:
-        groups, problems = cgroups.create(guest.id, memory, cpus, pids)
-    guest.groups = groups
-    guest.save()
+        memory, cpus = (memory if has["memory"] else None), (cpus if has["cpu"] else None)
+        pids = pids if has["pids"] else None
+
+    def make_groups() -> None:  # while the zygote forks the keeper, which waits for them
+        guest.groups, more = cgroups.create(guest.id, memory, cpus, pids)
+        problems.extend(more)
+        guest.save()
+
     if guest.disk is not None and rootless:
         problems.append(
             "the disk limit is not applied: pytest runs unprivileged and the emulator's "
@@ -252,6 +251,7 @@ def start_guest(
     prefix = f"{layers_root}/"
     stack = [s[len(prefix) :] if s.startswith(prefix) else s for s in guest.stack]
     cfg: dict[str, Any] = {
+        "go": True,
         "gdir": str(guest.dir),
         "stack": stack,
         "layers_root": str(layers_root),
@@ -264,19 +264,20 @@ def start_guest(
     }
     if rootless:
         cfg["userns"] = [os.getuid(), os.getgid()]
-        if pids is not None:
-            cfg["nproc"] = pids
+        if nproc is not None:
+            cfg["nproc"] = nproc
     mine, theirs = wire.socketpair()
     try:
-        guest.keeper = zygote.spawn(cfg, groups.procs_files(), theirs.fileno())
+        guest.keeper = zygote.spawn(cfg, [], theirs.fileno(), meanwhile=make_groups)
+        guest.keeper_start = process_start(guest.keeper)
+        guest.zygote = zygote.pid or 0
+        guest.save()
+        wire.send(mine, {"op": "go", "cgroups": guest.groups.procs_files()})
     except BaseException:
         mine.close()
         raise
     finally:
         theirs.close()
-    guest.keeper_start = process_start(guest.keeper)
-    guest.zygote = zygote.pid or 0
-    guest.save()
     guest.conn = Conn(mine)
     if not readable(mine.fileno(), timeout):
         raise TimeoutError(f"guest {guest.name!r} was not ready within {timeout:g}s")

@@ -7,7 +7,10 @@ to work at once.
 
 Protocol (SEQPACKET, :mod:`wire`): ``{"op": "spawn", "cfg": {...}, "cgroups": [paths]}``
 with the guest end of its control socket attached; the answer is ``{"ok": true, "pid": N}``
-(N is the guest's keeper process) or ``{"error": "..."}``. The guest itself reports
+(N is the guest's keeper process) or ``{"error": "..."}``. With ``cfg["go"]`` the keeper
+first waits for ``{"op": "go", "cgroups": [paths]}`` on that control socket: the host makes
+the guest's cgroups while the zygote forks (a fork of it costs about as much), and the
+keeper joins what was made. The guest itself reports
 ``ready`` (with PID 1's host pid) on its control socket. ``{"op": "keep", "pid": N}`` marks
 keeper N as kept (``--vm-keep``); the answer is ``{"ok": true}``.
 
@@ -29,6 +32,7 @@ arrives into the size-capped ``console.log`` (see :mod:`.console`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
@@ -64,6 +68,11 @@ def _keeper(cfg: Mapping[str, Any], cgroups: list[str], ctl_fd: int, zygote: int
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         rootfs.close_fds_except([ctl_fd])
+        if cfg.get("go"):  # the host made our cgroups while we were forked: their list
+            go = json.loads(os.read(ctl_fd, 65536) or b"{}")
+            if go.get("op") != "go":
+                os._exit(1)
+            cgroups = [str(p) for p in go.get("cgroups", [])]
         for procs in cgroups:
             with open(procs, "w", encoding="ascii") as f:
                 f.write("0")
