@@ -146,6 +146,12 @@ def hierarchies(
     return sorted(found.values(), key=lambda h: (not h.v2, h.name))
 
 
+def _listed(cgroup_file: str = "/proc/self/cgroup") -> list[str]:
+    """The names of every hierarchy this process is in ("" for cgroup2)."""
+    with open(cgroup_file, encoding="utf-8") as f:
+        return [parts[1] for parts in (ln.split(":", 2) for ln in f) if len(parts) == 3]
+
+
 def delegated(group: Path, uid: int | None = None) -> bool:
     """Whether ``group`` is delegated to ``uid`` (default: this process's effective uid):
     owned by it, and it may make groups in it and move processes through it."""
@@ -191,7 +197,7 @@ def v2_base(h: Hierarchy, wanted: Iterable[str], rootless: bool) -> Path:
 
 
 def _label(h: Hierarchy) -> str:
-    return "cgroup v2" if h.v2 else f"cgroup v1 {h.name}"
+    return "cgroup v2 hierarchy" if h.v2 else f"cgroup v1 {h.name} hierarchy"
 
 
 def _write(path: Path, value: str) -> None:
@@ -409,6 +415,13 @@ class Cgroups:
         self.parents: dict[str, Path] = {}  # hierarchy name -> its pytest-vmenv group
         self.v2_controllers: set[str] = set()
         self.skipped: list[str] = []  # hierarchies the guest cannot have a group in, and why
+        if found is None:  # listed in /proc/self/cgroup, but not mounted here
+            mounted = {h.name for h in self.hierarchies}
+            self.skipped += [
+                f"{_label(Hierarchy(name, Path('/')))}: it is not mounted here"
+                for name in _listed()
+                if name not in mounted
+            ]
         self._prepared = False
         self._plan: dict[str, Path] | None = None
 

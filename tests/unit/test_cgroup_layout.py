@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from pytest_vmenv.emulator import cgroups
 from pytest_vmenv.emulator.cgroups import Hierarchy, hierarchies, v2_base
 
 HYBRID_CGROUP = """\
@@ -87,3 +90,21 @@ def test_v2_groups_stay_in_our_group_when_no_ancestor_has_the_controllers(
     _tree(tmp_path, {"": ("memory pids", ""), "a": ("", ""), "a/b": ("", "")})
     h = Hierarchy("", tmp_path, "/a/b")
     assert v2_base(h, ("memory", "cpu", "pids"), rootless=False) == tmp_path / "a" / "b"
+
+
+def test_a_hierarchy_the_guest_gets_no_group_in_is_a_problem(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Listed in /proc/self/cgroup but not mounted here: the guest's cgroup namespace there
+    is pytest's group, which the backend warns about (as root)."""
+    monkeypatch.setattr(cgroups, "hierarchies", lambda: [Hierarchy("", tmp_path, "/")])
+    monkeypatch.setattr(cgroups, "_listed", lambda: ["", "misc", "name=systemd"])
+    groups, problems = cgroups.Cgroups(rootless=False).create("g1", None, None, None)
+    assert groups.leaves == [tmp_path / "pytest-vmenv" / "g1" / "guest"]
+    assert problems == [
+        "no group of the guest's own in the cgroup v1 misc hierarchy: it is not mounted here",
+        "no group of the guest's own in the cgroup v1 name=systemd hierarchy: it is not "
+        "mounted here",
+    ]
+    unprivileged = cgroups.Cgroups(rootless=True)
+    assert unprivileged.create("g2", None, None, None)[1] == []  # only delegated ones count
