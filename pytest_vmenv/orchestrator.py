@@ -53,18 +53,23 @@ def _file_identity(value: str) -> Any:
 
 
 def template_key(spec: MachineSpec) -> str:
-    """Hash of what shapes a template's disk: backend, image identity, provision, disk size."""
+    """Hash of what shapes a template's disk: backend, image identity, provision, disk size,
+    the packages baked into a built image and the init it boots."""
     image_config = {
         k: _file_identity(v) if isinstance(v, str) and os.path.isabs(v) else v
         for k, v in sorted(spec.image_config.items())
     }
-    shape = {
+    shape: dict[str, Any] = {
         "backend": spec.backend,
         "image": spec.image,
         "image_config": image_config,
         "provision": [list(p) if isinstance(p, tuple) else p for p in spec.provision],
         "disk": spec.disk,
     }
+    if spec.packages:  # only when set: the keys of specs without them stay as they were
+        shape["packages"] = sorted(spec.packages)
+    if spec.init is not None:
+        shape["init"] = spec.init
     data = json.dumps(shape, sort_keys=True, default=str).encode()
     return hashlib.sha256(data).hexdigest()[:20]
 

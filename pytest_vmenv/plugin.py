@@ -59,7 +59,8 @@ __all__ = [
 
 VM_MARKER = (
     'vm(image="host", *, name="vm", backend=None, cpus=1, memory="512M", disk=None, '
-    'network=None, provision=(), ready=None, scope="function", isolation="clone", '
+    'network=None, packages=(), init=None, provision=(), ready=None, scope="function", '
+    'isolation="clone", '
     "timeout=300, labels=None): give the test a machine (fixtures vm, vms); several marks "
     "with distinct names make one environment"
 )
