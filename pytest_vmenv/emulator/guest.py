@@ -29,6 +29,16 @@ FIFO planted by the guest cannot freeze PID 1.
 
 PID 1 is not dumpable (``PR_SET_DUMPABLE`` 0): guest root cannot ptrace it, read
 ``/proc/1/fd`` or ``pidfd_getfd`` its control sockets.
+
+With ``init="systemd"`` the root is built the same way (plus what systemd needs, see
+:func:`.rootfs.build_root`), then PID 1 forks: the child is the *agent*, which serves the
+control sockets exactly as PID 1 does otherwise (still not dumpable, under the same seccomp
+filter and capability bounds), and PID 1 closes every host descriptor and execs systemd with
+``container=vmenv`` (systemd.io/CONTAINER_INTERFACE). systemd moves the agent into
+``init.scope`` with itself; orphans are reaped by systemd. The agent is an ordinary process
+of the guest: the guest's root may kill it, which only cuts the guest's own control channel.
+When the primary socket closes, the agent exits and the host kills PID 1 (the kernel then
+kills the PID namespace).
 """
 
 from __future__ import annotations
@@ -352,6 +362,43 @@ def _listen(gdir: str) -> socket.socket:
     return listener
 
 
+_SYSTEMD = ("/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+
+
+def _exec_systemd(path: str, cfg: Mapping[str, Any]) -> None:
+    """Become systemd (in PID 1, after the agent was forked): no host descriptor is left,
+    stdout and stderr are the guest's console, signals are back to their defaults."""
+    try:
+        console = os.open("/dev/console", os.O_WRONLY | os.O_APPEND | os.O_NOCTTY)
+        os.dup2(console, 1)
+        os.dup2(console, 2)
+        rootfs.close_fds_except([])
+        for sig in (*_RESET_SIGNALS, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        env = {"container": "vmenv", "PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
+        if cfg.get("machine_id"):
+            env["container_uuid"] = str(cfg["machine_id"])
+        os.execve(path, [path], env)
+    except BaseException as exc:  # noqa: BLE001 - PID 1 must never return into the agent's code
+        with contextlib.suppress(OSError):
+            os.write(2, f"vmenv: cannot exec {path}: {exc}\n".encode())
+    os._exit(127)
+
+
+def _fork_agent(cfg: Mapping[str, Any]) -> None:
+    """For a systemd guest: fork the agent (which returns here) and exec systemd in PID 1."""
+    path = next((p for p in _SYSTEMD if os.path.isfile(p)), None)
+    if path is None:
+        raise OSError(
+            "init='systemd', but the image has no /lib/systemd/systemd: install systemd-sysv "
+            "in it, or use init='none'"
+        )
+    if os.fork() != 0:
+        _exec_systemd(path, cfg)
+    _sys.set_comm("vmenv-agent")
+
+
 def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
     """Become the guest: build the root, report ready (or the error), serve until EOF."""
     ctl = socket.socket(fileno=ctl_fd)
@@ -368,6 +415,8 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
         os.close(console)
         rootfs.build_root(cfg)
         _sys.prctl(_PR_SET_DUMPABLE, 0)  # no ptrace, /proc/1/fd or pidfd_getfd from the guest
+        if cfg.get("init") == "systemd":
+            _fork_agent(cfg)
         os.environ.clear()
         os.environ.update(PATH=DEFAULT_PATH, HOME="/root", LANG="C.UTF-8")
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)

@@ -1,5 +1,8 @@
 """Images: what a guest's bottom layers are, and how a tarball becomes a rootfs safely.
 
+* a recipe (``"debian-12"``, ``[images.NAME] base = ...``): the tree built from the Debian
+  archive, shared by every backend (``<state>/images/<key>/rootfs``, see
+  :mod:`pytest_vmenv.images`), used as the bottom layer as it is;
 * ``"host"``: a read-only view of the host's ``/`` (:data:`rootfs.HOST_BASE`, mounted per
   guest), under a *mask layer* of opaque directories so that the host's ``/tmp``, ``/run``,
   home directories and the plugin's state dir look empty (and stay writable in the guest).
@@ -35,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import BackendUnavailable, ConfigError
+from ..images import ImageCache, Recipe
 from . import userns
 from .rootfs import HOST_BASE
 
@@ -207,9 +211,19 @@ def is_host(spec_image: str, image_config: Mapping[str, Any]) -> bool:
 
 
 def base_stack(
-    spec_image: str, image_config: Mapping[str, Any], emu_dir: Path, state: Path
+    spec_image: str,
+    image_config: Mapping[str, Any],
+    emu_dir: Path,
+    state: Path,
+    recipe: Recipe | None = None,
 ) -> list[str]:
-    """The bottom of a guest's layer stack (top first) for an image."""
+    """The bottom of a guest's layer stack (top first) for an image.
+
+    A ``recipe`` (a Debian image, see :mod:`pytest_vmenv.images`) is its built tree, built
+    now if it is not cached yet.
+    """
+    if recipe is not None:
+        return [str(ImageCache(state).ensure(recipe))]
     rootfs = image_config.get("rootfs")
     if is_host(spec_image, image_config):
         if userns.rootless():
@@ -222,7 +236,7 @@ def base_stack(
         return [str(unpack_tarball(candidate.resolve(), emu_dir))]
     raise ConfigError(
         f"emulator: image {spec_image!r} (rootfs={rootfs!r}) is neither 'host', a rootfs "
-        f"directory nor a tarball ({', '.join(_TAR_SUFFIXES)}). Choose one of: 'host', a path "
-        "to a rootfs directory or tarball, or [tool.vmenv.images.NAME] emulator = "
-        "{ rootfs = PATH }"
+        f"directory nor a tarball ({', '.join(_TAR_SUFFIXES)}). Choose one of: 'host', "
+        "'debian-12', a path to a rootfs directory or tarball, or [tool.vmenv.images.NAME] "
+        "emulator = { rootfs = PATH }"
     )

@@ -98,6 +98,12 @@ def mmdebstrap_argv(recipe: Recipe, mirrors: Sequence[str], target: Path) -> lis
     return [*argv, "--", recipe.suite, str(target), *mirrors]
 
 
+def _step(text: str) -> str:
+    """A step as shown: ``running --customize-hook in shell: sh -c '...'`` is ``running
+    --customize-hook``; at most 80 characters."""
+    return re.sub(r"^(running --[a-z-]+).*", r"\1", text)[:80]
+
+
 def _kill(proc: subprocess.Popen[bytes]) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.killpg(proc.pid, signal.SIGKILL)
@@ -157,8 +163,8 @@ def build_tree(
                         if found:
                             missing.append(found.group(1) or found.group(2))
                         match = _STEP.match(text)
-                        if match and match.group(1) != step:
-                            step = match.group(1)
+                        if match and _step(match.group(1)) != step:
+                            step = _step(match.group(1))
                             publish(BuildEvent(image, key, "building", step, elapsed))
             code = proc.wait()
         except BaseException:

@@ -203,7 +203,8 @@ class ImageCache:
         """Every complete image and every build dir (running or torn)."""
         found: list[BuiltImage] = []
         try:
-            entries = sorted(p for p in self.root.iterdir() if p.is_dir() and not p.is_symlink())
+            root = self.state_dir / "images"
+            entries = sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink())
         except OSError:
             return found
         for path in entries:
@@ -229,7 +230,7 @@ class ImageCache:
     def remove(self, image: BuiltImage) -> None:
         """Remove an image (or a torn build): BackendError if it is being built now."""
         name = image.path.name
-        if image.path.parent != self.root or not (
+        if image.path.parent != self.state_dir / "images" or not (
             (image.complete and name == image.key) or name.startswith((".build-", ".rm-"))
         ):
             raise BackendError(f"refusing to remove {image.path}: not an image of {self.root}")
