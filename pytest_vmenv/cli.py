@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -34,6 +35,7 @@ from .errors import BackendUnavailable, ConfigError, VmenvError
 from .images import (
     BASES,
     INITS,
+    BuildEvent,
     ImageCache,
     LinePrinter,
     Recipe,
@@ -355,8 +357,9 @@ def _stderr_line(text: str) -> None:
     sys.stderr.flush()
 
 
-def _status_line(text: str) -> None:
-    sys.stderr.write("\r" + text + "\x1b[K")
+def _status_line(event: BuildEvent) -> None:
+    width = shutil.get_terminal_size().columns - 1  # a wrapped line cannot be rewritten
+    sys.stderr.write("\r" + event.status(width) + "\x1b[K")
     sys.stderr.flush()
 
 

@@ -178,8 +178,8 @@ class EmulatorBackend(EmulatorBase):
             return None
         return (
             f"unprivileged, uid {os.geteuid()}: rootfs directory and tarball images only; "
-            "image='host', Debian images, init='systemd' and network= need root; memory and "
-            "cpus limits are not applied"
+            "image='host' and network= need root, as do Debian images and init='systemd'; "
+            "memory and cpus limits are not applied"
         )
 
     def _refuse(self, spec: MachineSpec, *, template: bool) -> None:

@@ -60,6 +60,15 @@ class BuildEvent:
         }.get(self.state, self.state)
         return f"vmenv: {what} {self.image} [{self.key[:12]}] {self.elapsed:.0f}s: {self.step}"
 
+    def status(self, width: int) -> str:
+        """The event as a status line of at most ``width`` characters: the image's name is
+        shortened first, so that the elapsed time and the step stay readable."""
+        what = "waiting for" if self.state == "waiting" else "building"
+        tail = f" {self.elapsed:.0f}s: {self.step}"
+        room = max(12, width - len(f"vmenv: {what} ") - len(tail))
+        image = self.image if len(self.image) <= room else self.image[: room - 3] + "..."
+        return f"vmenv: {what} {image}{tail}"[:width]
+
 
 def subscribe(callback: Callable[[BuildEvent], None]) -> Callable[[], None]:
     """Call ``callback`` with every event from now on; returns the unsubscribe function."""
@@ -88,14 +97,15 @@ def publish(event: BuildEvent) -> None:
 
 
 class LinePrinter:
-    """Turns events into output: ``status(text)`` rewrites a status line (a terminal),
-    ``line(text)`` writes a whole line. With ``status`` None, lines are written at every
-    new step or state and at least every :data:`HEARTBEAT` seconds (a log, a CI job)."""
+    """Turns events into output: ``status(event)`` rewrites a status line (a terminal; see
+    :meth:`BuildEvent.status`), ``line(text)`` writes a whole line (the result, on a terminal).
+    With ``status`` None, lines are written at every new step or state and at least every
+    :data:`HEARTBEAT` seconds (a log, a CI job)."""
 
     def __init__(
         self,
         line: Callable[[str], None],
-        status: Callable[[str], None] | None = None,
+        status: Callable[[BuildEvent], None] | None = None,
         heartbeat: float = HEARTBEAT,
     ) -> None:
         self._line = line
@@ -111,7 +121,7 @@ class LinePrinter:
             self._line(event.text())
             return
         if self._status is not None:
-            self._status(event.text())
+            self._status(event)
             self._last[event.key] = (event.state, event.step, now)
             return
         if (event.state, event.step) != (state, step) or now - when >= self._heartbeat:

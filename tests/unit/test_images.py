@@ -219,12 +219,20 @@ def test_progress_lines_at_each_step_and_heartbeat_without_a_terminal() -> None:
 def test_progress_on_a_terminal_is_one_status_line() -> None:
     lines: list[str] = []
     statuses: list[str] = []
-    printer = LinePrinter(lines.append, statuses.append)
+    printer = LinePrinter(lines.append, lambda event: statuses.append(event.status(79)))
     for i, step in enumerate(["downloading packages", "downloading packages", "extracting"]):
         printer(_event(step, i, tick=i == 1))
     printer(_event("in 3.0s", 3, state="built"))
-    assert len(statuses) == 3 and statuses[1].endswith("1s: downloading packages")
-    assert len(lines) == 1 and "built image" in lines[0]
+    assert statuses[1] == "vmenv: building debian-12 + cron (systemd) 1s: downloading packages"
+    assert len(statuses) == 3 and len(lines) == 1 and "built image" in lines[0]
+
+
+def test_status_line_shortens_the_image_to_keep_time_and_step() -> None:
+    many = BuildEvent("debian-12 + " + ", ".join(f"pkg{i}" for i in range(30)) + " (systemd)",
+                      "k" * 24, "building", "installing remaining packages", 42.0)  # fmt: skip
+    line = many.status(79)
+    assert len(line) == 79 and line.endswith("... 42s: installing remaining packages")
+    assert line.startswith("vmenv: building debian-12 + pkg0, pkg1")
 
 
 def test_builder_problem_names_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
