@@ -23,7 +23,7 @@ import pytest
 from pytest_vmenv.backend import MachineRef, Result, Session, Snapshot
 from pytest_vmenv.emulator import EmulatorBackend
 from pytest_vmenv.emulator.rootfs import DOCKER_CAPS
-from pytest_vmenv.errors import ConfigError
+from pytest_vmenv.errors import BackendError, ConfigError
 from pytest_vmenv.images import ImageCache, Recipe, builder_problem
 from pytest_vmenv.paths import state_dir
 from pytest_vmenv.spec import MachineSpec
@@ -207,6 +207,39 @@ def test_agent_and_systemd_keep_the_hardening(backend: EmulatorBackend, guest: M
     assert {f for f in agent_fds if f.startswith("socket:")}, agent_fds
     assert not systemd_fds & {f for f in agent_fds if f.startswith("socket:")}
     assert not [f for f in systemd_fds if f.startswith(str(state_dir()))], systemd_fds
+
+
+def test_files_and_a_planted_fifo_through_the_agent(
+    backend: EmulatorBackend, guest: MachineRef, tmp_path: Path
+) -> None:
+    src = tmp_path / "in.txt"
+    src.write_text("to the guest\n")
+    backend.copy_in(guest, src, "/root/in.txt")
+    assert ok(backend, guest, "cat /root/in.txt") == "to the guest\n"
+    backend.copy_out(guest, "/etc/os-release", tmp_path / "os-release")
+    assert "bookworm" in (tmp_path / "os-release").read_text()
+    ok(backend, guest, "mkfifo /root/fifo")
+    with pytest.raises(BackendError, match="not a regular file"):
+        backend.copy_out(guest, "/root/fifo", tmp_path / "fifo-out")
+    assert ok(backend, guest, "echo alive") == "alive\n"
+
+
+def test_kept_systemd_guest_is_reached_and_destroyed_from_another_backend(
+    backend: EmulatorBackend, systemd_template: Snapshot, session: Session
+) -> None:
+    ref = backend.clone(systemd_template, _spec(SYSTEMD, name="kept"), session)
+    backend.keep(ref)
+    other = EmulatorBackend(state_dir=state_dir())
+    try:
+        (found,) = [r for r in other.owned(session.id) if r.id == ref.id]
+        assert found.kept
+        r = other.execute(found, ["systemctl", "is-system-running"], timeout=30)
+        assert r.stdout.strip() == "running"
+        other.destroy(found)
+        assert not list(r for r in other.owned(session.id) if r.id == ref.id)
+    finally:
+        other.close()
+        backend.destroy(ref)
 
 
 def test_systemd_sees_only_its_own_cgroup_subtree(
@@ -453,7 +486,9 @@ def _vmenv(*args: str) -> subprocess.CompletedProcess[str]:
     )  # fmt: skip
 
 
-def test_vmenv_images_build_and_list(images: ImageCache, systemd_image: Path) -> None:
+def test_vmenv_images_build_and_list(
+    images: ImageCache, systemd_image: Path, tmp_path: Path
+) -> None:
     before = len(images.builds())
     built = _vmenv("images", "build", "debian-12", "--packages", "cron")
     assert built.returncode == 0, built.stderr
@@ -464,6 +499,14 @@ def test_vmenv_images_build_and_list(images: ImageCache, systemd_image: Path) ->
         rf"^image\s+-\s+[\d.]+ MiB\s+\S+\s+images/{images.key(SYSTEMD)}\s+debian-12 \+ cron "
         r"\(systemd\), built with mmdebstrap", listing, re.M
     ), listing  # fmt: skip
+    (tmp_path / "vmenv.toml").write_text(
+        '[images.cronbox]\nbase = "debian-12"\npackages = ["cron"]\n'
+    )
+    named = subprocess.run(
+        [sys.executable, "-m", "pytest_vmenv", "images", "build", "cronbox"],
+        capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )  # fmt: skip
+    assert named.returncode == 0 and named.stdout == built.stdout, named.stderr
     unknown = _vmenv("images", "build", "debian-99")
     assert unknown.returncode == 2
     assert "no image 'debian-99' to build. Choose one of: debian-12" in unknown.stderr
