@@ -6,6 +6,12 @@ root, ``--mode=unshare`` otherwise (a user namespace with the subordinate ids of
 copies in (``/etc/hostname``, ``/etc/resolv.conf``) are emptied by customize hooks, so a tree
 depends on its recipe and archive only. The builder's output is kept in the build's log;
 its ``I:`` lines are the steps shown while it runs.
+
+A build never outlives the thread that started it, nor leaves mounts behind: the builder runs
+under ``setpriv --pdeathsig KILL``, and as root inside ``unshare --mount --propagation private
+--pid --fork --kill-child`` (``--mode=root`` mounts ``/proc``, ``/sys`` and ``/dev/pts`` in the
+tree while it installs; in a private mount namespace they vanish with it, and the PID
+namespace takes apt and dpkg down with mmdebstrap).
 """
 
 from __future__ import annotations
@@ -95,7 +101,18 @@ def mmdebstrap_argv(recipe: Recipe, mirrors: Sequence[str], target: Path) -> lis
     if includes:
         argv.append(f"--include={','.join(includes)}")
     argv += [f"--customize-hook={hook}" for hook in _HOOKS]
-    return [*argv, "--", recipe.suite, str(target), *mirrors]
+    return [*_confined(), *argv, "--", recipe.suite, str(target), *mirrors]
+
+
+def _confined() -> list[str]:
+    """The wrapper that ties a build's life and mounts to its caller (module docstring)."""
+    prefix = []
+    if shutil.which("setpriv"):
+        prefix += ["setpriv", "--pdeathsig", "KILL", "--"]
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        prefix += ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
+                   "--kill-child", "--"]  # fmt: skip
+    return prefix
 
 
 def _step(text: str) -> str:

@@ -63,9 +63,27 @@ class BuiltImage:
             return "an unlabelled build"
 
 
+def _mounts_under(path: Path) -> list[str]:
+    prefix = os.path.realpath(path) + os.sep
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8", errors="replace") as f:
+            points = [line.split()[4] for line in f]
+    except OSError:
+        return []
+    return [p for p in points if p.startswith(prefix)]
+
+
 def remove_tree(path: Path) -> None:
     """Remove a tree; one built unprivileged holds files of subordinate ids, removed from a
-    user namespace that maps them (``mmdebstrap --unshare-helper``)."""
+    user namespace that maps them (``mmdebstrap --unshare-helper``). A tree with something
+    mounted in it (a builder killed where its mounts were not confined) is refused: removing
+    it would walk into the mounted ``/proc``, ``/sys`` or ``/dev``."""
+    mounted = _mounts_under(path)
+    if mounted:
+        raise BackendError(
+            f"refusing to remove {path}: {len(mounted)} filesystem(s) are mounted in it "
+            f"({', '.join(mounted[:3])}); unmount them first (umount -l)"
+        )
     shutil.rmtree(path, ignore_errors=True)
     if os.path.lexists(path) and os.geteuid() != 0 and shutil.which("mmdebstrap"):
         subprocess.run(
@@ -137,6 +155,7 @@ class ImageCache:
                     pass
                 elapsed = time.monotonic() - started
                 if (final / "rootfs").is_dir():
+                    self._waited(recipe, key, elapsed)
                     yield True
                     return
                 if elapsed > BUILD_TIMEOUT:
@@ -152,9 +171,18 @@ class ImageCache:
                 )  # fmt: skip
                 waited = True
                 time.sleep(1.0)
-            yield (final / "rootfs").is_dir()
+            done = (final / "rootfs").is_dir()
+            if done and waited:
+                self._waited(recipe, key, time.monotonic() - started)
+            yield done
         finally:
             os.close(fd)
+
+    @staticmethod
+    def _waited(recipe: Recipe, key: str, elapsed: float) -> None:
+        """The end of a wait for another process's build (the last event of this one)."""
+        step = "built by another process"
+        publish(BuildEvent(recipe.describe(), key, "built", step, elapsed))
 
     def _build(self, recipe: Recipe, key: str, mirrors: list[str], final: Path) -> None:
         root = self.root

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,6 +26,7 @@ from pytest_vmenv.emulator import EmulatorBackend
 from pytest_vmenv.emulator.rootfs import DOCKER_CAPS
 from pytest_vmenv.errors import BackendError, ConfigError
 from pytest_vmenv.images import ImageCache, Recipe, builder_problem
+from pytest_vmenv.images.cache import remove_tree
 from pytest_vmenv.paths import state_dir
 from pytest_vmenv.spec import MachineSpec
 
@@ -437,6 +439,7 @@ def test_concurrent_builds_of_one_image_build_it_once(images: ImageCache) -> Non
         assert "\r" not in errs[0] and "vmenv: built image" in errs[0]
         assert "vmenv: waiting for image debian-12 + hello (no init)" in errs[1]
         assert "another process is building it" in errs[1]
+        assert errs[1].splitlines()[-1].endswith("s: built by another process"), errs[1]
     finally:
         for p in procs:
             p.kill()
@@ -477,6 +480,77 @@ def test_a_package_the_archive_lacks_fails_the_build_clearly(
     assert not (images.root / key).exists()
     assert "Unable to locate package" in (images.root / f"{key}.failed.log").read_text()
     assert not list(images.root.glob(".build-*"))
+
+
+def test_a_build_killed_with_its_caller_leaves_no_process_and_no_mount(
+    images: ImageCache,
+) -> None:
+    """SIGKILL the process that builds (as a crash of pytest would) while mmdebstrap has the
+    tree's /proc and /sys mounted: the builder dies with it, no mount is left in the host's
+    namespace, and the torn build is listed and removable."""
+    argv = [sys.executable, "-m", "pytest_vmenv", "images", "build", "debian-12",
+            "--packages", "hello", "--init", "none"]  # fmt: skip
+    before = set(images.root.glob(".build-*"))
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    assert proc.stderr is not None
+    try:
+        for line in proc.stderr:
+            if "installing essential packages" in line:
+                break
+        else:
+            pytest.fail("the build never got to installing packages")
+        torn = list(set(images.root.glob(".build-*")) - before)
+        assert len(torn) == 1
+        seen = [m for pid in _builders(torn[0]) for m in _mounts_under(torn[0], pid)]
+        assert any("/rootfs/proc " in m for m in seen), seen  # the builder's own mounts
+    finally:
+        proc.kill()
+        proc.wait()
+    deadline = time.monotonic() + 10
+    while _builders(torn[0]) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _builders(torn[0])
+    assert not _mounts_under(torn[0])
+    listing = _vmenv("images").stdout
+    assert f"images/{torn[0].name}" in listing and "torn image build" in listing
+    removed = _vmenv("images", "rm", f"images/{torn[0].name}")
+    assert removed.returncode == 0, removed.stdout + removed.stderr
+    assert not torn[0].exists()
+
+
+def test_a_tree_with_a_mount_in_it_is_never_removed(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "rootfs" / "sys").mkdir(parents=True)
+    subprocess.run(["mount", "-t", "tmpfs", "none", str(tree / "rootfs" / "sys")], check=True)
+    try:
+        (tree / "rootfs" / "sys" / "precious").write_text("on the mounted filesystem")
+        with pytest.raises(BackendError, match=r"filesystem\(s\) are mounted in it"):
+            remove_tree(tree)
+        assert (tree / "rootfs" / "sys" / "precious").exists()
+    finally:
+        subprocess.run(["umount", str(tree / "rootfs" / "sys")], check=True)
+    remove_tree(tree)
+    assert not tree.exists()
+
+
+def _mounts_under(path: Path, pid: int | str = "self") -> list[str]:
+    try:
+        with open(f"/proc/{pid}/mountinfo") as f:
+            return [line for line in f if f" {path}/" in line]
+    except OSError:
+        return []
+
+
+def _builders(path: Path) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if str(path).encode() in cmdline:
+            found.append(int(pid))
+    return found
 
 
 def _vmenv(*args: str) -> subprocess.CompletedProcess[str]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from pathlib import Path
 
@@ -149,8 +150,15 @@ def test_systemd_recipe_adds_its_init_and_the_system_bus() -> None:
     assert Recipe("debian-12", ("cron",)).includes() == ("cron", "dbus", "systemd-sysv")
     assert Recipe("debian-12", ("cron",), "none").includes() == ("cron",)
     argv = mmdebstrap_argv(Recipe("debian-12", ("cron",), "none"), MIRRORS, Path("/x/rootfs"))
-    assert "--variant=minbase" in argv and "--include=cron" in argv
-    assert argv[-3:] == ["bookworm", "/x/rootfs", MIRRORS[0]]
+    builder = argv[argv.index("mmdebstrap") :]
+    assert "--variant=minbase" in builder and "--include=cron" in builder
+    assert builder[-3:] == ["bookworm", "/x/rootfs", MIRRORS[0]]
+    if os.geteuid() == 0:  # --mode=root's mounts stay in a namespace that dies with the build
+        assert builder[1] == "--mode=root"
+        assert argv[: argv.index("mmdebstrap")] == [
+            "setpriv", "--pdeathsig", "KILL", "--", "unshare", "--mount", "--propagation",
+            "private", "--pid", "--fork", "--kill-child", "--",
+        ]  # fmt: skip
 
 
 # -- the host's apt sources -------------------------------------------------------------------
