@@ -272,10 +272,16 @@ def test_systemd_sees_only_its_own_cgroup_subtree(
     assert not (state_dir() / "emulator/guests" / ref.id).exists()
 
 
-def test_revert_boots_systemd_again(
+def test_snapshot_and_revert_boot_systemd_again(
     backend: EmulatorBackend, systemd_template: Snapshot, guest: MachineRef
 ) -> None:
-    ok(backend, guest, "useradd bob && systemctl stop cron")
+    ok(backend, guest, "useradd bob && systemctl disable --now cron")
+    snap = backend.snapshot(guest, "no-cron")
+    ok(backend, guest, "userdel bob && systemctl enable --now cron")
+    backend.revert(guest, snap)
+    assert ok(backend, guest, "systemctl is-system-running").strip() == "running"
+    ok(backend, guest, "id bob")
+    assert sh(backend, guest, "systemctl is-active cron").stdout.strip() == "inactive"
     backend.revert(guest, systemd_template)
     assert ok(backend, guest, "systemctl is-system-running").strip() == "running"
     assert sh(backend, guest, "id bob").exit_code != 0
@@ -558,6 +564,18 @@ def _vmenv(*args: str) -> subprocess.CompletedProcess[str]:
         [sys.executable, "-m", "pytest_vmenv", *args],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
+
+
+def test_vmenv_images_rm_leaves_an_image_a_template_stacks_on(
+    images: ImageCache, systemd_template: Snapshot
+) -> None:
+    key = images.key(SYSTEMD)
+    left = _vmenv("images", "rm", f"images/{key}")
+    assert left.returncode == 1
+    assert re.search(
+        rf"left image images/{key}: in use: emulator template \S+ stacks on it", left.stdout
+    ), left.stdout
+    assert images.lookup(SYSTEMD) is not None
 
 
 def test_vmenv_images_build_and_list(
