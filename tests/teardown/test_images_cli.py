@@ -1,4 +1,5 @@
-"""`vmenv images`: every cache in the state dir with its size; `rm` removes what nothing uses.
+"""`vmenv images`: every cache in the state dir with its size; `rm` removes what nothing uses,
+never what a running build or a Machine's transfer may use, and never all without --all.
 
 Each test has a state dir of its own (VMENV_STATE_DIR for the inner pytest runs and the
 `vmenv` calls), so what it lists is exactly what it made.
@@ -8,13 +9,20 @@ from __future__ import annotations
 
 import os
 import re
+import resource
 import subprocess
 import sys
 import tarfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from pytest_vmenv.backend import Cache
+from pytest_vmenv.emulator import caches as emu_caches
+from pytest_vmenv.emulator import images, layers, userns
+from pytest_vmenv.errors import BackendError
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="the emulator needs root here")
@@ -92,7 +100,7 @@ def test_images_lists_an_unpacked_tarball_with_its_size_and_rm_removes_it(
     assert other[1] == "libvirt" and other[2] == "1.0 MiB", listing.stdout
     assert re.search(rf"^total \d+\.\d MiB in {re.escape(str(state))}", listing.stdout, re.M)
 
-    removed = vmenv("images", "rm")
+    removed = vmenv("images", "rm", "--all")
     assert removed.returncode == 0, removed
     assert f"removed emulator tarball image {cache_id} ({size})" in removed.stdout
     assert f"left {state / 'libvirt'} (1.0 MiB): " in removed.stdout  # never ours to remove
@@ -132,7 +140,7 @@ def test_images_rm_leaves_what_a_running_session_or_a_kept_machine_uses(
         named = vmenv("images", "rm", template[4])
         assert named.returncode == 1, named
         assert f"left template {template[4]}: in use: " in named.stdout
-        everything = vmenv("images", "rm")
+        everything = vmenv("images", "rm", "--all")
         assert everything.returncode == 0, everything
         assert "removed" not in everything.stdout, everything.stdout
         assert (state / "emulator" / "layers" / template[4]).exists()
@@ -142,11 +150,144 @@ def test_images_rm_leaves_what_a_running_session_or_a_kept_machine_uses(
     assert inner.returncode == 0, out
 
     # the session is over; its kept machine still runs on the unpacked image
-    after = vmenv("images", "rm")
+    after = vmenv("images", "rm", "--all")
     assert after.returncode == 0, after
     assert f"left tarball image {unpacked[4]}: in use: machine vm (" in after.stdout, after.stdout
     assert (state / "emulator" / "images" / unpacked[4]).exists()
     vmenv("gc", "--all")
-    final = vmenv("images", "rm")
+    final = vmenv("images", "rm", "--all")
     assert f"removed emulator tarball image {unpacked[4]}" in final.stdout, final.stdout
     assert vmenv("images").stdout == f"no cached images in {state}\n"
+
+
+def emulator_cache(emu: Path, kind: str) -> Cache:
+    (cache,) = [c for c in emu_caches.listing(emu, set()) if c.kind == kind]
+    return cache
+
+
+def lock_waiters(emu: Path) -> int:
+    """How many flock requests wait now for a lock file of the emulator's (the ``->`` lines
+    of /proc/locks)."""
+    inodes = {str(p.stat().st_ino) for d in (emu, emu / "layers") for p in d.glob("*.lock")}
+    inodes |= {str(p.stat().st_ino) for p in (emu / "layers").glob(".*.lock")}
+    waiting = 0
+    for line in Path("/proc/locks").read_text().splitlines():
+        fields = line.split()
+        if "->" in fields and any(f.rsplit(":", 1)[-1] in inodes for f in fields if ":" in f):
+            waiting += 1
+    return waiting
+
+
+def test_a_build_that_starts_while_rm_removes_its_image_waits_and_unpacks_it_anew(
+    tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tarball = mini_image(tmp_path / "mini.tar.gz")
+    emu = state / "emulator"
+    images.unpack_tarball(tarball, emu)  # what an earlier session left
+    cache = emulator_cache(emu, "tarball image")
+    removing, go = threading.Event(), threading.Event()
+    real_rmtree = userns.rmtree
+
+    def paused_rmtree(path: Path) -> None:  # rm holds its lock, half-way through the tree
+        if Path(path) == Path(cache.path) and not removing.is_set():
+            removing.set()
+            assert go.wait(30)
+        real_rmtree(path)
+
+    monkeypatch.setattr(userns, "rmtree", paused_rmtree)
+    outcome: dict[str, object] = {}
+    built = threading.Event()
+
+    def rm() -> None:
+        try:
+            emu_caches.remove(emu, cache, set())
+        except Exception as exc:  # noqa: BLE001 - reported by the assertion below
+            outcome["rm"] = exc
+
+    def build() -> None:  # a new session's key: a lock file rm never saw
+        try:
+            with layers.build_lock(emu, "a-new-sessions-key"):
+                outcome["rootfs"] = images.unpack_tarball(tarball, emu)
+        except Exception as exc:  # noqa: BLE001
+            outcome["build"] = exc
+        finally:
+            built.set()
+
+    remover = threading.Thread(target=rm)
+    remover.start()
+    builder = None
+    try:
+        assert removing.wait(30)
+        builder = threading.Thread(target=build)
+        builder.start()
+        deadline = time.monotonic() + 30
+        while not built.is_set() and not lock_waiters(emu):
+            assert time.monotonic() < deadline, "the build neither ran nor waited"
+            time.sleep(0.01)
+    finally:
+        go.set()
+        remover.join(30)
+        if builder is not None:
+            builder.join(60)
+    assert "rm" not in outcome and "build" not in outcome, outcome
+    rootfs = outcome["rootfs"]
+    assert isinstance(rootfs, Path)
+    assert (rootfs / "bin" / "sh").is_file(), "the build got an image that rm then deleted"
+
+
+def test_rm_leaves_what_a_running_build_may_use_and_says_to_try_again(
+    tmp_path: Path, state: Path
+) -> None:
+    emu = state / "emulator"
+    images.unpack_tarball(mini_image(tmp_path / "mini.tar.gz"), emu)
+    cache = emulator_cache(emu, "tarball image")
+    build = subprocess.Popen(  # another process, building a template
+        [
+            sys.executable, "-c",
+            "import sys; from pathlib import Path; from pytest_vmenv.emulator import layers\n"
+            "with layers.build_lock(Path(sys.argv[1]), 'key-of-a-build'):\n"
+            "    print('building', flush=True); sys.stdin.read()",
+            str(emu),
+        ],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert build.stdout is not None and build.stdout.readline() == "building\n"
+        everything = vmenv("images", "rm", "--all")
+        assert everything.returncode == 0, everything
+        assert (
+            f"left tarball image {cache.id}: in use: a session is building templates; try "
+            "again when it is done\n" in everything.stdout
+        ), everything.stdout
+        named = vmenv("images", "rm", cache.id)
+        assert named.returncode == 1 and "a session is building templates" in named.stdout
+        with pytest.raises(BackendError, match="a session is building templates; try again"):
+            emu_caches.remove(emu, cache, set())  # listed before the build began
+        assert Path(cache.path, "rootfs", "bin", "sh").is_file()
+    finally:
+        assert build.stdin is not None
+        build.stdin.close()
+        build.wait(30)
+    done = vmenv("images", "rm", "--all")
+    assert f"removed emulator tarball image {cache.id}" in done.stdout, done
+    assert not list((emu / "layers").glob(".*.lock")), "the build's lock file is left"
+
+
+def test_rm_with_more_lock_files_than_it_may_open(tmp_path: Path, state: Path) -> None:
+    emu = state / "emulator"
+    for i in range(1100):  # what 1,100 sessions' template builds leave
+        with layers.build_lock(emu, f"tpl-key-{i}"):
+            pass
+    images.unpack_tarball(mini_image(tmp_path / "mini.tar.gz"), emu)
+    cache = emulator_cache(emu, "tarball image")
+
+    def few_files() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    out = subprocess.run(
+        [sys.executable, "-m", "pytest_vmenv", "images", "rm", "--all"],
+        capture_output=True, text=True, timeout=120, preexec_fn=few_files,
+    )  # fmt: skip
+    assert out.returncode == 0, out
+    assert f"removed emulator tarball image {cache.id}" in out.stdout, out.stdout
+    assert not list((emu / "layers").glob(".tpl-*.lock"))
