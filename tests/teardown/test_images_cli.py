@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 from pytest_vmenv.backend import Cache
+from pytest_vmenv.caches import human_size
 from pytest_vmenv.emulator import caches as emu_caches
 from pytest_vmenv.emulator import images, layers, userns
 from pytest_vmenv.errors import BackendError
@@ -291,3 +292,129 @@ def test_rm_with_more_lock_files_than_it_may_open(tmp_path: Path, state: Path) -
     assert out.returncode == 0, out
     assert f"removed emulator tarball image {cache.id}" in out.stdout, out.stdout
     assert not list((emu / "layers").glob(".tpl-*.lock"))
+
+
+def test_bare_rm_removes_nothing_and_says_how(state: Path) -> None:
+    stale = state / "scratch" / "0badc0de-gw0"  # a dead session's scratch dir
+    stale.mkdir(parents=True)
+    (stale / "file").write_bytes(b"x" * 4096)
+    bare = vmenv("images", "rm")
+    assert bare.returncode == 2, bare
+    assert "nothing was removed" in bare.stderr and "--all" in bare.stderr, bare.stderr
+    assert bare.stdout == "" and stale.exists()
+    everything = vmenv("images", "rm", "--all")
+    assert everything.returncode == 0, everything
+    assert "removed scratch/0badc0de-gw0 (" in everything.stdout, everything.stdout
+    assert not stale.exists()
+
+
+def test_rm_all_leaves_reuse_templates_until_they_are_named(
+    pytester: pytest.Pytester, state: Path
+) -> None:
+    mini_image(pytester.path / "mini.tar.gz")
+    pytester.makepyfile(INNER)
+    pytester.runpytest_subprocess("-p", "no:cacheprovider", "--vm-reuse").assert_outcomes(passed=1)
+    listing = vmenv("images").stdout
+    (template,) = rows(listing, "template")
+    (unpacked,) = rows(listing, "tarball image")
+    assert template[5].startswith("reusable (--vm-reuse)"), listing
+
+    everything = vmenv("images", "rm", "--all")
+    assert everything.returncode == 0, everything
+    assert (
+        f"left template {template[4]}: reusable (--vm-reuse); name it to remove it\n"
+        in everything.stdout
+    ), everything.stdout
+    assert f"left tarball image {unpacked[4]}: in use: {template[4]} stacks on it" in (
+        everything.stdout
+    )
+    assert "removed" not in everything.stdout
+    assert (state / "emulator" / "layers" / template[4] / "complete").exists()
+
+    named = vmenv("images", "rm", "--all", template[4])
+    assert named.returncode == 0, named
+    assert f"removed emulator template {template[4]}" in named.stdout, named.stdout
+    assert f"removed emulator tarball image {unpacked[4]}" in named.stdout, named.stdout
+
+
+FAKE_BACKEND = '''
+import os
+from pytest_vmenv.backend import Snapshot
+from pytest_vmenv.errors import BackendError, TemplateInUse
+from pytest_vmenv.paths import state_dir
+
+
+def count(what):
+    with open(state_dir() / "fakevm" / what, "a") as f:
+        f.write("1\\n")
+
+
+class FakeBackend:
+    """Templates are the files <state>/fakevm/*.tpl; every check() is counted."""
+
+    name = "fakevm"
+
+    def __init__(self, options):
+        count("made")
+
+    def check(self):
+        count("checks")
+
+    def owned(self, session=None):
+        return []
+
+    def templates(self):
+        return [
+            Snapshot("fakevm", p.stem, str(p), p.stem,
+                     {"session": "gone", "owner": "0:1:1", "created": 1.0, "reuse": False})
+            for p in sorted((state_dir() / "fakevm").glob("*.tpl"))
+        ]
+
+    def remove_template(self, snap):
+        if snap.key == "stuck":
+            raise BackendError("fakevm: the hypervisor refused")
+        if snap.key == "inuse":
+            raise TemplateInUse("fakevm: in use", "machine m is built on it")
+        os.unlink(snap.handle)
+'''
+
+
+@pytest.fixture
+def fakevm(tmp_path: Path, state: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """A backend distribution on PYTHONPATH (entry point ``fakevm``); its dir in the state."""
+    site = tmp_path / "site"
+    info = site / "fakevm-0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakevm\nVersion: 0\n")
+    (info / "entry_points.txt").write_text(
+        "[pytest_vmenv.backends]\nfakevm = fakevm_backend:FakeBackend\n"
+    )
+    (site / "fakevm_backend.py").write_text(FAKE_BACKEND)
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    root = state / "fakevm"
+    root.mkdir()
+    return root
+
+
+def test_rm_makes_and_checks_each_backend_once(fakevm: Path) -> None:
+    (fakevm / "a.tpl").write_bytes(os.urandom(64 * 1024))
+    (fakevm / "stuck.tpl").write_bytes(os.urandom(64 * 1024))
+    size = human_size((fakevm / "a.tpl").stat().st_blocks * 512)
+    out = vmenv("images", "rm", "--all")
+    assert out.returncode == 1, out  # the stuck one
+    assert (fakevm / "checks").read_text() == "1\n", out
+    assert (fakevm / "made").read_text() == "1\n", out
+    assert f"removed fakevm template a ({size})" in out.stdout, out.stdout
+    assert "error: template stuck: fakevm: the hypervisor refused" in out.stderr, out.stderr
+    assert f"freed {size}\n" in out.stdout
+
+    again = vmenv("images", "rm", "--all")
+    assert again.returncode == 1 and "the hypervisor refused" in again.stderr, again
+    assert "freed" not in again.stdout, again.stdout  # nothing was removed
+
+
+def test_gc_that_only_leaves_says_so_and_not_nothing_to_remove(fakevm: Path) -> None:
+    (fakevm / "inuse.tpl").write_bytes(b"x")
+    out = vmenv("gc")
+    assert out.returncode == 0, out
+    assert out.stdout == "left fakevm template inuse: in use: machine m is built on it\n", out
