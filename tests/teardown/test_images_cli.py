@@ -13,6 +13,7 @@ import resource
 import subprocess
 import sys
 import tarfile
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -418,3 +419,30 @@ def test_gc_that_only_leaves_says_so_and_not_nothing_to_remove(fakevm: Path) -> 
     out = vmenv("gc")
     assert out.returncode == 0, out
     assert out.stdout == "left fakevm template inuse: in use: machine m is built on it\n", out
+
+
+def test_rm_leaves_machines_put_and_get_files_and_removes_files_with_unlink(
+    state: Path,
+) -> None:
+    scratch = state / "scratch"
+    scratch.mkdir()
+    # as Machine.write_bytes/read_bytes make them when it has no session's scratch dir
+    put = Path(tempfile.mkstemp(dir=scratch, prefix="put-")[1])
+    put.write_bytes(b"data being put")
+    got = Path(tempfile.mkdtemp(dir=scratch, prefix="get-"))
+    (got / "data").write_bytes(b"data being got")
+    dead = scratch / "0badc0de-gw1"  # a dead session's dir, and a stray file
+    dead.mkdir()
+    stray = scratch / "stray"
+    stray.write_bytes(b"?")
+
+    everything = vmenv("images", "rm", "--all")
+    assert everything.returncode == 0 and everything.stderr == "", everything
+    assert put.read_bytes() == b"data being put" and (got / "data").exists()
+    for name in (put.name, got.name):
+        assert f"left scratch/{name}: in use: a machine's transfer file" in everything.stdout
+    assert "removed scratch/0badc0de-gw1 (" in everything.stdout, everything.stdout
+    assert "removed scratch/stray (" in everything.stdout, everything.stdout
+    assert not dead.exists() and not stray.exists()
+    swept = vmenv("gc")
+    assert swept.returncode == 0 and put.exists() and got.exists(), swept
