@@ -365,10 +365,13 @@ class FakeBackend:
         return []
 
     def templates(self):
+        """a.tpl: a local template (its file); far.remote: one on another host (a moref)."""
+        data = {"session": "gone", "owner": "0:1:1", "created": 1.0, "reuse": False}
+        root = state_dir() / "fakevm"
         return [
-            Snapshot("fakevm", p.stem, str(p), p.stem,
-                     {"session": "gone", "owner": "0:1:1", "created": 1.0, "reuse": False})
-            for p in sorted((state_dir() / "fakevm").glob("*.tpl"))
+            Snapshot("fakevm", p.stem, p.read_text() if p.suffix == ".remote" else str(p),
+                     p.stem, data)
+            for p in sorted([*root.glob("*.tpl"), *root.glob("*.remote")])
         ]
 
     def remove_template(self, snap):
@@ -376,7 +379,8 @@ class FakeBackend:
             raise BackendError("fakevm: the hypervisor refused")
         if snap.key == "inuse":
             raise TemplateInUse("fakevm: in use", "machine m is built on it")
-        os.unlink(snap.handle)
+        local = os.path.isabs(snap.handle)
+        os.unlink(snap.handle if local else state_dir() / "fakevm" / f"{snap.key}.remote")
 '''
 
 
@@ -412,6 +416,20 @@ def test_rm_makes_and_checks_each_backend_once(fakevm: Path) -> None:
     again = vmenv("images", "rm", "--all")
     assert again.returncode == 1 and "the hypervisor refused" in again.stderr, again
     assert "freed" not in again.stdout, again.stdout  # nothing was removed
+
+
+def test_rm_all_leaves_templates_on_other_hosts_until_they_are_named(fakevm: Path) -> None:
+    (fakevm / "far.remote").write_text("vm-1042/snapshot-1")  # not on this host's disk
+    everything = vmenv("images", "rm", "--all")
+    assert everything.returncode == 0, everything
+    assert (
+        "left template far: not on this host (sessions elsewhere may use it); name it to "
+        "remove it\n" in everything.stdout
+    ), everything.stdout
+    assert (fakevm / "far.remote").exists()
+    named = vmenv("images", "rm", "far")
+    assert named.returncode == 0 and "removed fakevm template far (-)" in named.stdout, named
+    assert not (fakevm / "far.remote").exists()
 
 
 def test_gc_that_only_leaves_says_so_and_not_nothing_to_remove(fakevm: Path) -> None:
