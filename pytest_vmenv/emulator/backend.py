@@ -431,7 +431,8 @@ class EmulatorBackend(EmulatorBase):
 
         A guest (kept, running or dead) that stacks on the layer, directly or through a
         snapshot, or whose snapshot it is, keeps it: TemplateInUse names that machine (see
-        :func:`.caches.held_by`, the rule ``vmenv images rm`` applies too).
+        :func:`.caches.held_by`, the rule ``vmenv images rm`` applies too). Its build lock
+        file goes too, unless a build runs now (:func:`.caches.prune_build_locks`).
         """
         layer = Path(snapshot.handle)
         holder = caches.held_by(self.emu_dir, layer)
@@ -440,6 +441,7 @@ class EmulatorBackend(EmulatorBase):
                 f"{NAME}: template {snapshot.key or layer.name} left in place: {holder}", holder
             )
         layers.remove(layer, self.emu_dir)
+        caches.prune_build_locks(self.emu_dir)
 
     def templates(self) -> list[Snapshot]:
         """Every template and snapshot layer (torn builds included), with its labels.
