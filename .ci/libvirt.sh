@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# libvirt backend CI helper: `.ci/libvirt.sh start` installs what the backend's tests need and
+# libvirt backend CI helper: `.ci/libvirt.sh start` installs what the backend's tests need
+# (the libvirt group of .ci/programs, and pytest-vmenv-libvirt into `python3`) and
 # starts virtlogd + libvirtd (no systemd here) under a tiny subreaper; `.ci/libvirt.sh stop`
 # stops the daemons this script started (by their recorded pids) and nothing else.
 # Idempotent: a libvirtd that already answers is reused (and then left alone by `stop`).
@@ -11,22 +12,13 @@ RUN="$STATE/libvirt/ci"
 URI="qemu:///system"
 
 install() {
-    local need=()
-    for cmd in qemu-system-x86_64 qemu-img libvirtd virtlogd pkg-config; do
-        command -v "$cmd" >/dev/null || need+=("$cmd")
-    done
+    # the packages of .ci/programs' libvirt group (QEMU, libvirtd, dnsmasq, mkfs.ext4, the
+    # headers libvirt-python builds against), then the preflight of that group
+    bash .ci/deps install libvirt
     # The tiny image is built with `apt-get download`: the package lists must be there.
     if ! apt-cache policy linux-image-cloud-amd64 2>/dev/null | grep -q 'Candidate: [0-9]'; then
         apt-get update -qq
     fi
-    if [ ${#need[@]} -gt 0 ] || [ ! -e /usr/include/libvirt/libvirt.h ] \
-        || [ ! -x /bin/busybox ] || ! command -v mkfs.ext4 >/dev/null; then
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-            qemu-system-x86 qemu-utils libvirt-daemon-system libvirt-dev pkg-config \
-            busybox-static e2fsprogs gcc >/dev/null
-    fi
-    python3 -c 'import libvirt' 2>/dev/null || python3 -m pip install -q libvirt-python
     python3 -m pip install -q -e backends/libvirt
 }
 

@@ -1,73 +1,85 @@
 #!/usr/bin/env bash
-# vcsim for the vSphere backend's tests.
+# vcsim (the vCenter simulator) for the vSphere backend's tests, one per checkout.
 #
-#   bash .ci/vsphere.sh start   install what is missing, build vcsim (patched, offline), start it
-#                               as `nobody` on 127.0.0.1:<free port>; prints `export` lines
-#                               (GOVC_URL, VMENV_VCSIM_CA), also written to $VMENV_VCSIM_DIR/env
-#   bash .ci/vsphere.sh stop    stop the vcsim this script started (by its recorded pid)
+#   eval "$(bash .ci/vsphere.sh start)"
+#       installs what is missing (the vsphere group of .ci/programs), builds vcsim (patched,
+#       offline; once per machine, under a lock), and starts this checkout's vcsim as `nobody`
+#       on 127.0.0.1:<free port>. Prints `export` lines (GOVC_URL, VMENV_VCSIM_CA,
+#       VMENV_VCSIM_BIN); a vcsim this checkout started before is stopped first.
+#   bash .ci/vsphere.sh stop
+#       stops the vcsim this checkout's `start` started (by its recorded pid, and only if that
+#       pid is still nobody's vcsim) and removes its run directory; nothing else.
 #
-# vcsim deletes datastore paths with os.RemoveAll and derives them from VM names, so it runs
-# as `nobody` with a working directory and TMPDIR of its own ($VMENV_VCSIM_DIR/run), never as root
-# and never in /tmp.
+# Layout under $VMENV_VCSIM_DIR (default /var/lib/vmenv-vcsim, outside any checkout: user
+# nobody must traverse every parent dir): vcsim, gopath/, gocache/ (the shared build cache),
+# and runs/<checkout>-<hash of its path>/, one run directory per checkout: pid, vcsim.log, and
+# nobody's out/ (url, cert.pem), work/ and tmp/. vcsim deletes datastore paths with
+# os.RemoveAll and derives them from VM names, so it runs as `nobody` in a working directory
+# and TMPDIR of its own, never as root and never in /tmp. Two checkouts side by side each have
+# their own simulator, and neither's start or stop touches the other's.
 set -euo pipefail
 repo=$(cd "$(dirname "$0")/.." && pwd)
-# Outside the checkout: user nobody must traverse every parent dir, whatever the clone's path.
 out="${VMENV_VCSIM_DIR:-/var/lib/vmenv-vcsim}"
-run="$out/run"
-pidfile="$out/vcsim.pid"
+run="$out/runs/$(basename "$repo")-$(printf '%s' "$repo" | sha256sum | cut -c1-12)"
 
-need() {
-    local missing=()
-    command -v go >/dev/null || missing+=(golang-go)
-    [ -d /usr/share/gocode/src/github.com/vmware/govmomi/simulator ] \
-        || missing+=(golang-github-vmware-govmomi-dev)
-    command -v ssh >/dev/null || missing+=(openssh-client)
-    if [ ${#missing[@]} -gt 0 ]; then
-        echo "vsphere.sh: installing ${missing[*]}" >&2
-        apt-get update -qq >&2
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >&2
-    fi
+ours() {  # PID: is it the vcsim of this run (nobody's vcsim, working in this run's work/)?
+    [ -n "$1" ] && kill -0 "$1" 2>/dev/null \
+        && [ "$(ps -o user= -p "$1" | tr -d ' ')" = nobody ] \
+        && [ "$(cat "/proc/$1/comm" 2>/dev/null)" = vcsim ] \
+        && [ "$(readlink "/proc/$1/cwd" 2>/dev/null)" = "$run/work" ]
 }
 
 stop() {
-    if [ -f "$pidfile" ]; then
-        pid=$(cat "$pidfile")
-        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null \
-            && [ "$(ps -o user= -p "$pid" | tr -d ' ')" = nobody ]; then
-            kill "$pid"
-            for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
-        fi
-        rm -f "$pidfile"
+    local pid
+    pid=$(cat "$run/pid" 2>/dev/null || true)
+    if ours "$pid"; then
+        kill "$pid"
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill -0 "$pid" 2>/dev/null && kill -KILL "$pid"
     fi
+    rm -rf "$run"
+}
+
+build() {
+    mkdir -p "$out"
+    chmod 755 "$out"
+    # one build at a time; a second start waits for it and then finds the binary up to date
+    exec 9>"$out/build.lock"
+    flock 9
+    bash "$repo/backends/vsphere/vcsim/build.sh" "$out" >&2
+    exec 9>&-
 }
 
 start() {
-    need
-    bash "$repo/backends/vsphere/vcsim/build.sh" "$out" >&2
+    bash "$repo/.ci/deps" install vsphere >&2
+    build
     stop
-    # nobody must reach the binary and own its directories: check the whole path
-    rm -rf "$run"
-    mkdir -p "$run/work" "$run/tmp"
-    chmod 755 "$out"
-    chown -R nobody "$run"
+    mkdir -p "$out/runs" "$run/work" "$run/tmp"
+    chmod 755 "$out/runs" "$run"
+    chown -R nobody "$run/work" "$run/tmp"
     if ! su -s /bin/sh nobody -c "test -x '$out/vcsim' && test -w '$run/tmp'"; then
         echo "vsphere.sh: user nobody cannot reach $out (a parent directory is not" \
-             "world-executable); clone the repository somewhere nobody can traverse" >&2
+             "world-executable); set VMENV_VCSIM_DIR to a directory nobody can traverse" >&2
         exit 1
     fi
-    rm -f "$run/url" "$run/cert.pem"
+    # vcsim writes these as nobody: a directory of theirs, never a path root reads blindly
+    mkdir -p "$run/out" && chown nobody "$run/out"
     # setsid: vcsim outlives this script (and the shell that ran it) until `stop`
     setsid su -s /bin/sh nobody -c "cd '$run/work' && TMPDIR='$run/tmp' exec '$out/vcsim' \
-        -l 127.0.0.1:0 -url-file '$run/url' -cert-file '$run/cert.pem' \
-        -pid-file '$run/pid'" >"$run/vcsim.log" 2>&1 </dev/null &
-    for _ in $(seq 100); do [ -s "$run/url" ] && break; sleep 0.1; done
-    if [ ! -s "$run/url" ]; then
+        -l 127.0.0.1:0 -url-file '$run/out/url' -cert-file '$run/out/cert.pem' \
+        -pid-file '$run/out/pid'" >"$run/vcsim.log" 2>&1 </dev/null &
+    for _ in $(seq 100); do [ -s "$run/out/url" ] && break; sleep 0.1; done
+    if [ ! -s "$run/out/url" ]; then
         echo "vsphere.sh: vcsim did not start; its log:" >&2; cat "$run/vcsim.log" >&2; exit 1
     fi
-    cp "$run/pid" "$pidfile"
-    url=$(cat "$run/url")
-    case "$url" in https://127.0.0.1:*) ;; *) echo "vsphere.sh: unexpected URL $url" >&2; stop; exit 1;; esac
-    printf 'export GOVC_URL=%s\nexport VMENV_VCSIM_CA=%s\n' "$url" "$run/cert.pem" | tee "$out/env"
+    cp "$run/out/pid" "$run/pid"
+    url=$(cat "$run/out/url")
+    case "$url" in
+        https://127.0.0.1:*) ;;
+        *) echo "vsphere.sh: unexpected URL $url" >&2; stop; exit 1 ;;
+    esac
+    printf 'export GOVC_URL=%s\nexport VMENV_VCSIM_CA=%s\nexport VMENV_VCSIM_BIN=%s\n' \
+        "$url" "$run/out/cert.pem" "$out/vcsim"
 }
 
 case "${1:-}" in

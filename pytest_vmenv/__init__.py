@@ -5,7 +5,17 @@ the plugin hands real, isolated machines to the test through the ``vm``/``vms`` 
 destroys them afterwards.
 """
 
-from .backend import Backend, Capabilities, MachineRef, MachineState, Result, Session, Snapshot
+from .backend import (
+    GET_LIMIT,
+    OUTPUT_LIMIT,
+    Backend,
+    Capabilities,
+    MachineRef,
+    MachineState,
+    Result,
+    Session,
+    Snapshot,
+)
 from .errors import (
     BackendError,
     BackendUnavailable,
@@ -13,14 +23,18 @@ from .errors import (
     CommandFailed,
     CommandTimeout,
     ConfigError,
+    FileTooLarge,
     MachineGone,
     ProvisionError,
+    TemplateInUse,
     VmenvError,
 )
 from .machine import Machine
 from .spec import MachineSpec
 
 __all__ = [
+    "GET_LIMIT",
+    "OUTPUT_LIMIT",
     "Backend",
     "BackendError",
     "BackendUnavailable",
@@ -29,6 +43,7 @@ __all__ = [
     "CommandFailed",
     "CommandTimeout",
     "ConfigError",
+    "FileTooLarge",
     "Machine",
     "MachineGone",
     "MachineRef",
@@ -38,6 +53,7 @@ __all__ = [
     "Result",
     "Session",
     "Snapshot",
+    "TemplateInUse",
     "VmenvError",
 ]
 __version__ = "0.1.0"

@@ -15,13 +15,13 @@ Contract shared by every method:
 * ``build_template`` returns the existing complete template when one exists for ``key``:
   that is how xdist workers and ``--vm-reuse`` share templates.
 
-Optional methods, used when present: ``templates() -> list[Snapshot]`` (for ``vmenv images``
-and sweeps; ``data`` carries ``session``, ``owner``, ``created``, ``reuse``),
+Optional methods, used when present: ``templates() -> list[Snapshot]`` (:class:`TemplateLister`,
+for ``vmenv images`` and sweeps; ``data`` carries ``session``, ``owner``, ``created``, ``reuse``),
 ``shell(ref, argv) -> int`` (``vmenv shell``), ``summary() -> list[str]`` (lines for the
 terminal summary), ``end_session(session_id)`` (session-wide cleanup once no process of the
 session is left) and ``close()``; :class:`CacheKeeper` (``caches``/``remove_cache``: what it
 keeps on disk between sessions, for ``vmenv images``) and :class:`SpecCheck` (a backend that
-runs here but cannot make every machine), both checked with ``isinstance``. A backend is
+runs here but cannot make every machine), these three checked with ``isinstance``. A backend is
 constructed as ``cls(options)`` with its table from ``[tool.vmenv.backends.NAME]``, kept as
 ``backend.options``.
 """
@@ -39,16 +39,20 @@ if TYPE_CHECKING:
     from .spec import MachineSpec
 
 __all__ = [
+    "GET_LIMIT",
+    "OUTPUT_LIMIT",
     "Backend",
     "Cache",
     "CacheKeeper",
     "Capabilities",
     "MachineRef",
     "MachineState",
+    "Output",
     "Result",
     "Session",
     "Snapshot",
     "SpecCheck",
+    "TemplateLister",
     "owner_alive",
     "owner_token",
     "split_network",
@@ -163,10 +167,59 @@ class MachineRef:
     kept: bool = False  # detached with keep(): outlives its session until gc
 
 
+OUTPUT_LIMIT = 16 * 1024 * 1024
+"""Bytes of each output stream (stdout, stderr) a ``run`` keeps in memory by default."""
+
+GET_LIMIT = 1024 * 1024 * 1024
+"""Largest file ``get``/``read_bytes`` copy out of a machine by default (its logical size)."""
+
+
+class Output:
+    """One output stream of a command as it is read: at most ``limit`` bytes are kept.
+
+    Bytes past ``limit`` are counted in :attr:`dropped` and thrown away, so a command that
+    floods its output costs bounded memory however long it runs. Chunks are kept as read and
+    joined once, by :meth:`value`.
+    """
+
+    __slots__ = ("_chunks", "dropped", "kept", "limit")
+
+    def __init__(self, limit: int = OUTPUT_LIMIT) -> None:
+        self.limit = max(0, limit)
+        self.kept = 0
+        self.dropped = 0
+        self._chunks: list[bytes] = []
+
+    def write(self, data: bytes) -> None:
+        room = self.limit - self.kept
+        if len(data) <= room:
+            if data:
+                self._chunks.append(data)
+                self.kept += len(data)
+            return
+        if room > 0:
+            self._chunks.append(data[:room])
+            self.kept += room
+        self.dropped += len(data) - max(room, 0)
+
+    def value(self) -> bytes:
+        """What was kept (the first ``limit`` bytes), joined once."""
+        if len(self._chunks) != 1:
+            self._chunks = [b"".join(self._chunks)]
+        return self._chunks[0]
+
+
 @dataclass(frozen=True)
 class Result:
     """What a command did. ``stdout``/``stderr`` are text (UTF-8, undecodable bytes replaced);
-    ``stdout_bytes``/``stderr_bytes`` are exactly what the command wrote."""
+    ``stdout_bytes``/``stderr_bytes`` are exactly what the command wrote, up to a cap.
+
+    Each stream is kept up to ``max_output`` bytes (a keyword of ``run``; default
+    :data:`OUTPUT_LIMIT`, 16 MiB). A command that writes more has its first ``max_output``
+    bytes here, the count of the bytes past them in ``stdout_dropped``/``stderr_dropped``, and
+    ``truncated`` is True. Output that big belongs in a file: redirect it in the machine and
+    ``get`` it.
+    """
 
     exit_code: int
     stdout: str
@@ -174,9 +227,20 @@ class Result:
     duration: float
     stdout_bytes: bytes = b""
     stderr_bytes: bytes = b""
+    stdout_dropped: int = 0
+    stderr_dropped: int = 0
 
     @classmethod
-    def from_bytes(cls, exit_code: int, stdout: bytes, stderr: bytes, duration: float) -> Result:
+    def from_bytes(
+        cls,
+        exit_code: int,
+        stdout: bytes,
+        stderr: bytes,
+        duration: float,
+        *,
+        stdout_dropped: int = 0,
+        stderr_dropped: int = 0,
+    ) -> Result:
         return cls(
             exit_code,
             stdout.decode("utf-8", "replace"),
@@ -184,11 +248,29 @@ class Result:
             duration,
             stdout,
             stderr,
+            stdout_dropped,
+            stderr_dropped,
+        )
+
+    @classmethod
+    def from_output(cls, exit_code: int, stdout: Output, stderr: Output, duration: float) -> Result:
+        return cls.from_bytes(
+            exit_code,
+            stdout.value(),
+            stderr.value(),
+            duration,
+            stdout_dropped=stdout.dropped,
+            stderr_dropped=stderr.dropped,
         )
 
     @property
     def ok(self) -> bool:
         return self.exit_code == 0
+
+    @property
+    def truncated(self) -> bool:
+        """Whether the command wrote more than was kept (see ``stdout_dropped``)."""
+        return self.stdout_dropped > 0 or self.stderr_dropped > 0
 
 
 def split_network(value: str) -> tuple[str, str | None, str]:
@@ -230,12 +312,21 @@ class Backend(Protocol):
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
+        max_output: int = OUTPUT_LIMIT,
     ) -> Result:
-        """Run ``argv`` in the machine; raise ``CommandTimeout`` after killing its group."""
+        """Run ``argv`` in the machine; raise ``CommandTimeout`` after killing its group.
+
+        ``timeout`` bounds the whole call, reading the output included. At most
+        ``max_output`` bytes of each stream are held in memory (see :class:`Result`).
+        """
 
     def copy_in(self, ref: MachineRef, src: Path, dst: str) -> None: ...
 
-    def copy_out(self, ref: MachineRef, src: str, dst: Path) -> None: ...
+    def copy_out(
+        self, ref: MachineRef, src: str, dst: Path, *, max_size: int | None = GET_LIMIT
+    ) -> None:
+        """Copy the file ``src`` out to ``dst``; a file over ``max_size`` bytes (None: no
+        limit) raises ``FileTooLarge`` and leaves no ``dst`` behind."""
 
     def snapshot(self, ref: MachineRef, name: str) -> Snapshot: ...
 
@@ -253,7 +344,11 @@ class Backend(Protocol):
         """Let the machine outlive this process (``--vm-keep``) until ``destroy``."""
 
     def remove_template(self, snapshot: Snapshot) -> None:
-        """Delete a template built by ``build_template``; already gone is success."""
+        """Delete a template built by ``build_template``; already gone is success.
+
+        While a machine (a kept one, say) is still built on it, the template is left and
+        :class:`~pytest_vmenv.errors.TemplateInUse` says which machine; works from any process.
+        """
 
     def owned(self, session: str | None = None) -> Iterable[MachineRef]:
         """Machines that carry our labels (of ``session`` only, if given)."""
@@ -307,3 +402,13 @@ class CacheKeeper(Protocol):
 
     def remove_cache(self, cache: Cache, live_sessions: Collection[str]) -> None:
         """Remove ``cache``; raise ``BackendError`` saying why if it is (now) in use."""
+
+
+@runtime_checkable
+class TemplateLister(Protocol):
+    """Optional: a backend that lists the templates it built (for ``vmenv images`` and the
+    sweeps), each a :class:`Snapshot` whose ``data`` carries ``session``, ``owner``,
+    ``created`` and ``reuse``."""
+
+    def templates(self) -> list[Snapshot]:
+        """Every template of this backend, from any session, that ``remove_template`` takes."""

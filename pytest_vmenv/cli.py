@@ -3,7 +3,7 @@
 ``vmenv backends``   installed backends, whether each can run here, and if not why
 ``vmenv ls``         live and kept machines: backend, session, age, state
 ``vmenv gc``         destroy what dead sessions left (``--all``: kept machines too)
-``vmenv images``     what is cached between sessions, with sizes (``vmenv images rm [ID...]``;
+``vmenv images``     what is cached between sessions, with sizes (``vmenv images rm ID...|--all``;
                      ``vmenv images build NAME`` builds a Debian image ahead, for CI caches)
 ``vmenv shell ID``   an interactive shell in a machine (a kept one, typically)
 """
@@ -16,10 +16,20 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .backend import Backend, Cache, CacheKeeper, MachineRef, Snapshot, SpecCheck, owner_alive
+from .backend import (
+    Backend,
+    Cache,
+    CacheKeeper,
+    MachineRef,
+    Snapshot,
+    SpecCheck,
+    TemplateLister,
+    owner_alive,
+)
 from .caches import (
     human_size,
     image_caches,
@@ -31,7 +41,7 @@ from .caches import (
     template_caches,
 )
 from .config import load_config
-from .errors import BackendUnavailable, ConfigError, VmenvError
+from .errors import BackendUnavailable, ConfigError, TemplateInUse, VmenvError
 from .images import (
     BASES,
     INITS,
@@ -64,6 +74,12 @@ def _options(registry: Registry) -> dict[str, Mapping[str, Any]]:
     return found
 
 
+def _options_of(name: str, cls: type[Any], options: Mapping[str, Mapping[str, Any]]) -> Any:
+    """The options of backend ``name``; an alias (``kvm``) falls back to its class's name's
+    (``libvirt``: the table users write, and the name the ledger records them under)."""
+    return options.get(name) or options.get(str(getattr(cls, "name", name)), {})
+
+
 def _backends(quiet: bool = True) -> Iterator[tuple[str, Backend | str]]:
     """(name, backend) for each installed backend, or (name, reason) when it cannot run."""
     registry = Registry()
@@ -75,7 +91,7 @@ def _backends(quiet: bool = True) -> Iterator[tuple[str, Backend | str]]:
             if cls in seen:
                 continue  # an alias (kvm -> libvirt)
             seen.add(cls)
-            backend: Backend = cls(options.get(name, {}))
+            backend: Backend = cls(_options_of(name, cls, options))
             backend.check()
         except (BackendUnavailable, ConfigError) as exc:
             yield name, exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
@@ -154,22 +170,33 @@ def cmd_gc(args: argparse.Namespace) -> int:
         close_backends(backends)
     for line in report.removed:
         print(f"removed {line}")
+    for line in report.left:
+        print(f"left {line}")
     for line in report.errors:
         print(f"error: {line}", file=sys.stderr)
-    if not report.removed and not report.errors:
+    if not report.removed and not report.errors and not report.left:
         print("nothing to remove")
     return 1 if report.errors else 0
 
 
-def _caches(state: Path) -> tuple[list[Cache], list[Backend]]:
-    """Every cache in ``state`` (see :mod:`.caches`) and the backends made to list them."""
+@dataclass
+class _CacheBackends:
+    """The backends ``vmenv images`` lists caches with, each made (and checked) once per
+    command: ``made`` to close at the end, ``why`` a backend lists nothing (by name),
+    ``names`` every backend name whose files under the state dir are counted."""
+
+    made: list[Backend] = field(default_factory=list)
+    why: dict[str, str] = field(default_factory=dict)
+    names: set[str] = field(default_factory=set)
+
+
+def _cache_backends() -> _CacheBackends:
+    """Every installed backend that can list its caches here: a :class:`CacheKeeper` as it
+    is (it lists what it keeps without its hypervisor), a :class:`TemplateLister` once its
+    ``check()`` passes."""
     registry = Registry()
     options = _options(registry)
-    live = live_sessions(state)
-    found = scratch_caches(state, live)
-    made: list[Backend] = []
-    listed: set[str] = set()  # backends whose every cache is listed
-    why: dict[str, str] = {}
+    found = _CacheBackends(names=set(registry) | set(SHIPPED))
     seen: set[type[Any]] = set()
     for name in registry:
         try:
@@ -177,29 +204,47 @@ def _caches(state: Path) -> tuple[list[Cache], list[Backend]]:
             if cls in seen:
                 continue  # an alias (kvm -> libvirt)
             seen.add(cls)
-            backend: Backend = cls(options.get(name, {}))
+            backend: Backend = cls(_options_of(name, cls, options))
         except (BackendUnavailable, ConfigError) as exc:
-            why[name] = exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
+            found.why[name] = exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
             continue
-        made.append(backend)
+        if not isinstance(backend, CacheKeeper):
+            try:
+                backend.check()
+            except VmenvError as exc:
+                found.why[backend.name] = (
+                    exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
+                )
+                close_backends([backend])
+                continue
+        found.made.append(backend)
+    return found
+
+
+def _caches(state: Path, backends: _CacheBackends) -> list[Cache]:
+    """Every cache in ``state`` (see :mod:`.caches`), as ``backends`` list them now."""
+    live = live_sessions(state)
+    found = scratch_caches(state, live)
+    listed: set[str] = set()  # backends whose every cache is listed
+    why = dict(backends.why)
+    for backend in backends.made:
         try:
-            if isinstance(backend, CacheKeeper):  # lists what it keeps without a hypervisor
+            if isinstance(backend, CacheKeeper):
                 found += backend.caches(live)
                 listed.add(backend.name)
                 continue
-            backend.check()
-            snaps = getattr(backend, "templates", None)
-            found += template_caches(backend, snaps() if callable(snaps) else [], live)
+            snaps = backend.templates() if isinstance(backend, TemplateLister) else []
+            found += template_caches(backend, snaps, live)
             why[backend.name] = "files the backend does not list as caches"
         except VmenvError as exc:
             why[backend.name] = exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
     found += image_caches(state, found)
-    for name in sorted((set(registry) | set(SHIPPED)) - listed):
+    for name in sorted(backends.names - listed):
         reason = why.get(name) or "its backend is not installed here"
         row = other_files(state, name, [c for c in found if c.backend == name], reason)
         if row is not None:
             found.append(row)
-    return found, made
+    return found
 
 
 _REMOVAL_ORDER = ("snapshot", "torn build", "template", "scratch", "torn image build", "image")
@@ -217,6 +262,20 @@ def _remove(cache: Cache, backends: Sequence[Backend], state: Path) -> None:
         backend.remove_cache(cache, live_sessions(state))
     elif isinstance(cache.handle, Snapshot):
         backend.remove_template(cache.handle)
+
+
+def _what(cache: Cache) -> str:
+    """``tarball image ID``; a kind the id already names once (``scratch/NAME``)."""
+    return cache.id if cache.id.startswith(f"{cache.kind}/") else f"{cache.kind} {cache.id}"
+
+
+def _spared_by_all(cache: Cache) -> str:
+    """Why ``--all`` leaves ``cache`` unless it is named, or '' if ``--all`` takes it."""
+    if isinstance(cache.handle, Snapshot) and cache.handle.data.get("reuse"):
+        return "reusable (--vm-reuse); name it to remove it"
+    if cache.size is None:
+        return "not on this host (sessions elsewhere may use it); name it to remove it"
+    return ""
 
 
 def _pick(caches: Sequence[Cache], wanted: Sequence[str]) -> tuple[set[str], list[str]]:
@@ -243,55 +302,81 @@ def _pick(caches: Sequence[Cache], wanted: Sequence[str]) -> tuple[set[str], lis
     return picked, problems
 
 
+_RM_USAGE = (
+    "vmenv images rm: name what to remove: IDs from `vmenv images` (or a template key, or a "
+    "unique prefix of an id), or --all for every cache that nothing live uses (--all leaves "
+    "--vm-reuse templates and templates not on this host unless they are named too); "
+    "nothing was removed"
+)
+
+
 def _images_rm(args: argparse.Namespace, state: Path) -> int:
-    caches, backends = _caches(state)
-    close_backends(backends)
-    targets, problems = _pick(caches, args.keys) if args.keys and not args.all else (None, [])
+    if not args.keys and not args.all:
+        print(_RM_USAGE, file=sys.stderr)
+        return 2
+    backends = _cache_backends()
+    try:
+        return _remove_caches(args, state, backends)
+    finally:
+        close_backends(backends.made)
+
+
+def _remove_caches(args: argparse.Namespace, state: Path, backends: _CacheBackends) -> int:
+    named, problems = _pick(_caches(state, backends), args.keys)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
-    freed, failed = 0, False
+
+    def chosen(cache: Cache) -> bool:
+        if cache.kind == "other files":
+            return False
+        return cache.id in named or (args.all and not _spared_by_all(cache))
+
+    freed = 0
     removed: set[str] = set()
+    failed: set[str] = set()  # not retried
+    busy: set[str] = set()  # found in use when removed (a backend's own check)
     for _round in range(len(_REMOVAL_ORDER) + 2):  # a removal can free what stacked under it
-        caches, backends = _caches(state)
-        try:
-            todo = [
-                c
-                for c in caches
-                if c.kind != "other files"
-                and not c.held
-                and c.id not in removed
-                and (targets is None or c.id in targets)
-            ]
-            todo.sort(key=lambda c: _REMOVAL_ORDER.index(c.kind) if c.kind in _REMOVAL_ORDER else 9)
-            for cache in todo:
-                try:
-                    _remove(cache, backends, state)
-                except (VmenvError, OSError) as exc:
-                    print(f"error: {cache.kind} {cache.id}: {exc}", file=sys.stderr)
-                    failed = True
-                    removed.add(cache.id)  # not retried
-                    continue
-                removed.add(cache.id)
-                freed += cache.size or 0
-                where = f"{cache.backend} " if cache.backend else ""
-                print(f"removed {where}{cache.kind} {cache.id} ({human_size(cache.size)})")
-        finally:
-            close_backends(backends)
+        todo = [
+            c
+            for c in _caches(state, backends)
+            if chosen(c) and not c.held and c.id not in removed | failed | busy
+        ]
+        todo.sort(key=lambda c: _REMOVAL_ORDER.index(c.kind) if c.kind in _REMOVAL_ORDER else 9)
+        for cache in todo:
+            try:
+                _remove(cache, backends.made, state)
+            except TemplateInUse as exc:
+                print(f"left {_what(cache)}: in use: {exc.holder}")
+                busy.add(cache.id)
+                continue
+            except (VmenvError, OSError) as exc:
+                print(f"error: {_what(cache)}: {exc}", file=sys.stderr)
+                failed.add(cache.id)
+                continue
+            removed.add(cache.id)
+            freed += cache.size or 0
+            where = f"{cache.backend} " if cache.backend else ""
+            print(f"removed {where}{_what(cache)} ({human_size(cache.size)})")
         if not todo:
             break
-    caches, backends = _caches(state)
-    close_backends(backends)
-    left = [c for c in caches if c.id not in removed and (targets is None or c.id in targets)]
+    left = [
+        c
+        for c in _caches(state, backends)
+        if c.id not in removed | failed | busy
+        and (c.id in named or (args.all and (c.held or _spared_by_all(c))))
+    ]
     for cache in left:
         if cache.kind == "other files":
             print(f"left {cache.path} ({human_size(cache.size)}): {cache.held}")
+        elif cache.held:
+            print(f"left {_what(cache)}: in use: {cache.held}")
         else:
-            print(f"left {cache.kind} {cache.id}: in use: {cache.held}")
-    if not removed and not left:
-        print(f"no cached images in {state}")
-    elif removed:
+            print(f"left {_what(cache)}: {_spared_by_all(cache)}")
+    if removed:
         print(f"freed {human_size(freed)}")
-    in_use = targets is not None and any(c.kind != "other files" for c in left)
+    elif not left and not busy and not failed:
+        print(f"no cached images in {state}")
+    in_use = bool(busy & named) or any(c.id in named for c in left)
     return 1 if problems or failed or in_use else 0
 
 
@@ -369,11 +454,14 @@ def cmd_images(args: argparse.Namespace) -> int:
         return _images_rm(args, state)
     if args.action == "build":
         return _images_build(args, state)
-    if args.keys:
-        print("vmenv images: KEY... goes with rm: vmenv images rm KEY...", file=sys.stderr)
+    if args.keys or args.all:
+        print("vmenv images: ID... and --all go with rm: vmenv images rm ID...", file=sys.stderr)
         return 2
-    caches, backends = _caches(state)
-    close_backends(backends)
+    backends = _cache_backends()
+    try:
+        caches = _caches(state, backends)
+    finally:
+        close_backends(backends.made)
     if not caches:
         print(f"no cached images in {state}")
         return 0
@@ -442,9 +530,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     images = sub.add_parser(
         "images",
         help="what is cached between sessions (templates, unpacked images...), with sizes",
-        description="List the caches in the state dir; `rm` removes every one (or those "
-        "named) that no live session or machine uses; `build NAME` builds a Debian image "
-        "(for CI caches: the state dir then holds it).",
+        description="List the caches in the state dir; `rm ID...` removes those named, "
+        "`rm --all` every one, that no live session or machine uses; `build NAME` builds a "
+        "Debian image (for CI caches: the state dir then holds it).",
     )
     images.add_argument("action", nargs="?", choices=["ls", "rm", "build"], default="ls")
     images.add_argument(
@@ -454,7 +542,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="with rm: ids (or prefixes) to remove; with build: the image NAME (debian-12, or "
         "an [images.NAME] recipe of vmenv.toml here)",
     )
-    images.add_argument("--all", action="store_true", help="with rm: every cache (the default)")
+    images.add_argument(
+        "--all",
+        action="store_true",
+        help="with rm: every cache nothing live uses, but --vm-reuse templates and templates "
+        "not on this host (name those to remove them)",
+    )
     images.add_argument(
         "--packages", default="", metavar="A,B", help="with build: packages to add to the recipe"
     )
@@ -464,7 +557,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     shell = sub.add_parser("shell", help="a shell in a machine")
     shell.add_argument("machine", metavar="ID", help="a machine's id (or unique name)")
     shell.add_argument("command", nargs="*", help="a command instead of the login shell")
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    if args.verb == "images" and not any(e.startswith("-") for e in extra):
+        args.keys += extra  # IDs after --all (`rm --all ID`): argparse leaves them over
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     handler = {
         "backends": cmd_backends,
         "ls": cmd_ls,

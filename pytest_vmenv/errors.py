@@ -10,8 +10,10 @@ the backend boundary, so a test author catches one family::
     ├── BackendError           the infrastructure failed: not the test's fault
     │   ├── ProvisionError     a provision step exited non-zero or timed out
     │   ├── BootTimeout        a machine did not become ready in time (carries console tail)
-    │   └── MachineGone        the machine no longer exists (killed, destroyed, crashed)
+    │   ├── MachineGone        the machine no longer exists (killed, destroyed, crashed)
+    │   └── TemplateInUse      a template was not removed: a machine is still built on it
     ├── CommandTimeout         ``run(timeout=...)`` passed; the command's process group was killed
+    ├── FileTooLarge           ``get``/``read_bytes`` refused a file over ``max_size``
     └── CommandFailed          ``succeed``/``fail`` saw the wrong exit status (also AssertionError)
 
 Infrastructure faults are not ``AssertionError``: a report tells "the VM broke" apart from
@@ -29,8 +31,10 @@ __all__ = [
     "CommandFailed",
     "CommandTimeout",
     "ConfigError",
+    "FileTooLarge",
     "MachineGone",
     "ProvisionError",
+    "TemplateInUse",
     "VmenvError",
 ]
 
@@ -75,6 +79,18 @@ class MachineGone(BackendError):
     """The machine does not exist any more (destroyed, crashed or reaped)."""
 
 
+class TemplateInUse(BackendError):
+    """``remove_template`` left the template: ``holder`` (a kept machine, say) is built on it.
+
+    Not a failure of a sweep or a session end: the template's record stays, and the sweep
+    that removes the last machine on it (``vmenv gc --all``) removes the template too.
+    """
+
+    def __init__(self, message: str, holder: str) -> None:
+        super().__init__(message)
+        self.holder = holder
+
+
 def _tail(data: str, lines: int = 20) -> str:
     parts = data.rstrip("\n").splitlines()
     if len(parts) > lines:
@@ -101,6 +117,34 @@ class CommandTimeout(VmenvError):
         self.machine = machine
         self.command = command
         self.timeout = timeout
+
+
+class FileTooLarge(VmenvError):
+    """A file copied out of a machine is larger than the ``max_size`` the call allows.
+
+    Nothing is left at the destination. ``size`` is the file's size in bytes when the guest
+    told it (a file that grew during the copy reports the point where it was stopped).
+    """
+
+    def __init__(self, machine: str, path: str, size: int, max_size: int) -> None:
+        super().__init__(
+            f"get {path!r} from {machine!r}: the file is {_human(size)}, over "
+            f"max_size={max_size} ({_human(max_size)}); nothing was copied. Pass a larger "
+            "max_size= (or max_size=None for no limit), or copy a part of it (`head -c N`)"
+        )
+        self.machine = machine
+        self.path = path
+        self.size = size
+        self.max_size = max_size
+
+
+def _human(size: int) -> str:
+    value = float(size)
+    for unit in ("bytes", "KiB", "MiB", "GiB"):
+        if value < 1024 or unit == "GiB":
+            return f"{value:.0f} {unit}" if unit == "bytes" else f"{value:.1f} {unit}"
+        value /= 1024
+    return f"{size} bytes"
 
 
 class CommandFailed(VmenvError, AssertionError):

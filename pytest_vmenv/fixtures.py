@@ -10,10 +10,11 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from .backend import Backend
-from .errors import BackendUnavailable
+from .errors import BackendUnavailable, VmenvError
 from .keys import plugin_key
 from .machine import Machine
 from .spec import MachineSpec
+from .tracebacks import clean_setup, hide, trimmed
 
 if TYPE_CHECKING:
     from .plugin import VmenvPlugin
@@ -42,8 +43,16 @@ class VmFactory:
         self._plugin = plugin
 
     def create(self, image: str = "host", name: str = "vm", **spec: Any) -> Machine:
-        """``create(image=..., name=..., cpus=..., ...)``: the fields of the ``vm`` marker."""
-        return self._plugin.factory_create({"image": image, "name": name, **spec})
+        """``create(image=..., name=..., cpus=..., ...)``: the fields of the ``vm`` marker.
+
+        A failure raises its :class:`~pytest_vmenv.errors.VmenvError` (``ProvisionError``,
+        ``BootTimeout``...), shown at the caller's line (see :mod:`.tracebacks`).
+        """
+        __tracebackhide__ = hide
+        try:
+            return self._plugin.factory_create({"image": image, "name": name, **spec})
+        except VmenvError as exc:
+            raise trimmed(exc)  # noqa: B904 - trimmed() decides what chain to show
 
     def destroy(self, machine: Machine) -> None:
         machine.backend.destroy(machine.ref)
@@ -57,8 +66,13 @@ def vm_factory(pytestconfig: pytest.Config) -> VmFactory:
 
 @pytest.fixture
 def vms(request: pytest.FixtureRequest) -> Iterator[dict[str, Machine]]:
-    """Every machine of the test, by name."""
-    yield request.config.stash[plugin_key].machines_for(request.node)
+    """Every machine of the test, by name.
+
+    A machine that cannot be made fails the test's setup with the plugin's message (the
+    step, its output, the console tail), not a traceback through the plugin.
+    """
+    plugin: VmenvPlugin = request.config.stash[plugin_key]
+    yield clean_setup(lambda: plugin.machines_for(request.node))
 
 
 @pytest.fixture
@@ -93,7 +107,7 @@ def module_vms(request: pytest.FixtureRequest) -> dict[str, Machine]:
             return module_vm
     """
     plugin: VmenvPlugin = request.config.stash[plugin_key]
-    return plugin.scope_machines(request, "module")
+    return clean_setup(lambda: plugin.scope_machines(request, "module"))
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +121,7 @@ def session_vms(request: pytest.FixtureRequest) -> dict[str, Machine]:
     """The machines of ``scope="session"`` marks, by name, for session-scoped fixtures
     (one set per xdist worker, as for the tests)."""
     plugin: VmenvPlugin = request.config.stash[plugin_key]
-    return plugin.scope_machines(request, "session")
+    return clean_setup(lambda: plugin.scope_machines(request, "session"))
 
 
 @pytest.fixture(scope="session")

@@ -40,8 +40,10 @@ def pytest_vmenv_template_built(spec: MachineSpec, snapshot: Snapshot, seconds: 
 
 
 def pytest_vmenv_machine_ready(machine: Machine, item: pytest.Item | None) -> None:
-    """Called when a machine is running and ready, before the test sees it::
+    """Called when a machine is running and ready, before the test sees it. ``item`` is the
+    test, or None for a machine made for a module/session fixture or by ``vm_factory``::
 
     def pytest_vmenv_machine_ready(machine, item):
-        machine.write_text("/etc/motd", f"test: {item.nodeid}")
+        owner = item.nodeid if item is not None else "a fixture"
+        machine.write_text("/etc/motd", f"made for {owner}")
     """

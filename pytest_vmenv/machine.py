@@ -7,14 +7,15 @@ import os
 import shlex
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
-from .backend import Backend, MachineRef, Result, Snapshot
-from .errors import CommandFailed, CommandTimeout
+from .backend import GET_LIMIT, OUTPUT_LIMIT, Backend, MachineRef, Result, Snapshot
+from .errors import CommandFailed, CommandTimeout, VmenvError
 from .paths import state_dir
+from .tracebacks import hide, trimmed
 
 if TYPE_CHECKING:
     from .spec import MachineSpec
@@ -23,6 +24,17 @@ __all__ = ["CommandRecord", "Machine"]
 
 log = logging.getLogger("pytest_vmenv")
 Command = str | Sequence[str]
+_T = TypeVar("_T")
+# A failed verb is reported at the test's line, not in this module (see .tracebacks).
+__tracebackhide__ = hide
+
+
+def _backend(call: Callable[[], _T]) -> _T:
+    """``call()``; a VmenvError from the backend comes out without the backend's frames."""
+    try:
+        return call()
+    except VmenvError as exc:
+        raise trimmed(exc)  # noqa: B904 - trimmed() decides what chain to show
 
 
 @dataclass(frozen=True)
@@ -83,18 +95,35 @@ class Machine:
         env: Mapping[str, str] | None = None,
         timeout: float | None = None,
         user: str | None = None,
+        max_output: int = OUTPUT_LIMIT,
     ) -> Result:
-        """Run ``command``; raise :class:`CommandTimeout` if ``timeout`` seconds pass."""
+        """Run ``command``; raise :class:`CommandTimeout` if ``timeout`` seconds pass.
+
+        ``timeout`` bounds the whole call, reading the output included. At most
+        ``max_output`` bytes of each stream are kept (default 16 MiB): past that,
+        ``Result.truncated`` is True and ``stdout_dropped``/``stderr_dropped`` count the rest.
+        """
         data = input.encode() if isinstance(input, str) else input
         start = time.monotonic()
         try:
             result = self.backend.execute(
-                self.ref, _argv(command), input=data, env=env, user=user, timeout=timeout
-            )
-        except CommandTimeout:
+                self.ref, _argv(command), input=data, env=env, user=user, timeout=timeout,
+                max_output=max_output,
+            )  # fmt: skip
+        except CommandTimeout as exc:
             self.history.append(CommandRecord(_show(command), None, time.monotonic() - start))
-            raise
+            raise trimmed(exc)  # noqa: B904 - trimmed() decides what chain to show
+        except VmenvError as exc:
+            raise trimmed(exc)  # noqa: B904
         self.history.append(CommandRecord(_show(command), result.exit_code, result.duration))
+        if result.truncated:
+            log.warning(
+                "%s: %s wrote more than max_output=%d bytes per stream; kept the first "
+                "(dropped: stdout %d, stderr %d bytes). Redirect it to a file and get() it, "
+                "or pass a larger max_output=",
+                self.name, _show(command), max_output, result.stdout_dropped,
+                result.stderr_dropped,
+            )  # fmt: skip
         return result
 
     def succeed(self, command: Command, **kwargs: object) -> str:
@@ -178,11 +207,32 @@ class Machine:
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
         """Copy the local file ``local`` to ``remote`` inside the machine."""
-        self.backend.copy_in(self.ref, Path(local), remote)
+        _backend(lambda: self.backend.copy_in(self.ref, Path(local), remote))
 
-    def get(self, remote: str, local: str | os.PathLike[str]) -> None:
-        """Copy the file ``remote`` from the machine to the local path ``local``."""
-        self.backend.copy_out(self.ref, remote, Path(local))
+    def get(
+        self,
+        remote: str,
+        local: str | os.PathLike[str],
+        *,
+        max_size: int | None = GET_LIMIT,
+    ) -> None:
+        """Copy the file ``remote`` from the machine to the local path ``local``.
+
+        A file larger than ``max_size`` bytes (default 1 GiB; None: no limit) raises
+        :class:`~pytest_vmenv.errors.FileTooLarge`. The copy goes to a temporary file beside
+        ``local`` that replaces it only once complete: a failed ``get`` leaves an existing
+        ``local`` as it was and no new one behind. Holes in a sparse file stay holes (the
+        emulator sees them; other backends turn blocks of zeros into holes).
+        """
+        target = Path(local)
+        fd, name = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".part")
+        os.close(fd)
+        partial = Path(name)
+        try:
+            _backend(lambda: self.backend.copy_out(self.ref, remote, partial, max_size=max_size))
+            os.replace(partial, target)
+        finally:
+            partial.unlink(missing_ok=True)
 
     def write_bytes(self, remote: str, data: bytes) -> None:
         with tempfile.NamedTemporaryFile(dir=self._scratch, prefix="put-") as tmp:
@@ -190,24 +240,25 @@ class Machine:
             tmp.flush()
             self.put(tmp.name, remote)
 
-    def read_bytes(self, remote: str) -> bytes:
+    def read_bytes(self, remote: str, *, max_size: int | None = GET_LIMIT) -> bytes:
+        """The content of the file ``remote`` (``max_size`` as for :meth:`get`)."""
         with tempfile.TemporaryDirectory(dir=self._scratch, prefix="get-") as tmp:
             target = Path(tmp) / "data"
-            self.get(remote, target)
+            self.get(remote, target, max_size=max_size)
             return target.read_bytes()
 
     def write_text(self, remote: str, text: str) -> None:
         self.write_bytes(remote, text.encode())
 
-    def read_text(self, remote: str) -> str:
-        return self.read_bytes(remote).decode("utf-8", "replace")
+    def read_text(self, remote: str, *, max_size: int | None = GET_LIMIT) -> str:
+        return self.read_bytes(remote, max_size=max_size).decode("utf-8", "replace")
 
     def snapshot(self, name: str = "snapshot") -> Snapshot:
         """Freeze the machine's current state; ``revert`` returns to it."""
-        return self.backend.snapshot(self.ref, name)
+        return _backend(lambda: self.backend.snapshot(self.ref, name))
 
     def revert(self, snapshot: Snapshot) -> None:
-        self.backend.revert(self.ref, snapshot)
+        _backend(lambda: self.backend.revert(self.ref, snapshot))
 
     def console_log(self) -> str:
-        return self.backend.console_log(self.ref)
+        return _backend(lambda: self.backend.console_log(self.ref))

@@ -30,6 +30,13 @@ def add_options(parser: pytest.Parser) -> None:
         "ini vmenv_config; default: vmenv.toml, else pyproject.toml [tool.vmenv]]",
     )
     group.addoption(
+        "--vm-debug",
+        action="store_const",
+        const="1",
+        help="show the plugin's own traceback frames in failure reports (also -vv) "
+        "[env VMENV_DEBUG, ini vmenv_debug]",
+    )
+    group.addoption(
         "--vm-keep",
         choices=KEEP,
         help="keep machines after their tests: never, "
@@ -68,6 +75,7 @@ def add_options(parser: pytest.Parser) -> None:
     for name, help_ in (
         ("backend", "default backend"),
         ("config", "configuration file"),
+        ("debug", "show the plugin's traceback frames in reports (true/false)"),
         ("keep", "never, failed or always"),
         ("parallel", "templates built at once"),
         ("reuse", "reuse templates across sessions (true/false)"),
@@ -99,6 +107,7 @@ def _choice(config: pytest.Config, name: str, choices: tuple[str, ...], default:
 class Options:
     backend: str | None
     config: str | None
+    debug: bool
     keep: str
     parallel: int
     reuse: bool
@@ -115,6 +124,7 @@ class Options:
         if parallel < 1:
             raise ConfigError(f"--vm-parallel={parallel} must be at least 1")
         reuse_raw = (_raw(config, "reuse") or "").lower()
+        debug_raw = (_raw(config, "debug") or "").lower()
         items: list[str] = list(config.getini("vmenv_var") or [])
         items += os.environ.get("VMENV_VAR", "").split()
         items += config.getoption("vm_var") or []
@@ -127,6 +137,7 @@ class Options:
         return cls(
             backend=_raw(config, "backend"),
             config=_raw(config, "config"),
+            debug=debug_raw in ("1", "true", "yes", "on"),
             keep=_choice(config, "keep", KEEP, "never"),
             parallel=parallel,
             reuse=reuse_raw in ("1", "true", "yes", "on"),

@@ -26,7 +26,16 @@ from dataclasses import asdict, replace
 from typing import Any
 
 from .backend import Backend, Session, Snapshot, SpecCheck
-from .errors import BackendUnavailable, BootTimeout, CommandFailed, CommandTimeout, VmenvError
+from .diagnose import missing_command, not_found
+from .errors import (
+    BackendUnavailable,
+    BootTimeout,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    ProvisionError,
+    VmenvError,
+)
 from .ledger import Ledger, file_lock, owners
 from .machine import Machine
 from .reaper import SweepReport, Watchdog, close_session, sweep
@@ -297,9 +306,15 @@ class Orchestrator:
 
     def _check_spare(self, spare: Future[Machine]) -> Machine | None:
         """The spare if it still answers (it may have died while it waited, e.g. with the
-        hypervisor connection); else None, and whatever is left of it is destroyed."""
+        hypervisor connection); else None, and whatever is left of it is destroyed.
+
+        A spare whose build or ``ready=`` failed raises that error: a fresh clone of the same
+        spec would only wait out the same failure a second time.
+        """
         try:
             machine = spare.result()
+        except (BootTimeout, ProvisionError, ConfigError):
+            raise
         except Exception:  # noqa: BLE001 - a failed spare is replaced by a fresh clone
             return None
         try:
@@ -361,23 +376,38 @@ class Orchestrator:
         return machine
 
     def _wait_ready(self, machine: Machine, deadline: float) -> None:
+        """Wait for ``ready=``; BootTimeout with the console tail if it does not hold.
+
+        A probe whose command the guest does not have (exit 127, "not found") fails at once:
+        waiting cannot make it appear.
+        """
         ready = machine.spec.ready or ""
         left = max(deadline - time.monotonic(), 0.5)
         try:
             if ready.startswith("port:"):
                 machine.wait_for_port(int(ready[5:]), timeout=left)
-            else:
-                machine.wait_until_succeeds(ready, timeout=left)
+                return
+            first = machine.run(ready, timeout=left)
+            if first.exit_code == 0:
+                return
+            missing = missing_command(first.exit_code, first.stderr)
+            if missing is None:
+                machine.wait_until_succeeds(ready, timeout=max(deadline - time.monotonic(), 0.5))
+                return
         except (CommandFailed, CommandTimeout) as exc:
-            try:
-                tail = "\n".join(machine.console_log().splitlines()[-30:])
-            except VmenvError:
-                tail = ""
-            raise BootTimeout(
-                f"machine {machine.name!r} was not ready (ready={ready!r}) within "
-                f"{machine.spec.timeout:g}s: {str(exc).splitlines()[0]}",
-                tail,
-            ) from None
+            failed = exc if isinstance(exc, CommandFailed) else None
+            missing = missing_command(failed.exit_code, failed.stderr) if failed else None
+            why = f" within {machine.spec.timeout:g}s: {str(exc).splitlines()[0]}"
+        if missing is not None:
+            why = (
+                f": {not_found(missing)}; install it in the image (or in a provision step), or "
+                "change ready="
+            )
+        try:
+            tail = "\n".join(machine.console_log().splitlines()[-30:])
+        except VmenvError:
+            tail = ""
+        raise BootTimeout(f"machine {machine.name!r} was not ready (ready={ready!r}){why}", tail)
 
     def release(self, owner: str) -> None:
         """Release the machines of one scope owner (``"function:<nodeid>"`` ...)."""

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import pytest
 
+from . import tracebacks
 from .backend import Backend, Session
 from .config import VmenvConfig, load_config
 from .errors import BackendUnavailable, ConfigError
@@ -85,11 +86,16 @@ def pytest_configure(config: pytest.Config) -> None:
         options = Options.from_config(config)
     except ConfigError as exc:
         raise pytest.UsageError(str(exc)) from None
+    tracebacks.configure(config, options.debug)
     plugin = VmenvPlugin(config, options)
     config.stash[plugin_key] = plugin
     config.pluginmanager.register(plugin, "vmenv-session")
     if config.pluginmanager.hasplugin("xdist"):
         config.pluginmanager.register(_XdistHooks(plugin), "vmenv-xdist")
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    tracebacks.unconfigure()
 
 
 @pytest.hookimpl(trylast=True)

@@ -2,8 +2,10 @@
 
 * :func:`sweep` destroys every machine whose owner process is dead (never one of a live
   owner: two sessions side by side survive each other's sweeps), removes non-reused
-  templates of sessions that have no live owner left, and clears their ledger entries. Kept
-  machines (``--vm-keep``) are left alone unless ``include_kept``.
+  templates of sessions that have no live owner left, the scratch dirs of dead owners, and
+  clears their ledger entries. Kept machines (``--vm-keep``) are left alone unless
+  ``include_kept``; so is a template a machine is still built on (``TemplateInUse``): its
+  record stays, and the sweep that removes the last machine on it removes it too.
 * :class:`Watchdog` is a small detached process started with the first machine. pytest holds
   the write end of a pipe to it; a clean end writes ``bye`` first. End-of-file without
   ``bye`` means pytest died (SIGKILL, OOM, a crashed xdist worker): the watchdog waits for
@@ -23,8 +25,11 @@ import time
 from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from .backend import Backend, Session, Snapshot, owner_alive
+from .caches import remove_scratch, scratch_caches
+from .errors import TemplateInUse
 from .ledger import (
     OwnerRecord,
     file_lock,
@@ -43,8 +48,11 @@ log = logging.getLogger("pytest_vmenv")
 
 @dataclass
 class SweepReport:
+    """What a sweep removed, what failed, and what it left because something still uses it."""
+
     removed: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
+    left: list[str] = field(default_factory=list)
 
 
 def _live_sessions(state_dir: Path) -> set[str]:
@@ -62,7 +70,8 @@ def sweep(
     """Destroy what dead owners left on ``backends`` and clear their ledger entries.
 
     ``only_owner`` limits the sweep to one owner token (the watchdog's case). ``older_than``
-    (seconds) spares anything younger. A template goes once no owner of its session lives.
+    (seconds) spares anything younger. A template goes once no owner of its session lives
+    and no machine is built on it any more.
     """
     backends = list(backends)
     by_name = {b.name: b for b in backends}
@@ -70,6 +79,7 @@ def sweep(
     now = time.time()
     live = _live_sessions(state_dir)
     removed_handles: set[str] = set()
+    held_handles: set[str] = set()
 
     def old_enough(created: float) -> bool:
         return older_than is None or now - created >= older_than
@@ -99,8 +109,8 @@ def sweep(
             if snap.data.get("reuse") or not session or session in live:
                 continue
             if wanted(str(snap.data.get("owner", "")), float(snap.data.get("created", 0))):
-                _remove_template(backend, snap, report)
-                removed_handles.add(snap.handle)
+                outcome = _remove_template(backend, snap, report)
+                (held_handles if outcome == "left" else removed_handles).add(snap.handle)
     for record in owners(state_dir):
         if record.alive or (only_owner is not None and record.owner != only_owner):
             continue
@@ -109,8 +119,34 @@ def sweep(
     for session in sessions(state_dir):
         if session in live or owners(state_dir, session):
             continue  # a process of it lives, or a dead one's records could not be cleared yet
-        close_session(backends, state_dir, session, report, skip=removed_handles)
+        close_session(backends, state_dir, session, report, skip=removed_handles, held=held_handles)
+    if only_owner is None:
+        _sweep_scratch(state_dir, report, older_than=older_than)
     return report
+
+
+def _sweep_scratch(
+    state_dir: Path,
+    report: SweepReport,
+    session: str | None = None,
+    older_than: float | None = None,
+) -> None:
+    """Remove the scratch dirs (``<state>/scratch/<session>-<worker>``) of sessions with no
+    live process (of ``session`` only, if given); what :func:`.caches.scratch_held` holds (a
+    live session's dir, a Machine's transfer file) is never touched."""
+    prefix = f"{session}-" if session is not None else ""
+    for cache in scratch_caches(state_dir, _live_sessions(state_dir)):
+        path = Path(cache.path)
+        if cache.held or not path.name.startswith(prefix):
+            continue
+        if older_than is not None and time.time() - cache.created < older_than:
+            continue
+        try:
+            remove_scratch(state_dir, cache)
+        except OSError as exc:
+            report.errors.append(f"scratch dir {path.name}: {exc}")
+            continue
+        report.removed.append(f"scratch dir {path.name}")
 
 
 def close_session(
@@ -119,17 +155,20 @@ def close_session(
     session: str,
     report: SweepReport,
     skip: Container[str] = (),
+    held: Container[str] = (),
 ) -> None:
     """End a session none of whose processes is left (its last one at exit, or a sweep).
 
     Removes the templates recorded for it that belong to ``backends`` (a record stays, for a
-    later sweep, while its removal fails or its backend is not at hand; handles in ``skip`` are
-    already gone), its ledger dir, and lets each backend clean up (optional ``end_session``).
+    later sweep, while its removal fails, a machine is still built on it, or its backend is
+    not at hand; handles in ``skip`` are already gone, those in ``held`` were just found in
+    use), its scratch dirs, its ledger dir, and lets each backend clean up (optional
+    ``end_session``).
     """
     by_name = {b.name: b for b in backends}
     for path, data in session_templates(state_dir, session):
         backend = by_name.get(str(data.get("backend")))
-        if backend is None or data.get("reuse"):
+        if backend is None or data.get("reuse") or data.get("handle") in held:
             continue
         if "handle" in data and data["handle"] not in skip:
             snap = Snapshot(
@@ -139,9 +178,10 @@ def close_session(
                 key=str(data.get("key", "")),
                 data=data.get("data", {}),
             )
-            if not _remove_template(backend, snap, report):
+            if _remove_template(backend, snap, report) != "removed":
                 continue
         path.unlink(missing_ok=True)
+    _sweep_scratch(state_dir, report, session=session)
     remove_session_dir(state_dir, session)
     for backend in by_name.values():
         end = getattr(backend, "end_session", None)
@@ -152,14 +192,21 @@ def close_session(
                 report.errors.append(f"{backend.name}: end of session {session}: {exc}")
 
 
-def _remove_template(backend: Backend, snap: Snapshot, report: SweepReport) -> bool:
+def _remove_template(
+    backend: Backend, snap: Snapshot, report: SweepReport
+) -> Literal["removed", "left", "failed"]:
+    """Remove one template; one a machine is still built on is ``left`` (not an error)."""
+    what = f"{backend.name} template {snap.key or snap.handle}"
     try:
         backend.remove_template(snap)
+    except TemplateInUse as exc:
+        report.left.append(f"{what}: in use: {exc.holder}")
+        return "left"
     except Exception as exc:  # noqa: BLE001
-        report.errors.append(f"{backend.name} template {snap.key}: {exc}")
-        return False
-    report.removed.append(f"{backend.name} template {snap.key or snap.handle}")
-    return True
+        report.errors.append(f"{what}: {exc}")
+        return "failed"
+    report.removed.append(what)
+    return "removed"
 
 
 def backends_from_ledger(

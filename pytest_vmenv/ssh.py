@@ -18,7 +18,10 @@ Semantics, the same as every backend's ``execute``:
 * ``env`` is set for the command (through ``env``, because sshd refuses most variables);
 * ``timeout``: the command runs in its own session and process group (``setsid``); when the
   time passes, that group is killed with SIGKILL and :class:`CommandTimeout` is raised;
-* a background process left running (``sleep 60 &``) does not hold ``execute`` open.
+* a background process left running (``sleep 60 &``) does not hold ``execute`` open;
+* at most ``max_output`` bytes of each stream are kept in memory (the rest is read and
+  counted in ``Result.stdout_dropped``/``stderr_dropped``), and ``timeout`` bounds the whole
+  call, the transfer of the output included.
 
 How: the remote side runs a small POSIX ``sh`` wrapper that makes a private directory with
 ``mktemp -d``, prints its path, runs the command under ``setsid`` with stdout and stderr
@@ -26,7 +29,8 @@ redirected to files there, then sends both files and exits with the command's st
 Output is therefore delivered when the command ends rather than streamed, and needs room in
 the guest's ``$TMPDIR``; in exchange the background case and group kill work the same against
 any sshd and any POSIX guest. Files travel over the same wrapper (``cat``), so no SFTP
-subsystem is needed.
+subsystem is needed. ``copy_out`` streams ``cat`` straight into the local file (runs of zero
+blocks become holes) and stops at ``max_size``.
 
 Host keys: guests are fresh clones whose keys nobody knows in advance, so by default they are
 not checked (as ``StrictHostKeyChecking=no``); pass ``known_hosts`` to check them. The
@@ -46,8 +50,8 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from .backend import Result
-from .errors import BackendError, CommandTimeout
+from .backend import GET_LIMIT, OUTPUT_LIMIT, Output, Result
+from .errors import BackendError, CommandTimeout, FileTooLarge
 
 __all__ = ["SSHChannel", "SSHUnreachable"]
 
@@ -203,18 +207,24 @@ class SSHChannel:
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
+        max_output: int = OUTPUT_LIMIT,
     ) -> Result:
         """Run ``argv`` (see the module docstring for the exact semantics)."""
         if not argv:
             raise ValueError("execute needs a command")
         command = self.command_line(argv, env, user)
         start = time.monotonic()
-        code, out, err = _Loop.run(self._run(command, input, timeout, list(argv)))
-        return Result.from_bytes(code, out, err, time.monotonic() - start)
+        code, out, err = _Loop.run(self._run(command, input, timeout, list(argv), max_output))
+        return Result.from_output(code, out, err, time.monotonic() - start)
 
     async def _run(
-        self, command: str, input: bytes | None, timeout: float | None, argv: list[str]
-    ) -> tuple[int, bytes, bytes]:
+        self,
+        command: str,
+        input: bytes | None,
+        timeout: float | None,
+        argv: list[str],
+        max_output: int = OUTPUT_LIMIT,
+    ) -> tuple[int, Output, Output]:
         conn = await self._connection()
         try:
             proc = await conn.create_process(command, encoding=None)
@@ -226,9 +236,10 @@ class SSHChannel:
         proc.stdin.write_eof()
         workdir: list[bytes] = []
 
-        async def collect() -> tuple[bytes, bytes]:
+        async def collect() -> tuple[Output, Output]:
             workdir.append((await proc.stdout.readline()).rstrip(b"\n"))
-            out, err = await asyncio.gather(proc.stdout.read(), proc.stderr.read())
+            out, err = Output(max_output), Output(max_output)
+            await asyncio.gather(_read_into(proc.stdout, out), _read_into(proc.stderr, err))
             await proc.wait_closed()
             return out, err
 
@@ -255,7 +266,9 @@ class SSHChannel:
             self._conn = None
             raise SSHUnreachable(f"ssh {self.host}:{self.port}: the connection dropped")
         if code == 125 and not (workdir and workdir[0]):
-            raise BackendError(f"ssh {self.host}:{self.port}: mktemp failed in the guest: {err!r}")
+            raise BackendError(
+                f"ssh {self.host}:{self.port}: mktemp failed in the guest: {err.value()!r}"
+            )
         return code, out, err
 
     async def _kill_group(self, conn: asyncssh.SSHClientConnection, workdir: str) -> None:
@@ -274,12 +287,66 @@ class SSHChannel:
         if not result.ok:
             raise BackendError(f"copy to {self.machine}:{dst} failed: {result.stderr.strip()}")
 
-    def copy_out(self, src: str, dst: Path) -> None:
-        """Copy ``src`` from the machine to the local file ``dst``."""
-        result = self.execute(["cat", "--", src])
-        if not result.ok:
-            raise BackendError(f"copy from {self.machine}:{src} failed: {result.stderr.strip()}")
-        dst.write_bytes(result.stdout_bytes)
+    def copy_out(self, src: str, dst: Path, *, max_size: int | None = GET_LIMIT) -> None:
+        """Copy ``src`` from the machine to the local file ``dst``, streamed.
+
+        Over ``max_size`` bytes the copy stops, ``dst`` is removed and :class:`FileTooLarge`
+        raised. Blocks of zeros are written as holes.
+        """
+        dst = Path(dst)
+        try:
+            code, err = _Loop.run(self._copy_out(src, dst, max_size))
+        except BaseException:
+            dst.unlink(missing_ok=True)
+            raise
+        if code != 0:
+            dst.unlink(missing_ok=True)
+            raise BackendError(
+                f"copy from {self.machine}:{src} failed: "
+                f"{err.decode('utf-8', 'replace').strip() or f'exit status {code}'}"
+            )
+
+    async def _copy_out(self, src: str, dst: Path, max_size: int | None) -> tuple[int, bytes]:
+        conn = await self._connection()
+        try:
+            proc = await conn.create_process("cat -- " + shlex.quote(src), encoding=None)
+        except (OSError, asyncssh.Error) as exc:
+            self._conn = None
+            raise SSHUnreachable(f"ssh {self.host}:{self.port}: {exc}") from None
+        proc.stdin.write_eof()
+        err = Output(1 << 16)
+        drain = asyncio.ensure_future(_read_into(proc.stderr, err))
+        size = 0
+        try:
+            with open(dst, "wb") as f:
+                while chunk := await proc.stdout.read(1 << 16):
+                    size += len(chunk)
+                    if max_size is not None and size > max_size:
+                        raise FileTooLarge(self.machine, src, size, max_size)
+                    if chunk.count(0) == len(chunk):
+                        f.seek(len(chunk), 1)
+                    else:
+                        f.write(chunk)
+                f.truncate(size)
+            await drain
+            await proc.wait_closed()
+        except (asyncssh.Error, ConnectionError, asyncio.IncompleteReadError) as exc:
+            self._conn = None
+            raise SSHUnreachable(f"ssh {self.host}:{self.port}: connection lost: {exc}") from None
+        finally:
+            if not drain.done():
+                proc.close()
+                drain.cancel()
+        code = proc.exit_status
+        if code is None or code < 0:
+            code = 128 + _signal_number(proc.exit_signal[0]) if proc.exit_signal else 255
+        return code, err.value()
+
+
+async def _read_into(stream: asyncssh.SSHReader[bytes], sink: Output) -> None:
+    """Read ``stream`` to its end into ``sink`` (which keeps what its limit allows)."""
+    while chunk := await stream.read(1 << 16):
+        sink.write(chunk)
 
 
 def _signal_number(name: str) -> int:

@@ -31,13 +31,22 @@ from pathlib import Path
 import pytest
 
 from .backend import Backend, MachineRef, Session, Snapshot
-from .errors import CommandFailed, CommandTimeout, MachineGone, ProvisionError, VmenvError
+from .errors import (
+    CommandFailed,
+    CommandTimeout,
+    FileTooLarge,
+    MachineGone,
+    ProvisionError,
+    VmenvError,
+)
 from .machine import Machine
 from .orchestrator import template_key
 from .paths import state_dir
 from .spec import MachineSpec
 
 __all__ = ["BackendConformance"]
+
+MiB = 1 << 20
 
 
 def _session() -> Session:
@@ -150,6 +159,11 @@ class BackendConformance:
         big = clone.run("head -c 3000000 /dev/zero")
         assert len(big.stdout_bytes) == 3_000_000
 
+    def test_output_is_capped_per_stream(self, clone: Machine) -> None:
+        result = clone.run("head -c 3000000 /dev/zero; echo err >&2", max_output=MiB)
+        assert (len(result.stdout_bytes), result.stdout_dropped) == (MiB, 3_000_000 - MiB)
+        assert (result.stderr, result.stderr_dropped, result.truncated) == ("err\n", 0, True)
+
     def test_stdin_and_env(self, clone: Machine) -> None:
         assert clone.succeed("cat", input="line\n") == "line\n"
         assert clone.succeed("echo $GREETING", env={"GREETING": "hi there"}) == "hi there\n"
@@ -182,6 +196,14 @@ class BackendConformance:
         assert clone.read_text("/var/tmp/t.txt") == "text ✓\n"
         with pytest.raises(VmenvError):
             clone.get("/no/such/file", tmp_path / "missing")
+
+    def test_get_refuses_a_file_over_max_size(self, clone: Machine, tmp_path: Path) -> None:
+        clone.succeed("head -c 100000 /dev/zero > /var/tmp/big")
+        with pytest.raises(FileTooLarge):
+            clone.get("/var/tmp/big", tmp_path / "big", max_size=50000)
+        assert not (tmp_path / "big").exists()
+        clone.get("/var/tmp/big", tmp_path / "big", max_size=100000)
+        assert (tmp_path / "big").read_bytes() == bytes(100000)
 
     # -- snapshots and clones --------------------------------------------------------------------
 

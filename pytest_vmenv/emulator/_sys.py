@@ -130,19 +130,22 @@ def sethostname(name: str) -> None:
     _check(_libc.sethostname(raw, ctypes.c_size_t(len(raw))), "sethostname")
 
 
-def drop_capabilities(keep: frozenset[int]) -> None:
+def drop_capabilities(keep: frozenset[int], retain: frozenset[int] = frozenset()) -> None:
     """Drop every capability not in ``keep`` from the bounding set and from E/P/I.
 
     The bounding set matters most: a root process gets its permitted set from it at every
     ``execve``, so dropping from it is what keeps a guest's root from regaining a capability.
+    ``retain`` stays in the caller's own effective and permitted sets only (never in the
+    bounding set): no program the caller executes gets it back.
     """
     with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as f:
         last = int(f.read())
     for cap in range(last + 1):
         if cap not in keep:
             prctl(PR_CAPBSET_DROP, cap)
-    low = sum(1 << c for c in keep if c < 32)
-    high = sum(1 << (c - 32) for c in keep if c >= 32)
+    held = keep | retain
+    low = sum(1 << c for c in held if c < 32)
+    high = sum(1 << (c - 32) for c in held if c >= 32)
     header = struct.pack("Ii", _LINUX_CAPABILITY_VERSION_3, 0)
     data = struct.pack("IIIIII", low, low, 0, high, high, 0)  # effective, permitted, inheritable
     hbuf = ctypes.create_string_buffer(header, len(header))

@@ -25,6 +25,7 @@ applied (``LimitNotApplied``, once).
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
@@ -36,13 +37,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .. import errors
-from ..backend import Cache, Capabilities, MachineRef, Result, Session, Snapshot
+from ..backend import (
+    GET_LIMIT,
+    OUTPUT_LIMIT,
+    Cache,
+    Capabilities,
+    MachineRef,
+    Result,
+    Session,
+    Snapshot,
+)
 from ..images import BASES, ImageCache, builder_problem, recipe_of
-from . import caches, inventory, layers, userns
+from . import caches, disk, inventory, layers, userns
 from .base import NAME, EmulatorBase, LimitNotApplied, boundary
-from .control import FILE_IDLE_TIMEOUT, CommandTimedOut
+from .control import FILE_IDLE_TIMEOUT, CommandTimedOut, TooLarge
 from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest, wait_systemd
-from .images import base_stack, is_host
+from .images import base_stack, check_image, is_host, refresh_mask
 from .spawner import Zygote
 from .terminal import run_shell
 
@@ -70,7 +80,7 @@ class EmulatorBackend(EmulatorBase):
     def _boot(self, guest: Guest, spec: MachineSpec) -> None:
         self._warn_unfiltered()
         zygote, cgroups = self._spawner()
-        guest.memory, guest.cpus = spec.memory, spec.cpus
+        guest.memory, guest.cpus, guest.disk = spec.memory, spec.cpus, spec.disk
         guest.init = self._init_of(spec)
         with self._lock:
             self._guests[guest.id] = guest
@@ -85,6 +95,7 @@ class EmulatorBackend(EmulatorBase):
                 spec.memory,
                 spec.cpus,
                 timeout,
+                self.pids_max,
             )
             if guest.init == "systemd":
                 wait_systemd(guest, timeout - (time.monotonic() - started))
@@ -124,11 +135,12 @@ class EmulatorBackend(EmulatorBase):
     def unavailable_for(self, spec: MachineSpec) -> str | None:
         """Why ``spec`` cannot be made here (see :class:`~pytest_vmenv.backend.SpecCheck`).
 
-        Unprivileged, ``image="host"``, ``network=``, built Debian images and
-        ``init="systemd"`` are refused, each with its own reason (all that apply). As root, a
-        Debian image that is not built yet needs its builder (see
-        :func:`pytest_vmenv.images.builder_problem`) and the host's apt to serve its suite,
-        and systemd needs a cgroup v2 hierarchy.
+        Root makes every spec but these: ``disk=`` needs loop devices and mkfs.ext4, from
+        :data:`.disk.MIN_SIZE` up; a Debian image that is not built yet needs its builder
+        (see :func:`pytest_vmenv.images.builder_problem`) and the host's apt to serve its
+        suite; systemd needs a cgroup v2 hierarchy. Unprivileged, ``image="host"``,
+        ``network=``, built Debian images and ``init="systemd"`` are refused. Each refusal
+        has its own reason (all that apply are given).
         """
         recipe = recipe_of(spec)
         init = spec.init or ("systemd" if recipe else "none")
@@ -143,6 +155,11 @@ class EmulatorBackend(EmulatorBase):
             elif init == "systemd":
                 reasons.append(SYSTEMD_REASON)
             return "; and ".join(reasons) or None
+        if spec.disk is not None:
+            if spec.disk < disk.MIN_SIZE:
+                reasons.append(f"disk={spec.disk} is too small: the emulator's smallest disk is 1M")
+            elif (problem := disk.unavailable()) is not None:
+                reasons.append(problem)
         if recipe is not None:
             try:
                 built = ImageCache(self.state_dir).lookup(recipe)
@@ -204,6 +221,7 @@ class EmulatorBackend(EmulatorBase):
                 return done
             recipe = recipe_of(spec)
             base = base_stack(spec.image, spec.image_config, self.emu_dir, self.state_dir, recipe)
+            check_image(base, spec)
             start = time.monotonic()  # building the image is not part of spec.timeout
             tags = layers.labels(session.id, session.owner, session.reuse)
             if not spec.provision:
@@ -221,7 +239,7 @@ class EmulatorBackend(EmulatorBase):
             try:
                 log = layers.provision(guest, spec, start)
                 stop_guest(guest)
-                upper = guest.dir / "upper"
+                upper = disk.upper_dir(guest.dir)
                 return layers.commit(final, key, spec.name, upper, base, log, tags)
             finally:
                 self._destroy(guest.id)
@@ -229,7 +247,7 @@ class EmulatorBackend(EmulatorBase):
     @boundary
     def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
         self._refuse(spec, template=False)
-        stack = layers.stack_of(snapshot)
+        stack = refresh_mask(layers.stack_of(snapshot), self.emu_dir, self.state_dir)
         guest = Guest(
             id=uuid.uuid4().hex[:16],
             name=spec.name,
@@ -262,16 +280,20 @@ class EmulatorBackend(EmulatorBase):
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
+        max_output: int = OUTPUT_LIMIT,
     ) -> Result:
+        start = time.monotonic()
         conn = self._guest(ref).conn
         if conn is None:
             raise errors.MachineGone(f"{NAME}: machine {ref.name!r} is stopped")
-        start = time.monotonic()
+        left = None if timeout is None else timeout - (time.monotonic() - start)
         try:
-            code, out, err = conn.execute(argv, input=input, env=env, user=user, timeout=timeout)
+            code, out, err = conn.execute(
+                argv, input=input, env=env, user=user, timeout=left, max_output=max_output
+            )
         except CommandTimedOut:
             raise errors.CommandTimeout(ref.name, list(argv), timeout or 0.0) from None
-        return Result.from_bytes(code, out, err, time.monotonic() - start)
+        return Result.from_output(code, out, err, time.monotonic() - start)
 
     def _file_request(self, ref: MachineRef, msg: dict[str, Any], fd: int) -> dict[str, Any]:
         conn = self._guest(ref).conn
@@ -284,6 +306,8 @@ class EmulatorBackend(EmulatorBase):
                 f"{NAME}: {msg['op']} {msg['path']!r} on {ref.name!r} made no progress for "
                 f"{FILE_IDLE_TIMEOUT:g}s; gave up"
             ) from exc
+        if reply.get("errno") == errno.EFBIG and "size" in reply:
+            raise TooLarge(int(reply["size"]))
         if "error" in reply:
             raise errors.BackendError(
                 f"{NAME}: {msg['op']} {msg['path']!r} on {ref.name!r} failed: {reply['error']}"
@@ -307,7 +331,10 @@ class EmulatorBackend(EmulatorBase):
             os.close(fd)
 
     @boundary
-    def copy_out(self, ref: MachineRef, src: str, dst: Path) -> None:
+    def copy_out(
+        self, ref: MachineRef, src: str, dst: Path, *, max_size: int | None = GET_LIMIT
+    ) -> None:
+        """Copy ``src`` out of the guest; its holes stay holes, over ``max_size`` is refused."""
         dst = Path(dst)
         if dst.is_dir():
             raise errors.BackendError(
@@ -315,8 +342,13 @@ class EmulatorBackend(EmulatorBase):
             )
         existed = dst.exists()
         fd = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        msg = {"op": "get", "path": src, "extents": True, "max": max_size}
         try:
-            self._file_request(ref, {"op": "get", "path": src}, fd)
+            try:
+                self._file_request(ref, msg, fd)
+            except TooLarge as exc:
+                assert max_size is not None
+                raise errors.FileTooLarge(ref.name, src, exc.size, max_size) from None
         except BaseException:
             os.close(fd)
             fd = -1
@@ -339,14 +371,21 @@ class EmulatorBackend(EmulatorBase):
     @boundary
     def revert(self, ref: MachineRef, snapshot: Snapshot) -> None:
         guest = self._own(ref, "revert")
-        stack = layers.stack_of(snapshot)
+        stack = refresh_mask(layers.stack_of(snapshot), self.emu_dir, self.state_dir)
         zygote, cgroups = self._spawner()
         self._net.detach(guest)
         stop_guest(guest)
         guest.stack = stack
         try:
             problems = start_guest(
-                guest, zygote, cgroups, self.emu_dir / "layers", guest.memory, guest.cpus, 60.0
+                guest,
+                zygote,
+                cgroups,
+                self.emu_dir / "layers",
+                guest.memory,
+                guest.cpus,
+                60.0,
+                self.pids_max,
             )
             if guest.init == "systemd":
                 wait_systemd(guest, 60.0)
@@ -440,11 +479,26 @@ class EmulatorBackend(EmulatorBase):
         for handle in guest.snapshots:
             if not any(handle in s for s in in_use):
                 layers.remove(Path(handle), self.emu_dir)
+        disk.detach(gdir)
         userns.rmtree(gdir)
 
     @boundary
     def remove_template(self, snapshot: Snapshot) -> None:
-        layers.remove(Path(snapshot.handle), self.emu_dir)
+        """Remove a template or snapshot layer, unless a machine on disk still needs it.
+
+        A guest (kept, running or dead) that stacks on the layer, directly or through a
+        snapshot, or whose snapshot it is, keeps it: TemplateInUse names that machine (see
+        :func:`.caches.held_by`, the rule ``vmenv images rm`` applies too). Its build lock
+        file goes too, unless a build runs now (:func:`.caches.prune_build_locks`).
+        """
+        layer = Path(snapshot.handle)
+        holder = caches.held_by(self.emu_dir, layer)
+        if holder:
+            raise errors.TemplateInUse(
+                f"{NAME}: template {snapshot.key or layer.name} left in place: {holder}", holder
+            )
+        layers.remove(layer, self.emu_dir)
+        caches.prune_build_locks(self.emu_dir)
 
     def templates(self) -> list[Snapshot]:
         """Every template and snapshot layer (torn builds included), with its labels.

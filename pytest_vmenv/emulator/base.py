@@ -19,8 +19,9 @@ from typing import Any, TypeVar
 
 from .. import errors
 from ..backend import MachineRef
+from ..paths import register
 from . import netglue, seccomp
-from .cgroups import Cgroups
+from .cgroups import DEFAULT_PIDS_MAX, Cgroups
 from .control import GuestDied
 from .host import Guest, connect, guest_from_meta, read_meta
 from .spawner import Zygote, ZygoteGone
@@ -28,7 +29,7 @@ from .spawner import Zygote, ZygoteGone
 __all__ = ["NAME", "EmulatorBase", "LimitNotApplied", "boundary"]
 
 NAME = "emulator"
-_PRIVATE_DIRS = ("layers", "images", "guests", "networks")
+_PRIVATE_DIRS = ("layers", "images", "guests", "networks", "disks")
 _GUEST_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _WARNED: set[str] = set()
 _F = TypeVar("_F", bound=Callable[..., Any])
@@ -94,12 +95,29 @@ class EmulatorBase:
         path = self.state_dir / "emulator"
         if not self._secured:
             path.mkdir(mode=0o700, parents=True, exist_ok=True)
+            register(self.state_dir)  # so other sessions' host views hide it too
             os.chmod(path, 0o700)
             for sub in _PRIVATE_DIRS:
                 (path / sub).mkdir(mode=0o700, exist_ok=True)
                 os.chmod(path / sub, 0o700)
             self._secured = True
         return path
+
+    @property
+    def pids_max(self) -> int | None:
+        """``[tool.vmenv.backends.emulator] pids_max``: a guest's process limit (None: "max").
+
+        Defaults to :data:`.cgroups.DEFAULT_PIDS_MAX`; ``"max"`` turns the limit off.
+        """
+        value = self.options.get("pids_max", DEFAULT_PIDS_MAX)
+        if value == "max":
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise errors.ConfigError(
+                f"[tool.vmenv.backends.{NAME}] pids_max={value!r}: must be a whole number "
+                f'>= 1 or "max" (no limit), e.g. pids_max = {DEFAULT_PIDS_MAX}'
+            )
+        return value
 
     @staticmethod
     def _valid_id(gid: str) -> bool:
@@ -203,7 +221,7 @@ class EmulatorBase:
     def _console(self, guest: Guest) -> str:
         """PID 1's boot log (and provision output), then what the guest wrote on its console."""
         parts = []
-        for name in ("boot.log", "console.log"):
+        for name in ("boot.log", "console.log.1", "console.log"):
             try:
                 fd = os.open(guest.dir / name, os.O_RDONLY | os.O_NOFOLLOW)
             except OSError:

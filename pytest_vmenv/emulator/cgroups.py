@@ -7,6 +7,11 @@ v2 one for ``cgroup.kill``/``cgroup.freeze`` and, where its controllers are on, 
 v1 ``memory``/``cpu``/``pids``/``freezer`` ones otherwise. Groups are made under the
 caller's own group (``<own>/pytest-vmenv/<id>``), never elsewhere in the host's tree.
 
+Every guest gets a pids limit (``pids.max``, :data:`DEFAULT_PIDS_MAX` unless the backend
+is configured otherwise): without one, a guest's fork loop exhausts the host's pid space.
+RLIMIT_NPROC is no substitute as root: it counts every process of the user on the host, and
+guest root is the host's root.
+
 A limit that cannot be applied is returned as text so the backend warns once; the guest
 still runs.
 """
@@ -20,9 +25,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-__all__ = ["Cgroups", "GuestGroups"]
+__all__ = ["DEFAULT_PIDS_MAX", "Cgroups", "GuestGroups"]
 
 _PERIOD = 100_000
+DEFAULT_PIDS_MAX = 4096
+"""Processes and threads a guest may have at once: room for systemd, a web server with its
+workers and a database, far below the host's ``pid_max``."""
 
 
 def _mounts() -> tuple[Path | None, dict[str, Path]]:
@@ -205,9 +213,9 @@ class Cgroups:
         return self.v2_parent is not None or bool(self.v1_parents)
 
     def create(
-        self, gid: str, memory: int | None, cpus: int | None
+        self, gid: str, memory: int | None, cpus: int | None, pids: int | None = DEFAULT_PIDS_MAX
     ) -> tuple[GuestGroups, list[str]]:
-        """Make the guest's groups and apply limits; returns the groups and what failed."""
+        """Make the guest's groups and apply limits (None: none); returns them and what failed."""
         if not _plain(gid):
             raise ValueError(f"invalid guest id {gid!r}")
         self._prepare()
@@ -245,6 +253,8 @@ class Cgroups:
                 "cpu.cfs_quota_us",
                 str(cpus * _PERIOD),
             )
+        if pids is not None:
+            problems += self._limit(groups, "pids", str(pids), "pids.max", "pids.max", str(pids))
         return groups, problems
 
     def _limit(

@@ -28,17 +28,21 @@ the guest (transfers, ``/etc/passwd``) is opened non-blocking and must be a regu
 FIFO planted by the guest cannot freeze PID 1.
 
 PID 1 is not dumpable (``PR_SET_DUMPABLE`` 0): guest root cannot ptrace it, read
-``/proc/1/fd`` or ``pidfd_getfd`` its control sockets.
+``/proc/1/fd`` or ``pidfd_getfd`` its control sockets. Guest root cannot change its resource
+limits either (``prlimit``, see :mod:`.seccomp`), and the OOM killer picks a command before
+it (:mod:`.oom`).
 
 With ``init="systemd"`` the root is built the same way (plus what systemd needs, see
-:func:`.rootfs.build_root`), then PID 1 forks: the child is the *agent*, which serves the
-control sockets exactly as PID 1 does otherwise (still not dumpable, under the same seccomp
-filter and capability bounds), and PID 1 closes every host descriptor and execs systemd with
-``container=vmenv`` (systemd.io/CONTAINER_INTERFACE). systemd moves the agent into
-``init.scope`` with itself; orphans are reaped by systemd. The agent is an ordinary process
-of the guest: the guest's root may kill it, which only cuts the guest's own control channel.
-When the primary socket closes, the agent exits and the host kills PID 1 (the kernel then
-kills the PID namespace).
+:func:`.rootfs.build_root`), then PID 1 forks: the child is the *agent* (always pid 2),
+which serves the control sockets exactly as PID 1 does otherwise: not dumpable, under the
+same seccomp filter and capability bounds, shielded from the OOM killer, and the filter
+refuses guest processes a signal, a pidfd or a new resource limit for pid 2 as it refuses
+them PID 1's limits. PID 1 closes every host descriptor, sets its OOM score to the
+commands' and execs systemd with ``container=vmenv`` (systemd.io/CONTAINER_INTERFACE);
+orphans are reaped by systemd. What guest root can still do to the agent is what it can do
+to itself: a ``kill -9 -1`` (every process it may signal) takes the agent too, and cuts the
+guest's control channel. When the primary socket closes, the agent exits and the host kills
+PID 1 (the kernel then kills the PID namespace).
 """
 
 from __future__ import annotations
@@ -56,7 +60,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from . import _sys, guestfiles, rootfs, userns, wire
+from . import _sys, guestfiles, oom, rootfs, userns, wire
 from .guestfiles import login_argv, lookup_user, which
 
 __all__ = ["pid1_main"]
@@ -84,8 +88,11 @@ _PR_SET_DUMPABLE = 4
 class Init:
     """PID 1's state: the control sockets and the running commands."""
 
-    def __init__(self, ctl: socket.socket, wake: int, listener: socket.socket) -> None:
+    def __init__(
+        self, ctl: socket.socket, wake: int, listener: socket.socket, shield: oom.Shield
+    ) -> None:
         self.primary = ctl.fileno()
+        self.shield = shield
         self.wake = wake
         self.listener = listener
         self.kept = False
@@ -229,6 +236,21 @@ class Init:
             return -127
         cwd = msg.get("cwd")
         tty = bool(msg.get("tty"))
+        with self.shield.spawning():
+            return self._start(path, argv, env, ids, cwd, tty, (stdin, stdout, stderr))
+
+    def _start(
+        self,
+        path: str,
+        argv: list[str],
+        env: dict[str, str],
+        ids: tuple[int, int, str, list[int]] | None,
+        cwd: Any,
+        tty: bool,
+        fds: tuple[int, int, int],
+    ) -> int:
+        """posix_spawn when nothing needs doing in the child, else fork + exec."""
+        stdin, stdout, stderr = fds
         if ids is None and cwd is None and not tty:
             try:
                 return os.posix_spawn(
@@ -376,6 +398,7 @@ def _exec_systemd(path: str, cfg: Mapping[str, Any]) -> None:
         for sig in (*_RESET_SIGNALS, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        _commands_score(cfg.get("oom") or {})
         env = {"container": "vmenv", "PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
         if cfg.get("machine_id"):
             env["container_uuid"] = str(cfg["machine_id"])
@@ -384,6 +407,16 @@ def _exec_systemd(path: str, cfg: Mapping[str, Any]) -> None:
         with contextlib.suppress(OSError):
             os.write(2, f"vmenv: cannot exec {path}: {exc}\n".encode())
     os._exit(127)
+
+
+def _commands_score(state: Mapping[str, Any]) -> None:
+    """Give PID 1 (about to be systemd) the OOM score of commands, and with it the floor:
+    systemd and every service it starts are no harder to kill than a command, and guest
+    root cannot lower them (see :mod:`.oom`). Shielded, PID 1 still holds CAP_SYS_RESOURCE
+    for this write; it leaves with the exec (it is not in the bounding set)."""
+    if state.get("shielded"):
+        with open("/proc/self/oom_score_adj", "wb") as f:
+            f.write(b"%d" % int(state.get("base", 0)))
 
 
 def _fork_agent(cfg: Mapping[str, Any]) -> None:
@@ -396,6 +429,8 @@ def _fork_agent(cfg: Mapping[str, Any]) -> None:
         )
     if os.fork() != 0:
         _exec_systemd(path, cfg)
+    if os.getpid() != rootfs.AGENT_PID:  # the filter protects that pid, and only that one
+        raise OSError(f"the agent is pid {os.getpid()}, not {rootfs.AGENT_PID}")
     _sys.set_comm("vmenv-agent")
 
 
@@ -414,9 +449,10 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
         os.close(null)
         os.close(console)
         rootfs.build_root(cfg)
-        _sys.prctl(_PR_SET_DUMPABLE, 0)  # no ptrace, /proc/1/fd or pidfd_getfd from the guest
         if cfg.get("init") == "systemd":
-            _fork_agent(cfg)
+            _fork_agent(cfg)  # PID 1 becomes systemd; the agent goes on here
+        shield = oom.Shield(cfg.get("oom"))  # while /proc/self is still ours to open
+        _sys.prctl(_PR_SET_DUMPABLE, 0)  # no ptrace, /proc/1/fd or pidfd_getfd from the guest
         os.environ.clear()
         os.environ.update(PATH=DEFAULT_PATH, HOME="/root", LANG="C.UTF-8")
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -424,7 +460,7 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        rootfs.close_fds_except([ctl.fileno(), rfd, wfd, listener.fileno()])
+        rootfs.close_fds_except([ctl.fileno(), rfd, wfd, listener.fileno(), shield.fd])
         os.write(1, f"vmenv: guest {cfg['hostname']} up\n".encode())
         wire.send(ctl, {"ready": True, "pid": host_pid})
     except BaseException:  # noqa: BLE001 - any boot failure is reported, then PID 1 exits
@@ -434,4 +470,4 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
             wire.send(ctl, {"error": text[-4000:]})
         finally:
             os._exit(1)
-    Init(ctl, rfd, listener).serve()
+    Init(ctl, rfd, listener, shield).serve()

@@ -5,7 +5,9 @@ owner token, name, PID 1's and its keeper's host pids with their start times, cg
 stack, kept flag), ``upper``/``work`` (its overlay upper dir), ``root``/``base``/``empty``
 (mount points used only inside its own mount namespace), ``ctl.sock`` (PID 1's listener for
 other processes, see :mod:`.guest`), ``boot.log`` (what PID 1 printed, and provision output)
-and ``console.log`` (bound on the guest's ``/dev/console``). ``meta.json`` is written before
+and ``console.fifo`` (bound on the guest's ``/dev/console``) with ``console.log`` (what came
+through it, capped, see :mod:`.console`); with ``disk=``, ``disk.img`` mounted on ``disk/``
+holds the upper and work dirs instead (see :mod:`.disk`). ``meta.json`` is written before
 anything is started and again after every step that creates something (cgroups, keeper,
 PID 1), so a half-created guest is always found and destroyable, from any process.
 
@@ -29,8 +31,8 @@ from pathlib import Path
 from typing import Any
 
 from ..backend import process_start
-from . import userns, wire
-from .cgroups import Cgroups, GuestGroups
+from . import console, disk, userns, wire
+from .cgroups import DEFAULT_PIDS_MAX, Cgroups, GuestGroups
 from .control import CommandTimedOut, Conn
 from .spawner import Zygote
 
@@ -68,6 +70,7 @@ class Guest:
     snapshots: list[str] = field(default_factory=list)
     memory: int | None = None
     cpus: int | None = None
+    disk: int | None = None
     pid_start: str = ""
     keeper_start: str = ""
     zygote: int = 0
@@ -207,28 +210,41 @@ def start_guest(
     memory: int | None,
     cpus: int | None,
     timeout: float,
+    pids: int | None = DEFAULT_PIDS_MAX,
 ) -> list[str]:
     """Create the guest's dirs and cgroups, fork it, wait for ready. Returns limit problems.
 
-    On failure the guest is left half-created (its meta says what exists) for
-    :func:`stop_guest` to remove.
+    ``guest.disk`` set, its upper and work dirs go on a filesystem of that size (as root;
+    unprivileged it is a limit problem). On failure the guest is left half-created (its
+    meta says what exists) for :func:`stop_guest` and :func:`.disk.detach` to remove.
     """
     guest.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     _fresh_dirs(guest.dir)
+    upper, work = guest.dir / "upper", guest.dir / "work"
     guest.pid = guest.keeper = 0
     guest.save()  # labels first: a half-created guest is always found
     rootless = userns.rootless()
     if rootless:  # no cgroups in the user-namespace mode (see .userns)
         groups, problems = GuestGroups(), userns.limit_problems(memory, cpus)
     else:
-        groups, problems = cgroups.create(guest.id, memory, cpus)
+        groups, problems = cgroups.create(guest.id, memory, cpus, pids)
     guest.groups = groups
     guest.save()
     procs = groups.procs_files()
     if guest.init == "systemd":
         procs = _systemd_subtree(groups)
-    console = guest.dir / "console.log"
-    console.touch(mode=0o600)
+    if guest.disk is not None and rootless:
+        problems.append(
+            "the disk limit is not applied: pytest runs unprivileged and the emulator's "
+            "user-namespace mode cannot mount a filesystem of that size (run as root)"
+        )
+    elif guest.disk is not None:
+        upper, work = disk.attach(guest.dir, guest.disk, layers_root.parent / "disks")
+    (guest.dir / console.LOG).touch(mode=0o600)
+    fifo = guest.dir / console.FIFO
+    if not fifo.is_fifo():
+        fifo.unlink(missing_ok=True)
+        os.mkfifo(fifo, 0o600)
     prefix = f"{layers_root}/"
     stack = [s[len(prefix) :] if s.startswith(prefix) else s for s in guest.stack]
     cfg: dict[str, Any] = {
@@ -236,8 +252,11 @@ def start_guest(
         "stack": stack,
         "layers_root": str(layers_root),
         "hostname": guest.name,
-        "console": str(console),
+        "console": str(fifo),
+        "console_relay": True,
         "boot_log": str(guest.dir / "boot.log"),
+        "upper": str(upper),
+        "work": str(work),
     }
     if rootless:
         cfg["userns"] = [os.getuid(), os.getgid()]
@@ -294,7 +313,7 @@ def wait_systemd(guest: Guest, timeout: float) -> str:
             )  # fmt: skip
         except CommandTimedOut:
             continue
-        state = out.decode("utf-8", "replace").strip()
+        state = out.value().decode("utf-8", "replace").strip()
         if state in ("maintenance", "stopping"):
             raise OSError(f"systemd in guest {guest.name!r} is in state {state!r}, not booted")
         if state not in _BOOTED:
@@ -305,7 +324,7 @@ def wait_systemd(guest: Guest, timeout: float) -> str:
             ["systemctl", "--failed", "--no-legend", "--plain"],
             input=None, env=None, user=None, timeout=10,
         )  # fmt: skip
-        note += "vmenv: failed units: " + out.decode("utf-8", "replace").strip() + "\n"
+        note += "vmenv: failed units: " + out.value().decode("utf-8", "replace").strip() + "\n"
     with open(guest.dir / "boot.log", "a", encoding="utf-8") as f:
         f.write(note)
     return state

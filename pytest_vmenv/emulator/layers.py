@@ -22,6 +22,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import os
 import re
 import subprocess
 import time
@@ -32,7 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 from .. import errors
 from ..backend import Snapshot
-from . import userns
+from ..diagnose import provision_failed
+from . import disk, userns
 from .control import CommandTimedOut
 
 if TYPE_CHECKING:
@@ -40,12 +42,15 @@ if TYPE_CHECKING:
     from .host import Guest
 
 __all__ = [
+    "CACHES_LOCK",
     "MAX_DEPTH",
     "build_lock",
+    "caches_lock",
     "commit",
     "live_snapshot",
     "listing",
     "load",
+    "lock_path",
     "provision",
     "remove",
     "stack_of",
@@ -61,13 +66,49 @@ def _dirname(key: str) -> str:
     return "tpl-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+CACHES_LOCK = "caches.lock"
+"""``<state>/emulator/caches.lock``: every build holds it shared; removing caches, exclusive."""
+
+
+@contextlib.contextmanager
+def caches_lock(emu_dir: Path, *, exclusive: bool = False) -> Iterator[bool]:
+    """The emulator's state-wide caches lock (``flock`` on :data:`CACHES_LOCK`).
+
+    Shared: waits for it, and yields True; every template build holds it so for its whole
+    length (base image unpack and host mask included, see :func:`build_lock`). Exclusive:
+    does not wait; yields whether it was taken. While it is held exclusive no build runs
+    and none starts, so what is on disk may be removed, a build's lock files included.
+    """
+    emu_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(emu_dir / CACHES_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def lock_path(final: Path) -> Path:
+    """The build lock file of a template layer dir (``layers/.tpl-KEY.lock``)."""
+    return final.parent / f".{final.name}.lock"
+
+
 @contextlib.contextmanager
 def build_lock(emu_dir: Path, key: str) -> Iterator[Path]:
-    """Serialize builds of one key (threads and processes); yields the layer's final dir."""
+    """Serialize builds of one key (threads and processes); yields the layer's final dir.
+
+    The caches lock is taken shared first and held throughout, so ``vmenv images rm``
+    never removes what a build is using, and no one holds or opens a key's lock file while
+    it holds the caches lock exclusive (when it may delete that file).
+    """
     root = emu_dir / "layers"
     root.mkdir(parents=True, exist_ok=True)
     final = root / _dirname(key)
-    with open(root / f".{final.name}.lock", "w") as lock:
+    with caches_lock(emu_dir), open(lock_path(final), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield final
 
@@ -143,7 +184,16 @@ def commit(
     build = _begin(final.parent, "", meta)
     stack = list(base)
     if upper is not None:
-        upper.rename(build / "fs")
+        try:
+            upper.rename(build / "fs")
+        except OSError as exc:  # on the guest's own disk (disk=): copy it off
+            if exc.errno != errno.EXDEV:
+                raise
+            try:
+                _copy_tree(upper, build / "fs")
+            except subprocess.CalledProcessError as err:
+                detail = err.stderr.decode(errors="replace").strip()
+                raise OSError(errno.EIO, f"copying {upper} failed: {detail}") from None
         stack.insert(0, str(final / "fs"))
     _check_depth(stack)
     (build / "provision.log").write_text(log)
@@ -202,22 +252,17 @@ def provision(guest: Guest, spec: MachineSpec, start: float) -> str:
                 f"{NAME}: provision step {shown!r} of {spec.name!r} timed out (the build is "
                 f"bounded by timeout={spec.timeout:g}s)"
             ) from None
-        text_out = out.decode("utf-8", "replace")
-        text_err = err.decode("utf-8", "replace")
-        log.append(f"$ {shown}\n{text_out}{text_err}[exit {code}]\n")
+        text_out = out.value().decode("utf-8", "replace")
+        text_err = err.value().decode("utf-8", "replace")
+        cut = out.dropped + err.dropped
+        note = f"[vmenv: {cut} more bytes of output not kept]\n" if cut else ""
+        log.append(f"$ {shown}\n{text_out}{text_err}{note}[exit {code}]\n")
         with open(guest.dir / "boot.log", "a", encoding="utf-8") as f:
             f.write(log[-1])
         if code != 0:
-            raise errors.ProvisionError(
-                f"{NAME}: provision step {shown!r} of {spec.name!r} exited with {code}\n"
-                f"  stdout:\n{_indent(text_out)}\n  stderr:\n{_indent(text_err)}"
-            )
+            # a template is built with no network at all: nothing can be fetched
+            raise provision_failed(NAME, spec.name, step, code, text_out, text_err, outbound=False)
     return "".join(log)
-
-
-def _indent(text: str, lines: int = 30) -> str:
-    parts = text.rstrip("\n").splitlines()[-lines:]
-    return "\n".join("    " + p for p in parts) if parts else "    (empty)"
 
 
 def live_snapshot(guest: Guest, name: str, emu_dir: Path, tags: dict[str, Any]) -> Snapshot:
@@ -236,13 +281,7 @@ def live_snapshot(guest: Guest, name: str, emu_dir: Path, tags: dict[str, Any]) 
                 f"{NAME}: snapshot of {guest.name!r} refused: its processes could not be "
                 f"frozen ({exc.strerror or exc}), and a copy of a running guest may be torn"
             ) from exc
-        # cp -a never follows symlinks and keeps whiteouts (0/0 char devices) and xattrs
-        # (trusted.overlay.* as root, user.overlay.* in the user-namespace mode)
-        subprocess.run(
-            ["cp", "-a", "--", f"{guest.dir}/upper", str(build / "fs")],
-            check=True,
-            capture_output=True,
-        )
+        _copy_tree(disk.upper_dir(guest.dir), build / "fs")
     except BaseException as exc:
         userns.rmtree(build)
         if isinstance(exc, subprocess.CalledProcessError):
@@ -255,6 +294,13 @@ def live_snapshot(guest: Guest, name: str, emu_dir: Path, tags: dict[str, Any]) 
     (build / "complete").write_text(time.ctime() + "\n")
     build.rename(final)
     return _snapshot(final, meta)
+
+
+def _copy_tree(src: Path, dst: Path) -> None:
+    """Copy an upper dir: ``cp -a`` never follows symlinks and keeps whiteouts (0/0 char
+    devices) and xattrs (trusted.overlay.* as root, user.overlay.* in the user-namespace
+    mode)."""
+    subprocess.run(["cp", "-a", "--", str(src), str(dst)], check=True, capture_output=True)
 
 
 def _freeze(guest: Guest, frozen: bool) -> None:

@@ -21,7 +21,10 @@ from typing import Any
 
 from . import _sys, seccomp
 
-__all__ = ["DOCKER_CAPS", "HOST_BASE", "build_root"]
+__all__ = ["AGENT_PID", "DOCKER_CAPS", "HOST_BASE", "build_root"]
+
+AGENT_PID = 2
+"""A systemd guest's agent: PID 1's first child (see :mod:`.guest`), protected by the filter."""
 
 HOST_BASE = "@host"
 """Stack entry meaning "a read-only view of the host's /" (mounted per guest)."""
@@ -30,6 +33,7 @@ HOST_BASE = "@host"
 # FSETID 4, KILL 5, SETGID 6, SETUID 7, SETPCAP 8, NET_BIND_SERVICE 10, NET_RAW 13,
 # SYS_CHROOT 18, AUDIT_WRITE 29, SETFCAP 31.
 DOCKER_CAPS = frozenset({0, 1, 3, 4, 5, 6, 7, 8, 10, 13, 18, 29, 31})
+CAP_SYS_RESOURCE = 24
 
 _DEVICES = {
     "null": (1, 3),
@@ -84,7 +88,8 @@ def _mount_stack(cfg: Mapping[str, Any], root: str) -> None:
         else:
             lowers.append(entry)
     os.chdir(cfg["layers_root"])  # relative lowerdirs keep the option string short
-    options = f"lowerdir={':'.join(lowers)},upperdir={gdir}/upper,workdir={gdir}/work,index=off"
+    upper, work = cfg.get("upper", f"{gdir}/upper"), cfg.get("work", f"{gdir}/work")
+    options = f"lowerdir={':'.join(lowers)},upperdir={upper},workdir={work},index=off"
     if cfg.get("userns") is not None:  # user.overlay.* xattrs: trusted.* needs real root
         options += ",userxattr"
     # nodev: device nodes in a layer (or in the host's / outside /dev) cannot be opened;
@@ -177,11 +182,15 @@ def build_root(cfg: Mapping[str, Any]) -> None:
     """Mount the guest's root from ``cfg`` and make it ``/`` (then drop capabilities).
 
     ``cfg`` keys: ``gdir`` (guest dir with ``upper``, ``work``, ``root``, ``base``,
-    ``empty``), ``stack`` (lower layers, top first; :data:`HOST_BASE` for the host's /),
+    ``empty``), ``upper``/``work`` (the overlay's, default in ``gdir``), ``stack`` (lower
+    layers, top first; :data:`HOST_BASE` for the host's /),
     ``layers_root`` (directory relative stack entries are resolved from), ``hostname``,
     ``console`` (file bound on ``/dev/console``), ``userns`` (``[uid, gid]`` when PID 1 is in
-    the unprivileged mode's user namespace, see :mod:`.userns`; absent as root), ``init``
-    (``"systemd"``: also the mounts systemd needs, see :func:`_mount_systemd`).
+    the unprivileged mode's user namespace, see :mod:`.userns`; absent as root), ``oom``
+    (see :mod:`.oom`: when ``shielded``, PID 1 keeps CAP_SYS_RESOURCE for itself, outside
+    the bounding set, to move its ``oom_score_adj`` around each spawn), ``init``
+    (``"systemd"``: also the mounts systemd needs, see :func:`_mount_systemd`, and the
+    filter's protection of its agent, see :mod:`.seccomp`).
     """
     _sys.mount("none", "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
     root = f"{cfg['gdir']}/root"
@@ -201,8 +210,10 @@ def build_root(cfg: Mapping[str, Any]) -> None:
     _sys.pivot_root(".", ".")
     _sys.umount2(".", _sys.MNT_DETACH)
     os.chdir("/")
-    seccomp.install()  # while CAP_SYS_ADMIN is still held: no no_new_privs, so sudo works
-    _sys.drop_capabilities(DOCKER_CAPS)
+    agent = AGENT_PID if cfg.get("init") == "systemd" else None
+    seccomp.install(agent)  # while CAP_SYS_ADMIN is still held: no no_new_privs, so sudo works
+    shielded = bool((cfg.get("oom") or {}).get("shielded"))
+    _sys.drop_capabilities(DOCKER_CAPS, frozenset({CAP_SYS_RESOURCE} if shielded else ()))
 
 
 def close_fds_except(keep: Sequence[int]) -> None:

@@ -6,6 +6,8 @@ session (killed, OOM), the guests it forked die with it (``PR_SET_PDEATHSIG``) a
 seconds (tenacity), so a zygote that cannot start fails the clone with a clear error instead of
 looping.
 
+The zygote gets only the locale, ``PATH`` and ``PYTHON*`` variables of our environment.
+
 A zygote that holds kept guests outlives :meth:`Zygote.close` (see :mod:`.zygote`); its
 :class:`subprocess.Popen` is parked in a module list and reaped later, so no warning about a
 running child is raised and no zombie is left while this process lives on.
@@ -31,6 +33,10 @@ RESTARTS = 3
 RESTART_WINDOW = 10.0
 _PKG_PARENT = str(Path(__file__).resolve().parents[2])
 _DETACHED: list[subprocess.Popen[bytes]] = []
+# What the zygote inherits of our environment: no more. Every guest's PID 1 is a fork of it,
+# and a guest can make PID 1 read its own /proc/self/environ (a CI secret must not be there).
+_ENV = ("PATH", "LANG", "LANGUAGE", "TZ")
+_ENV_PREFIXES = ("LC_", "PYTHON")
 
 
 class ZygoteGone(OSError):
@@ -64,7 +70,7 @@ class Zygote:
     def _start(self) -> socket.socket:
         _reap_detached()
         mine, theirs = wire.socketpair()
-        env = dict(os.environ)
+        env = {k: v for k, v in os.environ.items() if k in _ENV or k.startswith(_ENV_PREFIXES)}
         env["PYTHONPATH"] = os.pathsep.join(
             p for p in (_PKG_PARENT, env.get("PYTHONPATH", "")) if p
         )

@@ -20,6 +20,9 @@ unless it was kept. With kept keepers left, the zygote stays (only reaping) unti
 of them is gone (destroyed from any process: the keeper is in the guest's cgroups), then
 exits. It runs in its own session, so neither a terminal's signals nor a kill of pytest's
 process group take kept guests down; it still sees pytest's death as end-of-file.
+
+While PID 1 runs, its keeper is also the reader of the guest's console FIFO and writes what
+arrives into the size-capped ``console.log`` (see :mod:`.console`).
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from . import _sys, guest, rootfs, userns, wire
+from . import _sys, console, guest, oom, rootfs, userns, wire
 
 __all__ = ["GUEST_NAMESPACES", "main"]
 
@@ -63,19 +66,26 @@ def _keeper(cfg: Mapping[str, Any], cgroups: list[str], ctl_fd: int, zygote: int
         for procs in cgroups:
             with open(procs, "w", encoding="ascii") as f:
                 f.write("0")
+        cfg = {**cfg, "oom": oom.probe()}  # before any user namespace (see .oom)
         ids = cfg.get("userns")
         if ids is not None:  # unprivileged: a user namespace owns the others (see .userns)
             userns.enter(int(ids[0]), int(ids[1]))
             _sys.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # kept, but a new cred: re-arm
             if os.getppid() != zygote:
                 os._exit(1)
+        relay = console.Relay(cfg["gdir"]) if cfg.get("console_relay") else None
         _sys.unshare(GUEST_NAMESPACES)
         pid1 = os.fork()
         if pid1 == 0:
             _sys.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+            if relay is not None:
+                relay.close()
             guest.pid1_main(cfg, ctl_fd)
             os._exit(0)
         os.close(ctl_fd)
+        if relay is not None:  # the console's reader, until PID 1 exits (see .console)
+            relay.serve(pid1)
+            os._exit(0)
         while True:
             try:
                 os.waitpid(pid1, 0)

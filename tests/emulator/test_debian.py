@@ -194,6 +194,13 @@ def test_agent_and_systemd_keep_the_hardening(backend: EmulatorBackend, guest: M
         assert caps["CapBnd"] == caps["CapEff"] == CAP_MASK, pid
         assert re.search(r"^Seccomp:\s+2$", status, re.M), pid
         assert re.search(r"^NoNewPrivs:\s+0$", status, re.M), pid  # so sudo still works
+    assert agent == "2"
+    attacks = (f"kill -9 {agent}", f"kill -STOP {agent}", f"prlimit --pid {agent} --nofile=4:4")
+    for attack in attacks:
+        r = sh(backend, guest, attack)
+        assert r.exit_code != 0 and "not permitted" in r.stderr, (attack, r)
+    assert "NOFILE" in ok(backend, guest, f"prlimit --pid {agent} --nofile")  # reading: fine
+    assert ok(backend, guest, "echo still served") == "still served\n"
     fds = sh(backend, guest, f"ls -l /proc/{agent}/fd/")
     assert "socket:" not in fds.stdout and "Permission denied" in fds.stderr
     assert sh(backend, guest, f"cat /proc/{agent}/environ").exit_code != 0
@@ -204,6 +211,17 @@ def test_agent_and_systemd_keep_the_hardening(backend: EmulatorBackend, guest: M
         int(p) for p in Path(f"/proc/{pid1}/task/{pid1}/children").read_text().split()
         if Path(f"/proc/{p}/comm").read_text().strip() == "vmenv-agent"
     )  # fmt: skip
+    # the OOM killer takes a command or a service before the agent, as it would before PID 1
+    keeper = json.loads(meta.read_text())["keeper"]
+    score = {name: int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+             for name, pid in (("keeper", keeper), ("agent", host_agent), ("systemd", pid1))}
+    cron = ok(backend, guest, "systemctl show -p MainPID --value cron").strip()
+    score["cron"] = int(ok(backend, guest, f"cat /proc/{cron}/oom_score_adj"))
+    score["command"] = int(ok(backend, guest, "cat /proc/self/oom_score_adj"))
+    if score["keeper"] == -1000:  # shielded: the agent is never chosen, the rest as commands
+        assert score["agent"] == -1000 and score["systemd"] == score["cron"] == score["command"]
+    else:  # commands are chosen first; the agent scores no higher than systemd
+        assert score["agent"] == score["systemd"] == score["cron"] < score["command"], score
     agent_fds = {os.readlink(f) for f in Path(f"/proc/{host_agent}/fd").iterdir()}
     systemd_fds = {os.readlink(f) for f in Path(f"/proc/{pid1}/fd").iterdir()}
     assert {f for f in agent_fds if f.startswith("socket:")}, agent_fds

@@ -6,9 +6,12 @@ Each test names the finding it covers. State lives under /var/lib/pytest-vmenv-t
 from __future__ import annotations
 
 import errno
+import grp
 import hashlib
 import io
+import json
 import os
+import pwd
 import resource
 import shutil
 import stat
@@ -25,11 +28,12 @@ from typing import Any
 
 import pytest
 
+from pytest_vmenv import paths
 from pytest_vmenv.backend import MachineRef, Result, Session, Snapshot
-from pytest_vmenv.emulator import EmulatorBackend, control, images, wire
+from pytest_vmenv.emulator import EmulatorBackend, cgroups, control, images, wire
 from pytest_vmenv.emulator.cgroups import GuestGroups
 from pytest_vmenv.emulator.control import CommandTimedOut
-from pytest_vmenv.errors import BackendError, CommandTimeout, MachineGone
+from pytest_vmenv.errors import BackendError, CommandTimeout, ConfigError, MachineGone
 from pytest_vmenv.spec import MachineSpec
 
 pytestmark = pytest.mark.skipif(
@@ -494,3 +498,467 @@ def test_pid1_never_runs_a_binary_of_the_image_while_privileged(
             backend.destroy(ref)
     finally:
         backend.remove_template(snap)
+
+
+# -- 13: no user namespaces, no io_uring (seccomp argument rules) --------------------------
+# Probes run in a forked child each (a probe that works on a broken filter must not change
+# the test's process), on the x86_64 ABI and on i386 through `int 0x80`.
+_PROBES = r"""
+import ctypes, mmap, os, struct
+libc = ctypes.CDLL(None, use_errno=True)
+libc.syscall.restype = ctypes.c_long
+# int 0x80 with eax, ebx, ecx, edx = the four arguments (push rbx; ...; pop rbx; ret)
+code = bytes.fromhex("5389f889f34189d189ca4489c9cd805bc3")
+page = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+page.write(code)
+i386 = ctypes.CFUNCTYPE(ctypes.c_int, *[ctypes.c_int] * 4)(
+    ctypes.addressof(ctypes.c_char.from_buffer(page)))
+def x64(nr, *args):
+    ctypes.set_errno(0)
+    res = libc.syscall(ctypes.c_long(nr), *[ctypes.c_long(a) for a in args])
+    return -ctypes.get_errno() if res < 0 else res
+def probe(call):
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        mine = os.getpid()
+        res = call()
+        if res == 0 and os.getpid() != mine:  # a clone that worked: this is its child
+            os._exit(0)
+        os.write(w, struct.pack("q", res))
+        os._exit(0)
+    os.close(w)
+    res = struct.unpack("q", os.read(r, 8))[0]
+    os.close(r)
+    os.waitpid(pid, 0)
+    return "ok" if res >= 0 else -res
+NEWUSER, SIGCHLD = 0x10000000, 17
+def clone64():
+    res = x64(56, NEWUSER | SIGCHLD, 0, 0, 0, 0)
+    if res > 0:
+        os.waitpid(res, 0)
+    return res
+def clone32():
+    res = i386(120, NEWUSER | SIGCHLD, 0, 0)
+    if res > 0:
+        os.waitpid(res, 0)
+    return res
+"""
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter is x86_64 only")
+def test_guest_root_cannot_create_user_namespaces(backend: EmulatorBackend, g: MachineRef) -> None:
+    out = py(
+        backend,
+        g,
+        _PROBES
+        + """
+print(probe(lambda: x64(272, NEWUSER)))  # unshare(CLONE_NEWUSER)
+print(probe(lambda: x64(272, NEWUSER | 0x00020000)))  # with CLONE_NEWNS
+print(probe(clone64))
+print(probe(lambda: x64(435, 0, 88)))  # clone3: ENOSYS, so libc falls back to clone
+print(probe(lambda: i386(310, NEWUSER, 0, 0)))
+print(probe(clone32))
+print(probe(lambda: i386(435, 0, 88, 0)))
+print(probe(lambda: x64(0x40000000 | 272, NEWUSER)))  # x32
+""",
+    )
+    assert out.split() == ["1", "1", "1", "38", "1", "1", "38", "1"], out
+    r = sh(backend, g, "unshare -Urmn true")
+    assert r.exit_code != 0 and "Operation not permitted" in r.stderr, r
+    # every other way to make a process or thread still works (glibc falls back to clone)
+    out = py(
+        backend,
+        g,
+        """
+        import os, subprocess, threading
+        t = threading.Thread(target=lambda: None); t.start(); t.join()
+        pid = os.fork()
+        if pid == 0:
+            os._exit(7)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
+        print(subprocess.run(["sh", "-c", "echo spawned"], capture_output=True, text=True).stdout)
+        """,
+    )
+    assert out.split() == ["7", "spawned"]
+
+
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter is x86_64 only")
+def test_io_uring_is_denied(backend: EmulatorBackend, g: MachineRef) -> None:
+    out = py(
+        backend,
+        g,
+        _PROBES
+        + """
+params = ctypes.create_string_buffer(120)
+print(probe(lambda: x64(425, 4, ctypes.addressof(params))))  # io_uring_setup
+print(probe(lambda: x64(426, -1, 1, 0, 0, 0, 0)))  # io_uring_enter
+print(probe(lambda: x64(427, -1, 0, 0, 0)))  # io_uring_register
+print(probe(lambda: i386(425, 4, 0, 0)))
+print(probe(lambda: i386(426, -1, 1, 0)))
+""",
+    )
+    assert out.split() == ["1"] * 5, out
+
+
+# -- 14: a pids limit ----------------------------------------------------------------------
+def _group_file(backend: EmulatorBackend, ref: MachineRef, name: str) -> str:
+    """A file of the guest's cgroups (the first hierarchy that has it), read on the host."""
+    meta = json.loads((backend.emu_dir / "guests" / ref.id / "meta.json").read_text())
+    for d in meta["cgroups"]:
+        if (Path(d) / name).exists():
+            return (Path(d) / name).read_text()
+    raise AssertionError(f"no {name} in {meta['cgroups']}")
+
+
+_FORKS = r"""
+import errno, os, sys
+started, failure = [], None
+for _ in range(int(sys.argv[1])):
+    try:
+        pid = os.fork()
+    except OSError as exc:
+        failure = errno.errorcode[exc.errno]
+        break
+    if pid == 0:
+        os.execv("/bin/sleep", ["sleep", "30"])
+    started.append(pid)
+for pid in started:
+    os.kill(pid, 9)
+    os.waitpid(pid, 0)
+print(len(started), failure)
+"""
+
+
+def test_fork_loop_stops_at_the_pids_limit(
+    state: Path, template: Snapshot, session: Session, backend: EmulatorBackend, g: MachineRef
+) -> None:
+    low = EmulatorBackend(state_dir=state, options={"pids_max": 512})
+    try:
+        ref = low.clone(template, MachineSpec(name="pids"), session)
+        r = low.execute(ref, [PY, "-c", _FORKS, "600"], timeout=60)
+        assert r.exit_code == 0, r
+        started, failure = r.stdout.split()
+        assert failure == "EAGAIN" and 400 < int(started) < 512, r.stdout
+        assert low.execute(ref, ["true"]).exit_code == 0  # PID 1 still starts commands
+        low.destroy(ref)
+    finally:
+        low.close()
+    assert _group_file(backend, g, "pids.max").strip() == str(cgroups.DEFAULT_PIDS_MAX)
+    bad = EmulatorBackend(state_dir=state, options={"pids_max": "lots"})
+    try:
+        with pytest.raises(ConfigError, match=r"backends\.emulator\] pids_max='lots'"):
+            bad.clone(template, MachineSpec(name="bad"), session)
+    finally:
+        bad.close()
+
+
+# -- 15: the OOM killer picks a command, never PID 1 ---------------------------------------
+_HOGS = (
+    "p=; for i in $(seq 24); do "
+    "( x=$(head -c 3000000 /dev/zero | tr '\\0' x); sleep 1 ) & p=\"$p $!\"; done; "
+    "n=0; for j in $p; do wait $j || n=$((n+1)); done; echo $n"
+)
+
+
+def test_oom_killer_takes_a_command_not_pid1(
+    backend: EmulatorBackend, template: Snapshot, session: Session
+) -> None:
+    """24 small processes of ~4 MB each in a 48 MB guest: PID 1 (a Python, the biggest
+    process) must not be the one that goes."""
+    ref = backend.clone(template, MachineSpec(name="oom", memory=48 << 20), session)
+    try:
+        r = backend.execute(ref, ["/bin/sh", "-c", _HOGS], timeout=120)
+        assert r.exit_code == 0 and int(r.stdout) > 0, r  # some hogs were killed ...
+        assert backend.execute(ref, ["true"], timeout=10).exit_code == 0  # ... PID 1 was not
+        pid1, keeper = (Path(f"/proc/{ref.data[k]}/oom_score_adj") for k in ("pid", "keeper"))
+        adj = [pid1.read_text().strip(), *ok(backend, ref, "cat /proc/self/oom_score_adj").split()]
+        assert adj in (["-1000", "0"], ["0", "1000"]), adj  # 0/1000: no CAP_SYS_RESOURCE
+        assert keeper.read_text().strip() == adj[0]  # its death would take PID 1 along
+        assert ok(backend, ref, "cat /proc/self/oom_score_adj", user="nobody") == adj[1] + "\n"
+        if adj == ["-1000", "0"]:  # commands start with their own score as their floor
+            assert sh(backend, ref, "echo -1000 > /proc/self/oom_score_adj").exit_code != 0
+    finally:
+        backend.destroy(ref)
+
+
+# -- 16: PID 1's resource limits are not the guest's to change -----------------------------
+@pytest.mark.skipif(os.uname().machine != "x86_64", reason="the filter is x86_64 only")
+def test_guest_root_cannot_lower_pid1s_limits(
+    backend: EmulatorBackend, g: MachineRef, state: Path
+) -> None:
+    for limit in ("--nofile=4:4", "--cpu=1:1", "--nproc=1:1", "--as=1000000:1000000"):
+        r = sh(backend, g, f"prlimit --pid 1 {limit}")
+        assert r.exit_code != 0 and "Operation not permitted" in r.stderr, (limit, r)
+    assert "NOFILE" in ok(backend, g, "prlimit --pid 1 --nofile")  # reading them is fine
+    out = py(backend, g, _PROBES + "print(probe(lambda: i386(340, 1, 7, 4096)))")
+    assert out.split() == ["1"], out  # prlimit64(1, NOFILE, new, ...) through int 0x80
+    ok(backend, g, "prlimit --nofile=4:4 true")  # the guest's own processes: allowed
+    src = state / "after-prlimit"
+    src.write_text("still served")
+    for _ in range(3):  # PID 1 keeps serving commands and files
+        backend.copy_in(g, src, "/root/after")
+        assert ok(backend, g, "cat /root/after") == "still served"
+
+
+# -- 17: the host view hides the host's credentials ----------------------------------------
+_CREDENTIALS = r"""
+import json, os, sys, uuid
+from pathlib import Path
+from pytest_vmenv.backend import Session
+from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.spec import MachineSpec
+state = Path(sys.argv[1])
+b = EmulatorBackend(state_dir=state)
+s = Session(id="cred-" + uuid.uuid4().hex[:8], state_dir=state)
+tpl = b.build_template(MachineSpec(name="cred"), "cred", s)
+ref = b.clone(tpl, MachineSpec(name="cred"), s)
+def run(cmd):
+    r = b.execute(ref, ["/bin/sh", "-c", cmd], timeout=30)
+    return {"code": r.exit_code, "out": r.stdout, "err": r.stderr}
+out = {
+    "shadow": run("cat /etc/shadow"),
+    "gshadow": run("cat /etc/gshadow"),
+    "canary": run("grep -rl CANARY /etc /root 2>/dev/null || true"),
+    "ssl": run("ls -A /etc/ssl/private; stat -c '%U:%G %a' /etc/ssl/private"),
+    "ssh": run("ls /etc/ssh"),
+    "login": run("id root && id daemon"),
+}
+b.destroy(ref)
+b.remove_template(tpl)
+b.close()
+print(json.dumps(out))
+"""
+
+
+def test_host_view_hides_the_hosts_credentials() -> None:
+    """Canary shadow files are mounted over the host's in a mount namespace of the test's
+    own (the host's stay as they are); canary SSH host keys and a TLS key are planted (and
+    removed) in the host's /etc. A guest on that host view must see none of them."""
+    tag = uuid.uuid4().hex[:8]
+    fake = TEST_ROOT / f"cred-{tag}"
+    (fake / "state").mkdir(parents=True)
+    hashed = "$6$CANARYsalt$CANARYhash"
+    (fake / "shadow").write_text(
+        f"root:{hashed}:19000:0:99999:7:::\nlocked:!{hashed}:19000::::::\nnone::19000::::::\n"
+        "daemon:*:19000:0:99999:7:::\n"
+    )
+    (fake / "gshadow").write_text(f"root:{hashed}::\nadm:!CANARY::alice\n")
+    planted = [
+        Path(f"/etc/ssh/ssh_host_vmenv{tag}_key"),
+        Path(f"/etc/ssh/ssh_host_vmenv{tag}_key.pub"),
+        Path(f"/etc/ssl/private/vmenv-{tag}.key"),
+    ]
+    binds = [("shadow", "/etc/shadow"), ("gshadow", "/etc/gshadow"), ("shadow", "/etc/shadow-")]
+    mounts = " && ".join(f"mount --bind {fake / src} {dst}" for src, dst in binds)
+    (fake / "run.py").write_text(_CREDENTIALS)
+    try:
+        for path in planted:
+            if path.parent.is_dir():
+                path.write_text("CANARY key\n" if path.suffix != ".pub" else "ssh-ed25519 AAAA\n")
+                os.chmod(path, 0o600 if path.suffix != ".pub" else 0o644)
+        res = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "sh", "-c",
+             f'{mounts} && exec "$0" "$@"', sys.executable, str(fake / "run.py"),
+             str(fake / "state")],
+            capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+    finally:
+        for path in planted:
+            path.unlink(missing_ok=True)
+        shutil.rmtree(fake, ignore_errors=True)
+    assert out["shadow"]["out"] == (
+        "root:*:19000:0:99999:7:::\nlocked:!:19000::::::\nnone:*:19000::::::\n"
+        "daemon:*:19000:0:99999:7:::\n"
+    ), out["shadow"]
+    assert out["gshadow"]["out"] == "root:*::\nadm:!::alice\n", out["gshadow"]
+    assert out["canary"]["out"] == "", out["canary"]  # no canary left anywhere in /etc
+    if Path("/etc/ssl/private").is_dir():  # empty, with the host's owner and mode
+        st = Path("/etc/ssl/private").stat()
+        want = f"{pwd.getpwuid(st.st_uid).pw_name}:{grp.getgrgid(st.st_gid).gr_name}"
+        assert out["ssl"]["out"].split() == [want, f"{stat.S_IMODE(st.st_mode):o}"], out
+    if Path("/etc/ssh").is_dir():  # the private key is gone, the public one stays
+        assert f"ssh_host_vmenv{tag}_key.pub" in out["ssh"]["out"].split(), out["ssh"]
+        assert f"ssh_host_vmenv{tag}_key" not in out["ssh"]["out"].split(), out["ssh"]
+    assert out["login"]["code"] == 0, out["login"]
+
+
+# -- 18: every pytest-vmenv state dir on the host is hidden --------------------------------
+def test_host_view_hides_every_state_dir(
+    backend: EmulatorBackend,
+    template: Snapshot,
+    session: Session,
+    state: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Another live session's state dir (found through the registry it wrote itself into),
+    root's default one and ``$XDG_STATE_HOME``'s: all empty in a guest, also in a clone of a
+    template built before the other session started."""
+    tag = uuid.uuid4().hex[:8]
+    registry = TEST_ROOT / f"registry-{tag}"
+    registry.mkdir(mode=0o1777)
+    os.chmod(registry, 0o1777)
+    rootdef, xdg, other = (TEST_ROOT / f"{n}-{tag}" for n in ("rootdef", "xdg", "other"))
+    for d in (rootdef, xdg / "pytest-vmenv", other):
+        d.mkdir(parents=True)
+        (d / "canary").write_text("another session's file")
+    monkeypatch.setattr(paths, "REGISTRY", registry, raising=False)
+    monkeypatch.setattr(paths, "ROOT_STATE", rootdef, raising=False)
+    monkeypatch.setenv("XDG_STATE_HOME", str(xdg))
+    passwd = TEST_ROOT / f"passwd-{tag}"
+    passwd.write_text(f"root:x:0:0::/root:/bin/sh\nsvc:x:130:130::{other}:/bin/false\n")
+    (other / ".local" / "state" / "pytest-vmenv").mkdir(parents=True)
+    second = EmulatorBackend(state_dir=other)
+    try:
+        snap = second.build_template(MachineSpec(name="other"), "other", session)
+        live = second.clone(snap, MachineSpec(name="other"), session)
+        ref = backend.clone(template, MachineSpec(name="seer"), session)  # built before
+        try:
+            listed = ok(backend, ref, f"ls -A {rootdef} {xdg}/pytest-vmenv {other}")
+            dirs = sorted(f"{d}:" for d in (rootdef, f"{xdg}/pytest-vmenv", other))
+            assert listed.split() == dirs, listed
+            assert sh(backend, ref, f"test -e {other}/emulator/guests/{live.id}").exit_code == 1
+            # found through the registry its first use of its state dir wrote it into
+            assert [p.name for p in paths.registered()] == [other.name]
+            # and a default state dir under an account's home (if its home is not masked)
+            assert f"{str(other)[1:]}/.local/state/pytest-vmenv" in images._state_dirs(passwd)
+        finally:
+            backend.destroy(ref)
+            second.destroy(live)
+            second.remove_template(snap)
+    finally:
+        second.close()
+        for d in (registry, rootdef, xdg, other):
+            shutil.rmtree(d, ignore_errors=True)
+        passwd.unlink()
+
+
+def test_state_dir_registry_counts_only_what_owners_registered(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Anyone may add to the registry (a sticky dir), so an entry counts only if its file and
+    the dir it names are the registering user's (root's entries: any dir); stale ones go."""
+    tag = uuid.uuid4().hex[:8]
+    registry, mine, theirs = (TEST_ROOT / f"{n}-{tag}" for n in ("reg", "mine", "theirs"))
+    registry.mkdir(mode=0o1777)
+    os.chmod(registry, 0o1777)
+    for d in (mine, theirs):
+        d.mkdir()
+    os.chown(mine, 1234, 1234)
+    monkeypatch.setattr(paths, "REGISTRY", registry)
+
+    def entry(name: str, text: str, uid: int) -> None:
+        (registry / name).write_text(text + "\n")
+        os.chown(registry / name, uid, uid)
+
+    try:
+        entry("1234-a", str(mine), 1234)  # counts: their own dir
+        entry("1234-b", str(theirs), 1234)  # root's dir, named by another user: ignored
+        entry("0-c", str(mine), 1234)  # claims to be root's entry: ignored
+        entry("0-d", str(TEST_ROOT / f"gone-{tag}"), 0)  # stale: removed
+        os.symlink(registry / "1234-a", registry / "1234-e")  # a link: ignored
+        assert paths.registered() == [mine]
+        assert not (registry / "0-d").exists()
+        paths.register(theirs)  # root registers: counts, and only once
+        paths.register(theirs)
+        assert sorted(paths.registered()) == sorted([mine, theirs])
+        assert len(list(registry.iterdir())) == 5
+        os.chmod(registry, 0o777)  # no longer sticky: not trusted at all
+        assert paths.registered() == []
+    finally:
+        for d in (registry, mine, theirs):
+            shutil.rmtree(d)
+
+
+# -- 19: PID 1 never follows a guest's link to its own /proc files -------------------------
+def test_guest_links_to_pid1s_proc_files_reach_nothing_of_the_host(
+    state: Path, template: Snapshot, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """File requests are served by PID 1, whose ``/proc/self`` is itself: a guest's symlink
+    to ``/proc/self/environ`` or ``/proc/self/fd/1`` must not hand a test's read-modify-write
+    pytest's environment, nor let a copy overwrite the host file PID 1 logs to."""
+    secret = f"CANARY{uuid.uuid4().hex}"
+    monkeypatch.setenv("VMENV_TEST_CI_TOKEN", secret)  # before this backend's zygote starts
+    b = EmulatorBackend(state_dir=state)
+    ref = b.clone(template, MachineSpec(name="links"), session)
+    try:
+        for link, target in (
+            ("env.conf", "/proc/self/environ"),
+            ("log.conf", "/proc/self/fd/1"),
+            ("err.conf", "/proc/1/fd/2"),
+            ("exe.conf", "/proc/self/exe"),
+            ("cwd", "/proc/self/cwd"),
+        ):
+            ok(b, ref, f"ln -s {target} /etc/{link}")
+        got = state / "links-got"
+        try:
+            b.copy_out(ref, "/etc/env.conf", got)
+            assert secret not in got.read_text(errors="replace")
+        except BackendError:
+            pass  # refusing the link is fine too
+        log = b.emu_dir / "guests" / ref.id / "boot.log"
+        before = log.read_bytes()
+        src = state / "links-src"
+        src.write_text("overwritten\n")
+        for path in ("/etc/log.conf", "/etc/err.conf", "/etc/exe.conf", "/etc/cwd/etc/x"):
+            with pytest.raises(BackendError):
+                b.copy_in(ref, src, path)
+        for path in ("/etc/log.conf", "/etc/exe.conf"):
+            with pytest.raises(BackendError):
+                b.copy_out(ref, path, got)
+        assert log.read_bytes()[: len(before)] == before  # the host's file is untouched
+        # what a guest path names inside the guest still works, symlinks included
+        ok(b, ref, "mkdir /srv/real && ln -s /srv/real /srv/link && ln -s ../srv/real/f /srv/rel")
+        b.copy_in(ref, src, "/srv/link/f")
+        assert ok(b, ref, "cat /srv/real/f") == "overwritten\n"
+        b.copy_out(ref, "/srv/rel", got)
+        assert got.read_text() == "overwritten\n"
+        assert ok(b, ref, "echo fine") == "fine\n"
+    finally:
+        b.destroy(ref)
+        b.close()
+
+
+@pytest.mark.parametrize("how", ["openat2", "walk"])
+def test_guest_paths_resolve_like_the_guest_means_them(how: str) -> None:
+    """PID 1's resolver (:mod:`.resolve`), with ``openat2`` and with the component walk used
+    where the kernel lacks it, run here on the host's root: symlinks of every kind work,
+    links into /proc and loops are refused."""
+    from pytest_vmenv.emulator import resolve
+
+    if how == "openat2" and not resolve._have_openat2():
+        pytest.skip("this kernel has no openat2")
+    opener = resolve.open_in_root if how == "openat2" else resolve._walk
+    tree = TEST_ROOT / f"resolve-{uuid.uuid4().hex[:8]}"
+    (tree / "real").mkdir(parents=True)
+    (tree / "real" / "f").write_text("found")
+    links = {
+        "abs": f"{tree}/real",
+        "rel": "real/f",
+        "up": f"../{tree.name}/real/f",
+        "chain": "abs/f",
+        "fd": "/proc/self/fd/0",
+        "exe": "/proc/self/exe",
+        "loop1": "loop2",
+        "loop2": "loop1",
+    }
+    for name, target in links.items():
+        os.symlink(target, tree / name)
+    try:
+        paths = [f"{tree}/{p}" for p in ("real/f", "abs/f", "rel", "up", "chain", "abs/../real/f")]
+        for path in [*paths, f"/../..{tree}/rel"]:  # ".." at the root stays there
+            with os.fdopen(opener(path, 0)) as f:
+                assert f.read() == "found", path
+        for path in ("fd", "exe", "loop1"):
+            with pytest.raises(OSError) as info:
+                os.close(opener(f"{tree}/{path}", 0))
+            assert info.value.errno == errno.ELOOP, path
+        fd = opener(f"{tree}/abs/new", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.close(fd)
+        assert stat.S_IMODE((tree / "real" / "new").stat().st_mode) == 0o600
+        with pytest.raises(FileNotFoundError):
+            opener(f"{tree}/missing/x", 0)
+    finally:
+        shutil.rmtree(tree)

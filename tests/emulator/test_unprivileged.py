@@ -37,6 +37,7 @@ BUSYBOX = Path("/bin/busybox")
 APPLETS = (
     "sh", "cat", "echo", "sleep", "printf", "head", "wc", "test", "kill", "ls", "rm", "mkdir",
     "chmod", "id", "touch", "cut", "true", "false", "env", "stat", "tr", "grep", "sed",
+    "unshare",
 )  # fmt: skip
 
 
@@ -103,13 +104,18 @@ _DEPS += ("jinja2", "markupsafe", "tenacity", "pytest_vmenv-*.dist-info")
 def _python_for_nobody(area: Area) -> None:
     """This interpreter if nobody can use it; else the system's with a copy of our deps.
 
-    (A Python under root's 0700 home is not readable by nobody.) "Usable" includes starting
-    itself again (``sys.executable``), as the emulator does for its probe and helpers. The
-    copy goes into the area; symlinks are copied as links, never followed.
+    (A Python under root's 0700 home is not readable by nobody.) Usable means from inside a
+    user namespace too, where the emulator re-executes it: a venv whose ``bin/python`` links
+    into root's home may start as nobody and still fail there. The copy goes into the area;
+    symlinks are copied as links, never followed.
     """
-    code = "import subprocess, sys, tenacity, pytest, jinja2, pluggy\n"
-    code += "subprocess.run([sys.executable, '-c', ''], check=True)"
-    check = [sys.executable, "-c", code]
+    reexec = (
+        "import ctypes, os, sys, tenacity, pytest, jinja2, pluggy\n"
+        "if ctypes.CDLL(None, use_errno=True).unshare(0x10000000) != 0:  # CLONE_NEWUSER\n"
+        "    sys.exit(1)\n"
+        "os.execv(sys.executable, [sys.executable, '-c', ''])"
+    )
+    check = [sys.executable, "-c", reexec]
     ok = subprocess.run(_setpriv(check), capture_output=True, env={"PATH": "/usr/bin:/bin"})
     if ok.returncode == 0:
         return
@@ -508,6 +514,98 @@ def test_probe_names_the_python_nobody_cannot_execute(area: Area, nobody: Runner
     assert f"user nobody (uid {NOBODY}) cannot execute the Python interpreter" in reason, reason
     assert f"permission denied on {locked}: mode 0700, owner uid 0" in reason, reason
     assert "run as root" not in reason, reason
+
+
+_NESTED = """
+import json, sys
+from pathlib import Path
+from pytest_vmenv.backend import Session
+from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.spec import MachineSpec
+rootfs, state = sys.argv[1], Path(sys.argv[2])
+b = EmulatorBackend(state_dir=state)
+spec = MachineSpec(name="nest", image=rootfs, image_config={"rootfs": rootfs})
+s = Session(id="nest", state_dir=state)
+tpl = b.build_template(spec, "nest", s)
+ref = b.clone(tpl, spec, s)
+try:
+    for cmd in ("unshare -U true", "unshare -r -n true", "cat /proc/self/oom_score_adj"):
+        r = b.execute(ref, ["/bin/sh", "-c", cmd], timeout=30)
+        print(json.dumps([r.exit_code, r.stdout, r.stderr]))
+    with open(f"/proc/{ref.data['pid']}/oom_score_adj") as f:  # PID 1, seen from the host
+        print(json.dumps(f.read()))
+finally:
+    b.destroy(ref)
+    b.remove_template(tpl)
+    b.close()
+"""
+
+
+def test_guest_cannot_nest_user_namespaces_as_nobody(area: Area, nobody: Runner) -> None:
+    """The guest is already in a user namespace here; a nested one would give guest root
+    full capabilities again over new namespaces. Also: commands score above PID 1 for the
+    OOM killer (a score can only be raised without CAP_SYS_RESOURCE)."""
+    _need_userns(nobody)
+    res = nobody.run(["python", "-c", _NESTED, str(area.rootfs), str(area.state)], timeout=120)
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    lines = res.stdout.strip().splitlines()[-4:]
+    plain, mapped, command, pid1 = (json.loads(line) for line in lines)
+    for code, _out, err in (plain, mapped):
+        assert code != 0 and "Operation not permitted" in err, (plain, mapped)
+    assert (command[1], pid1) == ("1000\n", "0\n"), (command, pid1)
+
+
+_MAGIC = """
+import json, os, sys
+from pathlib import Path
+from pytest_vmenv import errors
+from pytest_vmenv.backend import Session
+from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.spec import MachineSpec
+rootfs, state, work = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
+os.environ["VMENV_TEST_CI_TOKEN"] = "CANARY-secret"
+b = EmulatorBackend(state_dir=state)
+spec = MachineSpec(name="magic", image=rootfs, image_config={"rootfs": rootfs})
+s = Session(id="magic", state_dir=state)
+tpl = b.build_template(spec, "magic", s)
+ref = b.clone(tpl, spec, s)
+out = {}
+try:
+    r = b.execute(ref, ["/bin/sh", "-c", "ln -s /proc/self/fd/1 /etc/log.conf && "
+                        "ln -s /proc/self/environ /etc/env.conf"], timeout=30)
+    assert r.exit_code == 0, r
+    log = b.emu_dir / "guests" / ref.id / "boot.log"
+    before = log.read_bytes()
+    (work / "src").write_text("overwritten")
+    try:
+        b.copy_in(ref, work / "src", "/etc/log.conf")
+        out["copy_in"] = "done"
+    except errors.BackendError as exc:
+        out["copy_in"] = str(exc)
+    out["log_kept"] = log.read_bytes()[: len(before)] == before
+    try:  # refused (PID 1's own /proc files are the host root's here) or harmless
+        b.copy_out(ref, "/etc/env.conf", work / "env")
+        out["env_secret"] = "CANARY" in (work / "env").read_text(errors="replace")
+    except errors.BackendError:
+        out["env_secret"] = False
+finally:
+    b.destroy(ref)
+    b.remove_template(tpl)
+    b.close()
+print(json.dumps(out))
+"""
+
+
+def test_pid1_follows_no_magic_link_as_nobody(area: Area, nobody: Runner) -> None:
+    """A guest's link to PID 1's /proc/self/fd/1 (the host's boot log) or environ (pytest's
+    environment) reaches nothing of the host in the user-namespace mode either."""
+    _need_userns(nobody)
+    argv = ["python", "-c", _MAGIC, str(area.rootfs), str(area.state), str(area.home)]
+    res = nobody.run(argv, timeout=120)
+    assert res.returncode == 0, f"stdout:\\n{res.stdout}\\nstderr:\\n{res.stderr}"
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert "refused" in out["copy_in"] and out["log_kept"], out
+    assert out["env_secret"] is False, out
 
 
 def _has_subids(user: str) -> bool:

@@ -2,7 +2,8 @@
 
 Each case starts an inner pytest session in the background, waits until it holds machines
 (or is building, cloning, tearing down), kills it, and proves that within 15 s no guest
-process, mount or cgroup of that session is left, and that `vmenv gc` finds nothing more.
+process, mount, cgroup, ledger entry or scratch dir of that session is left, and that
+`vmenv gc` finds nothing more.
 """
 
 from __future__ import annotations
@@ -118,6 +119,7 @@ def leftovers(session: str, token: int, guest_ids: list[str]) -> list[str]:
     found += [f"guest dir {gid}" for gid in guests_of(session)]
     if (state_dir() / "ledger" / session).exists():
         found.append(f"ledger of {session}")
+    found += [f"scratch dir {p.name}" for p in (state_dir() / "scratch").glob(f"{session}-*")]
     return found
 
 
@@ -165,6 +167,44 @@ def test_sigkill_while_a_test_holds_two_machines(inner_dir: Path) -> None:
     assert len(leftovers(session, inner.token, ids)) >= 2  # the daemons run
     inner.proc.kill()
     inner.wait()
+    assert_clean(session, inner.token, ids)
+
+
+def watchdog_of(pid: int) -> int:
+    """The pid of the watchdog process that pytest process ``pid`` started."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            argv = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"pytest_vmenv.reaper" in argv and any(f":{pid}:".encode() in a for a in argv):
+            return int(entry)
+    raise AssertionError(f"no watchdog of pytest process {pid}")
+
+
+def test_sigkill_of_pytest_and_its_watchdog_is_swept_by_the_next_session(
+    inner_dir: Path,
+) -> None:
+    """Nothing cleaned up at once (the watchdog died too, as in an OOM kill of the whole
+    group): the next session's sweep removes the machines, the ledger and the scratch dir."""
+    inner = Inner(inner_dir, HOLD_TWO)
+    wait_for(inner.records, "the machines")
+    session, ids = inner.session, _guest_ids(inner)
+    scratch = state_dir() / "scratch"
+    assert [p.name for p in scratch.glob(f"{session}-*")] == [f"{session}-master"]
+    os.kill(watchdog_of(inner.proc.pid), signal.SIGKILL)
+    inner.proc.kill()
+    inner.wait()
+    time.sleep(1)
+    assert list(scratch.glob(f"{session}-*")), "nothing may have swept yet"
+    nxt = Inner(
+        inner_dir.parent / "next",
+        "import pytest\n@pytest.mark.vm(image='host')\ndef test_t(vm): pass\n",
+    )
+    assert nxt.wait() == 0, nxt.output()
+    assert f"removed scratch dir {session}-master" in nxt.output(), nxt.output()
     assert_clean(session, inner.token, ids)
 
 
@@ -318,6 +358,7 @@ def test_two_sessions_one_killed_other_untouched(tmp_path: Path) -> None:
         tmp_path / "third", "import pytest\n@pytest.mark.vm(image='host')\ndef test_t(vm): pass\n"
     )
     assert third.wait() == 0, third.output()
+    assert (state_dir() / "scratch" / f"{survivor.session}-master").is_dir()
     Path(str(survivor.out) + ".go").touch()
     assert survivor.wait() == 0, survivor.output()
 

@@ -202,3 +202,42 @@ def test_gc_removes_half_created_guest(tmp_path: Path) -> None:
     out = vmenv("gc").stdout
     assert "halfcreated0" in out, out
     assert not gdir.exists()
+
+
+def test_kept_machine_keeps_its_template_until_gc_removes_both(
+    pytester: pytest.Pytester, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The session ends, its kept machine still stands on its template: the template stays
+    (on disk, not just in the old overlay mount) until `vmenv gc --all` removes both."""
+    state = tmp_path / "state"
+    monkeypatch.setenv("VMENV_STATE_DIR", str(state))
+    pytester.makepyfile(
+        """
+        import pytest
+        @pytest.mark.vm(image="host", name="prov",
+                        provision=["echo provisioned > /var/tmp/provisioned"])
+        def test_provisioned(vm):
+            vm.succeed("true")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "--vm-keep=always")
+    result.assert_outcomes(passed=1)
+    machine_id = re.search(r"vmenv shell (\S+)", result.stdout.str()).group(1)  # type: ignore[union-attr]
+    layers = state / "emulator" / "layers"
+    try:
+        read = vmenv("shell", machine_id, "cat", "/var/tmp/provisioned")
+        assert (read.returncode, read.stdout) == (0, "provisioned\n"), read
+        templates = sorted(layers.glob("tpl-*"))
+        assert len(templates) == 1, templates
+        assert (templates[0] / "fs" / "var" / "tmp" / "provisioned").read_text() == "provisioned\n"
+        spared = vmenv("gc").stdout  # plain gc spares both
+        assert spared.startswith("left emulator template "), spared
+        assert f"in use: machine prov ({machine_id})" in spared and "remove" not in spared
+        assert templates[0].is_dir()
+    finally:
+        gc = vmenv("gc", "--all")
+    assert f"({machine_id})" in gc.stdout, gc.stdout
+    assert "template" in gc.stdout, gc.stdout
+    assert not list(layers.glob("tpl-*")), list(layers.iterdir())
+    assert machine_id not in vmenv("ls").stdout
+    assert not list((state / "ledger").iterdir()), list((state / "ledger").rglob("*"))

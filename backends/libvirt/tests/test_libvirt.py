@@ -13,17 +13,20 @@ import shutil
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from pathlib import Path
 
 import libvirt
 import pytest
+import vmenv_libvirt
 from vmenv_libvirt import LibvirtBackend
+from vmenv_libvirt.connection import is_transient
 from vmenv_libvirt.domains import NS
 
 from pytest_vmenv.backend import Session, Snapshot, boot_id
-from pytest_vmenv.errors import BackendUnavailable, MachineGone
+from pytest_vmenv.errors import BackendError, BackendUnavailable, MachineGone
 from pytest_vmenv.machine import Machine
 from pytest_vmenv.paths import state_dir
 from pytest_vmenv.spec import MachineSpec
@@ -186,3 +189,68 @@ def test_unreachable_libvirtd_is_a_clear_error(tmp_path: Path) -> None:
     backend.hv.attempts = 2
     with pytest.raises(BackendUnavailable, match="cannot connect to qemu:///system"):
         backend.check()
+
+
+def _libvirt_error(fn: Callable[[], object]) -> libvirt.libvirtError:
+    try:
+        fn()
+    except libvirt.libvirtError as exc:
+        return exc
+    raise AssertionError("no libvirt error")
+
+
+def test_only_a_dropped_connection_is_transient(
+    libvirt_backend: LibvirtBackend, tmp_path: Path
+) -> None:
+    """Real errors of the real daemon: the transport's are transient, the drivers' are not."""
+    conn = libvirt_backend.hv.conn()
+    closed = libvirt.open(libvirt_backend.uris[0])
+    closed.close()
+    transient = {
+        "closed connection": _libvirt_error(closed.getLibVersion),
+        "daemon not there": _libvirt_error(
+            lambda: libvirt.open(f"qemu:///system?socket={tmp_path}/no-such.sock")
+        ),
+    }
+    missing = f"{tmp_path}/no-such-dir"
+    failures = {  # VIR_ERR_SYSTEM_ERROR from a driver, as "Unable to find 'dnsmasq' binary"
+        "missing directory": _libvirt_error(lambda: conn.storagePoolCreateXML(
+            f"<pool type='dir'><name>vmenv-t-{secrets.token_hex(4)}</name>"
+            f"<target><path>{missing}</path></target></pool>", 0)),
+        "invalid XML": _libvirt_error(lambda: conn.networkCreateXML("<network><name>x</name")),
+        "no such network": _libvirt_error(lambda: conn.networkLookupByName("vmenv-no-such")),
+    }  # fmt: skip
+    assert failures["missing directory"].get_error_code() == libvirt.VIR_ERR_SYSTEM_ERROR
+    assert {k: is_transient(e) for k, e in transient.items()} == dict.fromkeys(transient, True)
+    assert {k: is_transient(e) for k, e in failures.items()} == dict.fromkeys(failures, False)
+
+
+def test_a_failure_that_is_no_dropped_connection_says_libvirts_message_at_once(
+    tmp_path: Path, session: Session
+) -> None:
+    """A domain template with a data disk that does not exist: the storage driver's
+    VIR_ERR_SYSTEM_ERROR (the code of "Unable to find 'dnsmasq' binary") is the operation's
+    failure, reported with libvirt's message, not as a connection that did not come back."""
+    stock = Path(vmenv_libvirt.__file__).parent / "templates" / "domain.xml.j2"
+    missing = tmp_path / "no-such-data-disk.qcow2"
+    extra = (
+        f'<disk type="file" device="disk"><driver name="qemu" type="qcow2"/>'
+        f'<source file="{missing}"/><target dev="vdb" bus="virtio"/></disk>'
+    )
+    custom = tmp_path / "domain.xml.j2"
+    custom.write_text(stock.read_text().replace("  <devices>", "  <devices>\n    " + extra, 1))
+    backend = LibvirtBackend({"domain_xml": str(custom)})
+    backend.check()
+    started = time.monotonic()
+    try:
+        with pytest.raises(BackendError) as info:
+            backend.build_template(replace(SPEC, name="nodisk"), f"lvt-nd-{session.id}", session)
+        took = time.monotonic() - started
+    finally:
+        backend.close()
+    message = str(info.value)
+    assert f"Cannot access storage file '{missing}'" in message, message
+    assert "connection" not in message and "libvirtd running" not in message, message
+    assert backend.hv.reconnects == 0
+    assert took < backend.hv.window / 2, f"{took:.1f}s"
+    assert not list(LibvirtBackend({}).owned(session.id))

@@ -11,18 +11,25 @@ kill. :data:`WRAPPER` runs the command under ``setsid`` (a new process group who
 written to a pid file) with its output in files on the guest's /run; the wrapper ``cat``s
 them back (with their sizes in a header line, so stdout and stderr stay binary-exact) once the
 command exits. A timeout kills that process group with another ``guest-exec``. Output too big
-for one agent reply (libvirt caps a reply string at 4 MiB) is read with ``guest-file-read``.
+for one agent reply (libvirt caps a reply string at 4 MiB) is read with ``guest-file-read``,
+only up to ``max_output`` bytes per stream: the header's sizes tell what was dropped, and the
+rest never leaves the guest.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import os
 import secrets
 import shlex
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
+
+from pytest_vmenv.backend import GET_LIMIT, OUTPUT_LIMIT, Result
+from pytest_vmenv.errors import FileTooLarge
 
 __all__ = ["Agent", "AgentError", "CommandTimedOut", "WRAPPER"]
 
@@ -125,12 +132,14 @@ class Agent:
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
-    ) -> tuple[int, bytes, bytes]:
-        """Run ``argv`` through :data:`WRAPPER`: (exit code, stdout, stderr).
+        max_output: int = OUTPUT_LIMIT,
+    ) -> Result:
+        """Run ``argv`` through :data:`WRAPPER`; at most ``max_output`` bytes per stream kept.
 
         Exit codes follow the shell: a signal N is 128+N, a missing program 127. Raises
         :class:`CommandTimedOut` after killing the command's process group.
         """
+        start = time.monotonic()
         if user not in (None, "root"):
             argv = ["su", "-s", "/bin/sh", "-c", shlex.join(argv), str(user)]
         token = secrets.token_hex(6)
@@ -150,17 +159,27 @@ class Agent:
         raw = base64.b64decode(status.get("out-data", ""))
         head, _, body = raw.partition(b"\n")
         fields = head.decode("ascii", "replace").split()
+
+        def result(out: bytes, err: bytes, olen: int, elen: int) -> Result:
+            return Result.from_bytes(
+                code, out, err, time.monotonic() - start,
+                stdout_dropped=max(0, olen - len(out)), stderr_dropped=max(0, elen - len(err)),
+            )  # fmt: skip
+
         if len(fields) >= 3 and fields[0] == "vmenv-inline":
-            olen = int(fields[1])
-            return code, body[:olen], body[olen : olen + int(fields[2])]
+            olen, elen = int(fields[1]), int(fields[2])
+            keep_o, keep_e = min(olen, max_output), min(elen, max_output)
+            return result(body[:keep_o], body[olen : olen + keep_e], olen, elen)
         if len(fields) >= 5 and fields[0] == "vmenv-files":
             try:
-                return code, self.read_file(fields[3]), self.read_file(fields[4])
+                out = self.read_file(fields[3], max_output)
+                err = self.read_file(fields[4], max_output)
+                return result(out, err, int(fields[1]), int(fields[2]))
             finally:
                 self.run_simple(f"rm -f {shlex.quote(fields[3])} {shlex.quote(fields[4])}")
         # The wrapper itself died (e.g. killed with its group): report what it said.
         err = base64.b64decode(status.get("err-data", ""))
-        return code, raw, err
+        return result(raw[:max_output], err[:max_output], len(raw), len(err))
 
     def _stage_input(self, token: str, data: bytes) -> str:
         """Write a large stdin to a guest file first (big ``input-data`` stalls the agent)."""
@@ -183,18 +202,50 @@ class Agent:
         self.run_simple(f"rm -f /run/vmenv/{token}.* /tmp/{token}.*", timeout=10)
 
     # -- files --------------------------------------------------------------------------
-    def read_file(self, path: str) -> bytes:
+    def read_file(self, path: str, limit: int | None = None) -> bytes:
+        """The file's first ``limit`` bytes (None: all of it)."""
         handle = self.call("guest-file-open", path=path, mode="r")
         chunks = []
+        size = 0
         try:
-            while True:
-                got = self.call("guest-file-read", handle=handle, count=CHUNK)
-                chunks.append(base64.b64decode(got.get("buf-b64", "")))
+            while limit is None or size < limit:
+                want = CHUNK if limit is None else min(CHUNK, limit - size)
+                got = self.call("guest-file-read", handle=handle, count=want)
+                chunks.append(base64.b64decode(got.get("buf-b64", ""))[:want])
+                size += len(chunks[-1])
                 if got.get("eof") or not got.get("count"):
                     break
         finally:
             self.call("guest-file-close", handle=handle)
         return b"".join(chunks)
+
+    def copy_out(
+        self, path: str, dst: Path, max_size: int | None = GET_LIMIT, machine: str = "guest"
+    ) -> None:
+        """Stream the guest file ``path`` to ``dst``: zero blocks as holes, over ``max_size``
+        refused (:class:`FileTooLarge`, no ``dst`` left)."""
+        handle = self.call("guest-file-open", path=path, mode="r")
+        size = 0
+        try:
+            with open(dst, "wb") as f:
+                while True:
+                    got = self.call("guest-file-read", handle=handle, count=CHUNK)
+                    chunk = base64.b64decode(got.get("buf-b64", ""))
+                    size += len(chunk)
+                    if max_size is not None and size > max_size:
+                        raise FileTooLarge(machine, path, size, max_size)
+                    if chunk.count(0) == len(chunk):
+                        f.seek(len(chunk), os.SEEK_CUR)
+                    else:
+                        f.write(chunk)
+                    if got.get("eof") or not got.get("count"):
+                        break
+                f.truncate(size)
+        except BaseException:
+            Path(dst).unlink(missing_ok=True)
+            raise
+        finally:
+            self.call("guest-file-close", handle=handle)
 
     def write_file(self, path: str, data: bytes, mode: int | None = None) -> None:
         handle = self.call("guest-file-open", path=path, mode="w")

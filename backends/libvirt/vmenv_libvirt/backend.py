@@ -22,6 +22,8 @@ Lifecycle (see the README for the user's view):
 * ``destroy``: destroy, undefine (with snapshot metadata), delete the volume, the console
   log, and the environment's network once no machine is on it. From any process, by the
   labels in the domain's ``<metadata>``; already gone is success.
+* ``remove_template``: the template's disks and record, unless a clone (``--vm-keep``) still
+  has it as its backing file (``TemplateInUse``; a later sweep removes it with the clone).
 
 Every public method maps foreign exceptions at :func:`.connection.boundary`.
 """
@@ -40,14 +42,23 @@ from typing import TYPE_CHECKING, Any
 import libvirt  # type: ignore[import-untyped]
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import Capabilities, MachineRef, Result, Session, Snapshot
+from pytest_vmenv.backend import (
+    GET_LIMIT,
+    OUTPUT_LIMIT,
+    Capabilities,
+    MachineRef,
+    Result,
+    Session,
+    Snapshot,
+)
+from pytest_vmenv.diagnose import provision_failed
 
 from .agent import CommandTimedOut
 from .base import READY_SNAPSHOT, LibvirtBase
 from .connection import NAME, boundary, is_gone
 from .domains import read_labels, set_labels
 from .images import resolve
-from .inventory import owned_refs
+from .inventory import built_on, owned_refs
 from .remote import Runner, channel_config
 
 if TYPE_CHECKING:
@@ -163,18 +174,17 @@ class LibvirtBackend(LibvirtBase):
             argv = ["/bin/sh", "-c", step] if isinstance(step, str) else list(step)
             left = max(1.0, spec.timeout - (time.monotonic() - started))
             try:
-                code, out, err = runner.execute(argv, timeout=left)
+                result = runner.execute(argv, timeout=left)
             except CommandTimedOut:
                 raise errors.ProvisionError(
                     f"{NAME}: provision step {step!r} of {spec.name!r} timed out after "
                     f"{left:.0f}s (the spec's timeout)"
                 ) from None
-            if code != 0:
-                raise errors.ProvisionError(
-                    f"{NAME}: provision step {step!r} of {spec.name!r} exited with {code}\n"
-                    f"  stdout: {out.decode(errors='replace').strip()[-2000:]}\n"
-                    f"  stderr: {err.decode(errors='replace').strip()[-2000:]}"
-                )
+            if result.exit_code != 0:  # template networks have no <forward>: nothing leaves
+                raise provision_failed(
+                    NAME, spec.name, step, result.exit_code,
+                    result.stdout, result.stderr, outbound=False,
+                )  # fmt: skip
 
     def _capture_ram(
         self, key: str, disk: Path, boot: Mapping[str, Any], spec: MachineSpec, session: Session
@@ -210,6 +220,13 @@ class LibvirtBackend(LibvirtBase):
 
     @boundary
     def remove_template(self, snapshot: Snapshot) -> None:
+        """Delete the template's disks and record, unless a clone (a kept one, say) is still
+        built on it: TemplateInUse names it, and the disks stay as its backing file."""
+        holder = built_on(self.hv, self.uris, snapshot.key) if snapshot.key else ""
+        if holder:
+            raise errors.TemplateInUse(
+                f"{NAME}: template {snapshot.key} left in place: {holder}", holder
+            )
         record = self.load_record(snapshot.key) or {}
         for path in (record.get("ram"), record.get("disk"), snapshot.handle):
             if path:
@@ -291,14 +308,15 @@ class LibvirtBackend(LibvirtBase):
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
+        max_output: int = OUTPUT_LIMIT,
     ) -> Result:
-        start = time.monotonic()
         runner = self._runner(ref)
         try:
-            code, out, err = runner.execute(argv, input=input, env=env, user=user, timeout=timeout)
+            return runner.execute(
+                argv, input=input, env=env, user=user, timeout=timeout, max_output=max_output
+            )
         except CommandTimedOut:
             raise errors.CommandTimeout(ref.name, list(argv), timeout or 0.0) from None
-        return Result.from_bytes(code, out, err, time.monotonic() - start)
 
     @boundary
     def copy_in(self, ref: MachineRef, src: Path, dst: str) -> None:
@@ -311,8 +329,10 @@ class LibvirtBackend(LibvirtBase):
         self._runner(ref).write_file(dst, src.read_bytes(), src.stat().st_mode)
 
     @boundary
-    def copy_out(self, ref: MachineRef, src: str, dst: Path) -> None:
-        Path(dst).write_bytes(self._runner(ref).read_file(src))
+    def copy_out(
+        self, ref: MachineRef, src: str, dst: Path, *, max_size: int | None = GET_LIMIT
+    ) -> None:
+        self._runner(ref).copy_out(src, Path(dst), max_size, ref.name)
 
     def _runner(self, ref: MachineRef) -> Runner:
         """The agent, or SSH to ``ref.ip`` for a machine whose image has no agent."""

@@ -4,7 +4,10 @@ Contract: :meth:`Hypervisor.call` runs ``fn(conn)`` on a live connection. When t
 drops (libvirtd restarted, a socket closed under us), it re-opens it and runs ``fn`` again,
 with tenacity bounded in attempts and time (default 6 tries within 30 s); ``fn`` must look its
 objects up by name on the ``conn`` it is given (a ``virDomain`` dies with its connection).
-Every other libvirt error fails at once. :func:`boundary` is the one place where
+What counts as a dropped connection is :func:`is_transient`: decided from libvirt's error
+code *and* domain, because drivers report their own failures with the same codes (the network
+driver's "Unable to find 'dnsmasq' binary" is a ``VIR_ERR_SYSTEM_ERROR``). Every other libvirt
+error fails at once, with libvirt's own message. :func:`boundary` is the one place where
 ``libvirt.libvirtError`` and ``OSError`` become :mod:`pytest_vmenv.errors`.
 
 A list of URIs is the scale-out path: :meth:`Hypervisor.roomiest` picks the host with the most
@@ -14,6 +17,7 @@ free memory for the next clone.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import threading
 from collections.abc import Callable, Sequence
@@ -34,18 +38,20 @@ from pytest_vmenv.backend import MachineRef
 from .agent import AgentError
 from .tiny import TinyBuildError
 
-__all__ = ["NAME", "Hypervisor", "boundary", "is_gone", "silence"]
+__all__ = ["NAME", "Hypervisor", "boundary", "is_gone", "is_transient", "silence"]
 
 NAME = "libvirt"
 _T = TypeVar("_T")
 _F = TypeVar("_F", bound=Callable[..., Any])
-_DROPPED = {
+# The transport's error domains and the codes it reports a lost or refused connection with
+_TRANSPORT = {libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE}
+_TRANSPORT_CODES = {
     libvirt.VIR_ERR_SYSTEM_ERROR,
     libvirt.VIR_ERR_RPC,
     libvirt.VIR_ERR_NO_CONNECT,
-    libvirt.VIR_ERR_INVALID_CONN,
     libvirt.VIR_ERR_INTERNAL_ERROR,
 }
+_DENIED = {errno.EACCES, errno.EPERM}
 _event_loop_started = False
 _event_lock = threading.Lock()
 
@@ -82,6 +88,27 @@ def is_gone(exc: libvirt.libvirtError) -> bool:
     ):
         return True
     return code == libvirt.VIR_ERR_OPERATION_INVALID and "not running" in str(exc)
+
+
+def is_transient(exc: BaseException) -> bool:
+    """The connection to libvirtd dropped or is not back yet: worth re-connecting and retrying.
+
+    That is a connection object that was closed (``VIR_ERR_INVALID_CONN``), or an error of the
+    transport itself (domain ``VIR_FROM_RPC``/``VIR_FROM_REMOTE``): "Cannot recv data",
+    "End of file while reading data", "client socket is closed", a keepalive timeout, "Failed
+    to connect socket" while the daemon restarts, but not a socket it may not open (EACCES,
+    EPERM). The same codes from a driver (a missing ``dnsmasq``, a disk or directory that does
+    not exist) and every other code (invalid XML, no such object, operation denied) are the
+    operation's own failure and are never retried.
+    """
+    if not isinstance(exc, libvirt.libvirtError):
+        return False
+    code = exc.get_error_code()
+    if code == libvirt.VIR_ERR_INVALID_CONN:
+        return True
+    if exc.get_error_domain() not in _TRANSPORT or code not in _TRANSPORT_CODES:
+        return False
+    return not (code == libvirt.VIR_ERR_SYSTEM_ERROR and exc.get_int1() in _DENIED)
 
 
 class Hypervisor:
@@ -123,7 +150,7 @@ class Hypervisor:
                 conn.close()
 
     def _dropped(self, exc: BaseException, uri: str) -> bool:
-        if not isinstance(exc, libvirt.libvirtError) or exc.get_error_code() not in _DROPPED:
+        if not is_transient(exc):
             return False
         with self._lock:
             conn = self._conns.get(uri)
@@ -177,7 +204,7 @@ def boundary(func: _F) -> _F:
                 raise errors.MachineGone(
                     f"{NAME}: machine {ref.name!r} ({ref.id}) is gone: {exc}"
                 ) from exc
-            if exc.get_error_code() in _DROPPED - {libvirt.VIR_ERR_INTERNAL_ERROR}:
+            if is_transient(exc):
                 raise errors.BackendError(
                     f"{NAME}: {func.__name__}: the connection to libvirtd failed and did not "
                     f"come back in time: {exc}. Is libvirtd running (.ci/libvirt.sh start)?"

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import libvirt  # type: ignore[import-untyped]
 
 from pytest_vmenv import errors
+from pytest_vmenv.backend import GET_LIMIT, OUTPUT_LIMIT, Result
 
 from .agent import CommandTimedOut
 from .connection import NAME, Hypervisor
@@ -55,11 +56,14 @@ class Runner(Protocol):
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
-    ) -> tuple[int, bytes, bytes]: ...
+        max_output: int = OUTPUT_LIMIT,
+    ) -> Result: ...
 
     def write_file(self, path: str, data: bytes, mode: int | None = None) -> None: ...
 
-    def read_file(self, path: str) -> bytes: ...
+    def copy_out(
+        self, path: str, dst: Path, max_size: int | None = GET_LIMIT, machine: str = "guest"
+    ) -> None: ...
 
 
 def public_key(private: Path) -> str:
@@ -133,7 +137,8 @@ class SSHRunner:
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
-    ) -> tuple[int, bytes, bytes]:
+        max_output: int = OUTPUT_LIMIT,
+    ) -> Result:
         from pytest_vmenv.errors import CommandTimeout
 
         user = user or "root"
@@ -142,26 +147,25 @@ class SSHRunner:
             argv = ["su", "-s", "/bin/sh", "-c", shlex.join(argv), user]
             user = "root"
         try:
-            result = self.channel.execute(argv, input=input, env=env, user=user, timeout=timeout)
+            return self.channel.execute(
+                argv, input=input, env=env, user=user, timeout=timeout, max_output=max_output
+            )
         except CommandTimeout:
             raise CommandTimedOut(shlex.join(argv)) from None
-        return result.exit_code, result.stdout_bytes, result.stderr_bytes
 
     def write_file(self, path: str, data: bytes, mode: int | None = None) -> None:
         script = 'cat >"$1"' + (f' && chmod {mode & 0o7777:o} "$1"' if mode is not None else "")
-        code, _out, err = self.execute(["/bin/sh", "-c", script, "sh", path], input=data)
-        if code != 0:
+        result = self.execute(["/bin/sh", "-c", script, "sh", path], input=data)
+        if result.exit_code != 0:
             raise errors.BackendError(
-                f"{NAME}: writing {path} over SSH failed ({code}): {err.decode(errors='replace')}"
+                f"{NAME}: writing {path} over SSH failed ({result.exit_code}): {result.stderr}"
             )
 
-    def read_file(self, path: str) -> bytes:
-        code, out, err = self.execute(["cat", "--", path])
-        if code != 0:
-            raise errors.BackendError(
-                f"{NAME}: reading {path} over SSH failed ({code}): {err.decode(errors='replace')}"
-            )
-        return out
+    def copy_out(
+        self, path: str, dst: Path, max_size: int | None = GET_LIMIT, machine: str = "guest"
+    ) -> None:
+        """Stream ``path`` to ``dst`` over the channel (which names ``machine`` already)."""
+        self.channel.copy_out(path, dst, max_size=max_size)
 
 
 def _channel_class() -> type[SSHChannel]:

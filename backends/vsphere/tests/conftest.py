@@ -1,19 +1,21 @@
 """Fixtures for the vSphere tests: a running vcsim, a base template in it, simulated guests.
 
-vcsim is started by ``bash .ci/vsphere.sh start`` (built from Debian's govmomi source, run as
-``nobody`` on 127.0.0.1), which writes ``$VMENV_VCSIM_DIR/env``; ``GOVC_URL`` and ``VMENV_VCSIM_CA``
-from the environment win over that file. Without either the run stops with that instruction:
-these tests exist to run against the real simulator, so they are never skipped.
+vcsim is started by ``eval "$(bash .ci/vsphere.sh start)"`` (built from Debian's govmomi
+source, run as ``nobody`` on 127.0.0.1), which exports ``GOVC_URL``, ``VMENV_VCSIM_CA`` and
+``VMENV_VCSIM_BIN``. When a collected test needs vcsim and ``GOVC_URL`` is unset or nothing
+answers there (a simulator that was stopped), the run stops before any test with one line
+saying so and how to start it: these tests exist to run against the real simulator, so they
+are never skipped.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
-import shlex
 import shutil
+import socket
 import ssl
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -30,33 +32,45 @@ from pytest_vmenv.backend import MachineRef
 from pytest_vmenv.paths import state_dir
 from pytest_vmenv.spec import MachineSpec
 
-VCSIM_DIR = Path(os.environ.get("VMENV_VCSIM_DIR", "/var/lib/vmenv-vcsim"))  # .ci/vsphere.sh
+VCSIM_BIN = Path(os.environ.get("VMENV_VCSIM_BIN", "/var/lib/vmenv-vcsim/vcsim"))
+VCSIM_DIR = VCSIM_BIN.parent
 BASE = "vmenv-base"
+START = 'start it with `eval "$(bash .ci/vsphere.sh start)"` from the repository root'
 
 
-def _vcsim_env() -> dict[str, str]:
-    env = {}
-    path = Path(os.environ.get("VMENV_VCSIM_ENV", VCSIM_DIR / "env"))
-    if path.exists():
-        for line in path.read_text().splitlines():
-            if line.startswith("export "):
-                key, _, value = line[7:].partition("=")
-                env[key] = shlex.split(value)[0] if value else ""
-    for key in ("GOVC_URL", "VMENV_VCSIM_CA"):
-        if os.environ.get(key):
-            env[key] = os.environ[key]
-    return env
+def vcsim_problem(env: Mapping[str, str]) -> str | None:
+    """Why the vcsim named by ``env`` cannot be used (None when it answers on 127.0.0.1)."""
+    url = env.get("GOVC_URL", "")
+    if not url:
+        return f"vcsim is not running (GOVC_URL is not set): {START}"
+    parts = urlsplit(url)
+    if parts.hostname != "127.0.0.1":
+        return f"refusing to test against {parts.hostname}: GOVC_URL must name vcsim on 127.0.0.1"
+    try:
+        socket.create_connection(("127.0.0.1", parts.port or 443), timeout=5).close()
+    except OSError as exc:
+        why = "connection refused" if isinstance(exc, ConnectionRefusedError) else str(exc)
+        return f"vcsim is not running at {url} ({why}; GOVC_URL is stale?): {START}"
+    if not env.get("VMENV_VCSIM_CA"):
+        return f"VMENV_VCSIM_CA is not set (vcsim's certificate): {START}"
+    return None
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Stop the run once, before any test, when a selected test needs vcsim and it is dead."""
+    if any("vcsim" in getattr(item, "fixturenames", ()) for item in session.items):
+        problem = vcsim_problem(os.environ)
+        if problem:
+            raise pytest.UsageError(problem)
 
 
 @pytest.fixture(scope="session")
 def vcsim() -> dict[str, str]:
     """``GOVC_URL`` (no credentials in it) and ``VMENV_VCSIM_CA`` of the running vcsim."""
-    env = _vcsim_env()
-    if not env.get("GOVC_URL"):
-        pytest.exit("vcsim is not running: `bash .ci/vsphere.sh start` first", returncode=4)
-    host = urlsplit(env["GOVC_URL"]).hostname
-    assert host == "127.0.0.1", f"refusing to test against {host}: vcsim must be on 127.0.0.1"
-    return env
+    problem = vcsim_problem(os.environ)
+    if problem:  # checked at collection already; here for a test selected another way
+        pytest.exit(problem, returncode=pytest.ExitCode.USAGE_ERROR)
+    return {key: os.environ[key] for key in ("GOVC_URL", "VMENV_VCSIM_CA")}
 
 
 @pytest.fixture(scope="session")

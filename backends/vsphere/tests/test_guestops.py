@@ -322,6 +322,27 @@ def test_files_in_and_out(guest: Any) -> None:
         ch.copy_out(str(fake.tmp / "missing"), dst)
 
 
+def test_output_and_files_out_are_capped(guest: Any) -> None:
+    fake, _ = guest
+    ch = _channel(guest)
+    result = ch.execute(
+        ["/bin/sh", "-c", "head -c 3000000 /dev/zero; echo E >&2"], max_output=1 << 20
+    )
+    assert (len(result.stdout_bytes), result.stdout_dropped) == (1 << 20, 3_000_000 - (1 << 20))
+    assert (result.stderr, result.truncated) == ("E\n", True)
+    big = fake.tmp / "big"
+    with open(big, "wb") as f:
+        f.write(b"x")
+        f.seek(4 << 20)
+        f.write(b"y")
+    dst = fake.root / "local-big"
+    with pytest.raises(errors.FileTooLarge, match="max_size=1048576"):
+        ch.copy_out(str(big), dst, max_size=1 << 20)
+    assert not dst.exists()
+    ch.copy_out(str(big), dst)
+    assert dst.read_bytes() == big.read_bytes() and dst.stat().st_blocks * 512 < 1 << 20
+
+
 def test_transfer_urls_are_verified(guest: Any) -> None:
     fake, conn = guest
     conn.config = VsphereConfig.load({"host": "127.0.0.1"}, {})  # system store: not our cert

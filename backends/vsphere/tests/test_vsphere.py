@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import shutil
+import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -14,7 +18,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import VCSIM_DIR, LabBackend, admin, base_spec, options
+from conftest import VCSIM_BIN, VCSIM_DIR, LabBackend, admin, base_spec, options
 from pyVim.connect import Disconnect
 from pyVmomi import vim
 from vmenv_vsphere import Secret, VsphereBackend, VsphereConfig, vms
@@ -72,12 +76,12 @@ def test_secret_never_shows_itself() -> None:
 def strict_vcsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, str, str]]:
     """A second vcsim that accepts only user ``vmenv`` with a password: (url, ca, password)."""
     password = "strict-" + os.urandom(6).hex()
-    run = VCSIM_DIR / f"strict-{os.getpid()}"
+    run = VCSIM_DIR / "runs" / f"strict-{os.getpid()}"
     for sub in ("work", "tmp"):
         (run / sub).mkdir(parents=True, exist_ok=True)
     subprocess.run(["chown", "-R", "nobody", str(run)], check=True)
     cmd = (
-        f"cd {run}/work && TMPDIR={run}/tmp exec {VCSIM_DIR}/vcsim -l 127.0.0.1:0 "
+        f"cd {run}/work && TMPDIR={run}/tmp exec {VCSIM_BIN} -l 127.0.0.1:0 "
         f"-username vmenv -password {password} -url-file {run}/url -cert-file {run}/cert.pem"
     )
     proc = subprocess.Popen(["su", "-s", "/bin/sh", "nobody", "-c", cmd], start_new_session=True)
@@ -90,6 +94,7 @@ def strict_vcsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str
     finally:
         os.killpg(proc.pid, 15)  # the group of the su we started, and the vcsim under it
         proc.wait()
+        shutil.rmtree(run, ignore_errors=True)
 
 
 def test_password_never_leaks(
@@ -159,6 +164,40 @@ def test_certificates_are_verified_and_insecure_warns_once(
     assert [r.getMessage() for r in caplog.records].count(
         caplog.records[0].getMessage()
     ) == 1 and "verification is OFF" in caplog.text
+
+
+@pytest.fixture
+def dead_url() -> Iterator[str]:
+    """An https URL on 127.0.0.1 where connecting is refused (a bound, never listening port)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        yield f"https://127.0.0.1:{sock.getsockname()[1]}/sdk"
+
+
+def test_dead_endpoint_is_one_clear_line(dead_url: str) -> None:
+    backend = VsphereBackend({"host": dead_url, "user": "u", "password": "p"}, environ={})
+    with pytest.raises(errors.BackendUnavailable) as info:
+        backend.check()
+    reason = info.value.reason
+    assert reason.startswith(f"cannot reach vSphere at {dead_url}: connection refused"), reason
+    assert "GOVC_URL" in reason and "Errno" not in reason and "\n" not in reason
+
+
+def test_stale_govc_url_stops_the_suite_once(dead_url: str) -> None:
+    """A stopped vcsim behind a stale GOVC_URL: one usage error before any test, no traceback."""
+    ca = ssl.get_default_verify_paths().cafile or ""  # a certificate file that is still there
+    env = {**os.environ, "GOVC_URL": dead_url, "VMENV_VCSIM_CA": ca}
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+         "tests/test_conformance.py"],
+        cwd=Path(__file__).parents[1], env=env, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    out = done.stdout + done.stderr
+    assert done.returncode == pytest.ExitCode.USAGE_ERROR, out
+    assert f"vcsim is not running at {dead_url} (connection refused" in out, out
+    assert "vsphere.sh start" in out
+    assert "ConnectionRefused" not in out and "Traceback" not in out, out
+    assert len(out.strip().splitlines()) <= 3, out
 
 
 # -- clones, labels, ownership ---------------------------------------------------------------
@@ -276,6 +315,32 @@ def test_templates_are_reused_and_listed(lab_backend: LabBackend) -> None:
         lab_backend.remove_template(first)
     assert key not in {t.key for t in lab_backend.templates()}
     lab_backend.remove_template(first)  # already gone: fine
+
+
+def test_a_template_with_a_kept_linked_clone_is_left_until_the_clone_is_gone(
+    lab_backend: LabBackend,
+) -> None:
+    """A linked clone reads its template's snapshot disks: the template VM stays while one
+    (kept, as ``--vm-keep`` leaves it) exists, and goes once the clone is destroyed."""
+    spec = replace(base_spec("tplkeep"), provision=("echo built > /var/tmp/built",))
+    session = _session("keep")
+    template = lab_backend.build_template(spec, "vs-keep-" + os.urandom(3).hex(), session)
+    try:
+        ref = lab_backend.clone(template, spec, session)
+        try:
+            lab_backend.keep(ref)
+            with pytest.raises(errors.TemplateInUse) as info:
+                lab_backend.remove_template(template)
+            assert info.value.holder == f"machine tplkeep ({ref.id}) is a linked clone of it"
+            assert template.key in {t.key for t in lab_backend.templates()}
+            assert lab_backend.execute(ref, ["cat", "/var/tmp/built"]).stdout == "built\n"
+        finally:
+            lab_backend.destroy(ref)
+        lab_backend.remove_template(template)
+        assert template.key not in {t.key for t in lab_backend.templates()}
+    finally:
+        with contextlib.suppress(errors.VmenvError):
+            lab_backend.remove_template(template)
 
 
 def test_missing_snapshot_is_a_config_error_naming_the_fix(lab_backend: LabBackend) -> None:

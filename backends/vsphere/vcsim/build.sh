@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Build the patched vcsim from Debian's govmomi 0.24.2 source, offline, in GOPATH mode.
 #
-# Usage: build.sh OUT_DIR   ->  OUT_DIR/vcsim (skipped when it is newer than its inputs)
+# Usage: build.sh OUT_DIR   ->  OUT_DIR/vcsim (skipped when OUT_DIR/vcsim.key matches its inputs)
 # Needs: golang-go golang-github-vmware-govmomi-dev (see .ci/vsphere.sh start).
 # The system's source under /usr/share/gocode is never modified: govmomi is copied to
 # OUT_DIR/gopath, patched there (patch_govmomi.py), and found first on GOPATH.
@@ -11,7 +11,11 @@ out=$(mkdir -p "$1" && cd "$1" && pwd)
 src=/usr/share/gocode/src/github.com/vmware/govmomi
 [ -d "$src/simulator" ] || { echo "build.sh: $src missing: apt-get install golang-github-vmware-govmomi-dev" >&2; exit 1; }
 bin="$out/vcsim"
-if [ -x "$bin" ] && [ "$bin" -nt "$here/main.go" ] && [ "$bin" -nt "$here/patch_govmomi.py" ]; then
+# The binary is keyed on what it is built from (not on mtimes: every fresh clone is newer)
+key=$({ cat "$here/main.go" "$here/patch_govmomi.py" "$0"; go version
+        dpkg-query -W -f '${Version}' golang-github-vmware-govmomi-dev; } 2>/dev/null \
+    | sha256sum | cut -c1-32)
+if [ -x "$bin" ] && [ "$(cat "$bin.key" 2>/dev/null)" = "$key" ]; then
     echo "$bin is up to date"; exit 0
 fi
 gopath="$out/gopath"
@@ -25,4 +29,5 @@ cd "$gopath/src/vmenv-vcsim"
 GO111MODULE=off GOPROXY=off GOFLAGS= GOPATH="$gopath:/usr/share/gocode" \
     GOCACHE="${GOCACHE:-$out/gocache}" go build -o "$bin.part" .
 mv "$bin.part" "$bin"
+echo "$key" >"$bin.key"
 echo "built $bin"

@@ -32,11 +32,20 @@ from typing import TYPE_CHECKING, Any
 from pyVmomi import vim, vmodl
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import Capabilities, MachineRef, Result, Session, Snapshot
+from pytest_vmenv.backend import (
+    GET_LIMIT,
+    OUTPUT_LIMIT,
+    Capabilities,
+    MachineRef,
+    Result,
+    Session,
+    Snapshot,
+)
+from pytest_vmenv.diagnose import provision_failed
 
 from . import inventory, vms
 from .base import NAME, VsphereBase, _handle, boundary
-from .connection import fault_message, release
+from .connection import fault_message, release, unreachable
 
 if TYPE_CHECKING:
     from pytest_vmenv.spec import MachineSpec
@@ -62,12 +71,13 @@ class VsphereBackend(VsphereBase):
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
+        max_output: int = OUTPUT_LIMIT,
     ) -> Result:
         from pytest_vmenv.ssh import SSHUnreachable
 
         try:
             return self._channel(ref).execute(
-                argv, input=input, env=env, user=user, timeout=timeout
+                argv, input=input, env=env, user=user, timeout=timeout, max_output=max_output
             )
         except SSHUnreachable:
             if not self._exists(ref):
@@ -81,8 +91,10 @@ class VsphereBackend(VsphereBase):
         self._channel(ref).copy_in(Path(src), dst)
 
     @boundary
-    def copy_out(self, ref: MachineRef, src: str, dst: Path) -> None:
-        self._channel(ref).copy_out(src, Path(dst))
+    def copy_out(
+        self, ref: MachineRef, src: str, dst: Path, *, max_size: int | None = GET_LIMIT
+    ) -> None:
+        self._channel(ref).copy_out(src, Path(dst), max_size=max_size)
 
     # -- protocol -----------------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
@@ -95,9 +107,7 @@ class VsphereBackend(VsphereBase):
         except vmodl.MethodFault as exc:
             raise errors.BackendUnavailable(NAME, fault_message(exc)) from None
         except OSError as exc:
-            raise errors.BackendUnavailable(
-                NAME, f"cannot reach {self.config.host}: {exc}"
-            ) from None
+            raise errors.BackendUnavailable(NAME, unreachable(self.config, exc)) from None
 
     def templates(self) -> list[Snapshot]:
         """Templates this backend built (complete ones), for ``vmenv images`` and the sweep."""
@@ -131,19 +141,18 @@ class VsphereBackend(VsphereBase):
             self._call(lambda: vms.power_on(self.conn, vm, spec.name))
             ref = MachineRef(NAME, vm._moId, spec.name, session.id, owner=session.owner)
             ref = self._ready(ref, vm, spec.timeout)
-            for i, step in enumerate(spec.provision, 1):
+            for step in spec.provision:
                 argv = ["/bin/sh", "-c", step] if isinstance(step, str) else list(step)
                 left = max(spec.timeout - (time.monotonic() - start), 1.0)
                 try:
                     result = self.execute(ref, argv, timeout=left)
                 except errors.CommandTimeout as exc:
                     raise errors.ProvisionError(f"{NAME}: template {spec.name}: {exc}") from None
-                if not result.ok:
-                    raise errors.ProvisionError(
-                        f"{NAME}: template {spec.name}: provision step {i} exited with "
-                        f"{result.exit_code}: {step}\n  stdout: {result.stdout[-2000:]}\n"
-                        f"  stderr: {result.stderr[-2000:]}"
-                    )
+                if not result.ok:  # the template's own network: outbound unknown
+                    raise provision_failed(
+                        NAME, spec.name, step, result.exit_code,
+                        result.stdout, result.stderr, outbound=None,
+                    )  # fmt: skip
             self.execute(ref, ["sync"], timeout=60)
             self._drop_channel(ref.id)
             self._call(lambda: vms.power_off(self.conn, vm, spec.name))
@@ -161,9 +170,17 @@ class VsphereBackend(VsphereBase):
 
     @boundary
     def remove_template(self, snapshot: Snapshot) -> None:
+        """Delete a template VM we built, unless a linked clone (a kept one, say) still reads
+        its snapshot's disks: TemplateInUse names it, and a later sweep removes both."""
         if snapshot.data.get("base"):
             return  # the user's own template: never ours to delete
         vm, _ = self._split(snapshot)
+        child = next((r for r in self.owned(None) if r.data.get("parent") == vm._moId), None)
+        if child is not None:
+            holder = f"machine {child.name} ({child.id}) is a linked clone of it"
+            raise errors.TemplateInUse(
+                f"{NAME}: template {snapshot.key or snapshot.name} left in place: {holder}", holder
+            )
         self._drop_channel(vm._moId)
         with contextlib.suppress(errors.MachineGone):
             self._call(lambda: vms.destroy_vm(self.conn, vm, snapshot.name, None))

@@ -32,7 +32,7 @@ from pytest_vmenv import errors
 
 from .config import VsphereConfig
 
-__all__ = ["Connection", "connect", "fault_message", "map_fault"]
+__all__ = ["Connection", "connect", "fault_message", "map_fault", "unreachable"]
 
 log = logging.getLogger("vmenv.vsphere")
 _T = TypeVar("_T")
@@ -56,6 +56,24 @@ def map_fault(fault: BaseException | Any, what: str) -> errors.VmenvError:
     if isinstance(fault, vim.fault.InvalidLogin | vim.fault.NoPermission):
         return errors.BackendUnavailable("vsphere", text.removeprefix("vsphere: "))
     return errors.BackendError(text)
+
+
+def unreachable(config: VsphereConfig, exc: OSError) -> str:
+    """One line for a server that cannot be reached at all (nothing listens, no route, DNS).
+
+    The URL and where it came from, so a stale ``GOVC_URL`` (a simulator that was stopped)
+    is recognised at once instead of as a socket traceback.
+    """
+    if isinstance(exc, ConnectionRefusedError):
+        why = "connection refused (nothing listens there: is the server running?)"
+    elif isinstance(exc, TimeoutError):
+        why = "the connection timed out"
+    else:
+        why = exc.strerror or str(exc) or type(exc).__name__
+    return (
+        f"cannot reach vSphere at {config.url}: {why}; the address comes from "
+        "[backends.vsphere] host or GOVC_URL"
+    )
 
 
 class Connection:
@@ -104,10 +122,11 @@ class Connection:
                 f"TLS to {cfg.host}:{cfg.port} failed: {exc.reason or exc} (set ca_file to the "
                 "server's CA bundle, or insecure = true to skip verification)",
             ) from None
-        except (OSError, vmodl.MethodFault) as exc:
-            text = fault_message(exc) if isinstance(exc, vmodl.MethodFault) else str(exc)
+        except OSError as exc:
+            raise errors.BackendUnavailable("vsphere", unreachable(cfg, exc)) from None
+        except vmodl.MethodFault as exc:
             raise errors.BackendUnavailable(
-                "vsphere", f"cannot log in as {where}: {text}"
+                "vsphere", f"cannot log in as {where}: {fault_message(exc)}"
             ) from None
         log.debug("vsphere: logged in as %s", where)
 

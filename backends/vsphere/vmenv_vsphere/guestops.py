@@ -16,7 +16,8 @@ under ``setsid`` (its own session and process group, whose id goes to ``pid``) w
 ``i`` (else ``/dev/null``) and stdout/stderr into ``o``/``e``; the wrapper exits with the
 command's status (a signal N is 128+N, a missing program 127). ``ListProcessesInGuest`` is
 polled, with a growing interval, until the wrapper's ``endTime``/``exitCode`` appear; then
-both files are fetched (bytes, exactly as written) and the directory removed. A background
+both files are fetched (bytes, exactly as written, up to ``max_output`` each: the transfer
+stops there and the file's size tells what was dropped) and the directory removed. A background
 process left running does not hold ``execute`` open.
 
 Timeouts: a command with ``timeout`` that passes it has its process group killed by a second
@@ -44,7 +45,7 @@ from urllib.parse import urlsplit
 from pyVmomi import vim, vmodl
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import Result
+from pytest_vmenv.backend import GET_LIMIT, OUTPUT_LIMIT, Output, Result
 
 from .config import Secret
 from .connection import Connection, fault_message, map_fault
@@ -207,6 +208,7 @@ class GuestOpsChannel:
         env: Mapping[str, str] | None = None,
         user: str | None = None,
         timeout: float | None = None,
+        max_output: int = OUTPUT_LIMIT,
     ) -> Result:
         """Run ``argv`` (the same semantics as the SSH channel; see the module docstring)."""
         if not argv:
@@ -229,10 +231,12 @@ class GuestOpsChannel:
             if code is None:
                 self._kill(workdir, pid)
                 raise errors.CommandTimeout(self.machine, list(argv), limit)
-            out, err = self._get(f"{workdir}/o"), self._get(f"{workdir}/e")
+            out, err = Output(max_output), Output(max_output)
+            self._get(f"{workdir}/o", out)
+            self._get(f"{workdir}/e", err)
         finally:
             self._remove(workdir)
-        return Result.from_bytes(code, out, err, time.monotonic() - start)
+        return Result.from_output(code, out, err, time.monotonic() - start)
 
     def _kill(self, workdir: str, pid: int) -> None:
         """Kill the command's process group, then the wrapper if it still runs."""
@@ -266,9 +270,28 @@ class GuestOpsChannel:
         """Copy the local file ``src`` to ``dst`` in the guest (created or replaced)."""
         self._put(dst, Path(src).read_bytes())
 
-    def copy_out(self, src: str, dst: Path) -> None:
-        """Copy ``src`` from the guest to the local file ``dst``."""
-        Path(dst).write_bytes(self._get(src))
+    def copy_out(self, src: str, dst: Path, *, max_size: int | None = GET_LIMIT) -> None:
+        """Copy ``src`` from the guest to the local file ``dst``, streamed.
+
+        A file over ``max_size`` bytes is refused before its transfer (:class:`FileTooLarge`).
+        Blocks of zeros are written as holes.
+        """
+        dst = Path(dst)
+        try:
+            with open(dst, "wb") as f:
+
+                def write(chunk: bytes) -> bool:
+                    if chunk.count(0) == len(chunk):
+                        f.seek(len(chunk), 1)
+                    else:
+                        f.write(chunk)
+                    return True
+
+                size = self._get(src, write, max_size)
+                f.truncate(size)
+        except BaseException:
+            dst.unlink(missing_ok=True)
+            raise
 
     def _put(self, path: str, data: bytes) -> None:
         url = self._api(
@@ -279,20 +302,55 @@ class GuestOpsChannel:
         )
         self._http("PUT", str(url), data, f"upload {path}")
 
-    def _get(self, path: str) -> bytes:
+    def _get(
+        self, path: str, sink: Output | Callable[[bytes], bool], max_size: int | None = None
+    ) -> int:
+        """Download ``path`` into ``sink`` (an :class:`Output` stops the transfer once full);
+        the file's size. Over ``max_size`` it is refused before the transfer."""
         info = self._api(
             f"download {path} (InitiateFileTransferFromGuest)",
             lambda g, vm: g.fileManager.InitiateFileTransferFromGuest(vm, self._auth(), path),
         )
-        data = self._http("GET", str(info.url), None, f"download {path}")
-        if info.size and len(data) != int(info.size):
-            raise errors.BackendError(
-                f"vsphere: {self.machine}: download {path}: got {len(data)} of {info.size} bytes"
-            )
-        return data
+        size = int(info.size or 0)
+        if max_size is not None and size > max_size:
+            raise errors.FileTooLarge(self.machine, path, size, max_size)
+        if isinstance(sink, Output):
+            out = sink
 
-    def _http(self, method: str, url: str, body: bytes | None, what: str) -> bytes:
-        """One request to a transfer URL, verified like the API connection."""
+            def keep(chunk: bytes) -> bool:
+                out.write(chunk)
+                return out.kept < out.limit
+
+            got = self._http("GET", str(info.url), None, f"download {path}", keep)
+            out.dropped = max(out.dropped, size - out.kept)
+            if got < size and out.kept < out.limit:
+                self._short(path, got, size)
+            return size
+        got = self._http("GET", str(info.url), None, f"download {path}", sink, max_size)
+        if info.size and got != size:
+            self._short(path, got, size)
+        return got
+
+    def _short(self, path: str, got: int, size: int) -> None:
+        raise errors.BackendError(
+            f"vsphere: {self.machine}: download {path}: got {got} of {size} bytes"
+        )
+
+    def _http(
+        self,
+        method: str,
+        url: str,
+        body: bytes | None,
+        what: str,
+        sink: Callable[[bytes], bool] | None = None,
+        limit: int | None = None,
+    ) -> int:
+        """One request to a transfer URL, verified like the API connection.
+
+        The response body goes to ``sink`` in chunks until it returns False (the rest is
+        not read); more than ``limit`` bytes raise :class:`FileTooLarge`. Returns the bytes
+        read.
+        """
         parts = urlsplit(url)
         host = parts.hostname
         if not host or host == "*":
@@ -310,7 +368,16 @@ class GuestOpsChannel:
             headers = {"Content-Length": str(len(body))} if body is not None else {}
             conn.request(method, target, body=body, headers=headers)
             resp = conn.getresponse()
-            data = resp.read()
+            got, head = 0, b""
+            while chunk := resp.read(1 << 16):
+                if resp.status >= 300:
+                    head = (head + chunk)[:200]
+                    continue
+                got += len(chunk)
+                if limit is not None and got > limit:
+                    raise errors.FileTooLarge(self.machine, what.split(" ", 1)[-1], got, limit)
+                if sink is not None and not sink(chunk):
+                    break
         except ssl.SSLError as exc:
             raise errors.BackendError(
                 f"vsphere: {self.machine}: {what}: TLS to {where} failed: {exc.reason or exc} "
@@ -326,9 +393,9 @@ class GuestOpsChannel:
         if resp.status >= 300:
             raise errors.BackendError(
                 f"vsphere: {self.machine}: {what}: {method} {where} answered {resp.status} "
-                f"{resp.reason}: {data[:200]!r}"
+                f"{resp.reason}: {head!r}"
             )
-        return data
+        return got
 
     def close(self) -> None:
         """Nothing to close: each call is a vCenter request or a one-shot HTTPS transfer."""
