@@ -25,6 +25,7 @@ applied (``LimitNotApplied``, once).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -215,12 +216,15 @@ class EmulatorBackend(EmulatorBase):
         self.check()
         self._refuse(spec, template=True)
         start = time.monotonic()
-        with layers.build_lock(self.emu_dir, key) as final:
+        with layers.build_lock(self.emu_dir, key) as final, contextlib.ExitStack() as hold:
             done = layers.load(final)
             if done is not None:
                 return done
             recipe = recipe_of(spec)
-            base = base_stack(spec.image, spec.image_config, self.emu_dir, self.state_dir, recipe)
+            if recipe is not None:  # held until the template stacks on it: rm cannot take it
+                base = [str(hold.enter_context(ImageCache(self.state_dir).using(recipe)))]
+            else:
+                base = base_stack(spec.image, spec.image_config, self.emu_dir, self.state_dir)
             check_image(base, spec)
             start = time.monotonic()  # building the image is not part of spec.timeout
             tags = layers.labels(session.id, session.owner, session.reuse)

@@ -54,7 +54,6 @@ from typing import TYPE_CHECKING, Any, BinaryIO
 
 from .. import paths
 from ..errors import BackendUnavailable, ConfigError
-from ..images import ImageCache, Recipe
 from . import userns
 from .guest import DEFAULT_PATH
 from .rootfs import HOST_BASE
@@ -382,19 +381,10 @@ def is_host(spec_image: str, image_config: Mapping[str, Any]) -> bool:
 
 
 def base_stack(
-    spec_image: str,
-    image_config: Mapping[str, Any],
-    emu_dir: Path,
-    state: Path,
-    recipe: Recipe | None = None,
+    spec_image: str, image_config: Mapping[str, Any], emu_dir: Path, state: Path
 ) -> list[str]:
-    """The bottom of a guest's layer stack (top first) for an image.
-
-    A ``recipe`` (a Debian image, see :mod:`pytest_vmenv.images`) is its built tree, built
-    now if it is not cached yet.
-    """
-    if recipe is not None:
-        return [str(ImageCache(state).ensure(recipe))]
+    """The bottom of a guest's layer stack (top first) for an image (a recipe's is its built
+    tree: see :meth:`pytest_vmenv.images.ImageCache.using`)."""
     rootfs = image_config.get("rootfs")
     if is_host(spec_image, image_config):
         if userns.rootless():

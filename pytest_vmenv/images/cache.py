@@ -11,7 +11,9 @@ Layout under ``<state>/images`` (0700: trees hold setuid programs):
 
 Builds of one key are serialized by an ``flock`` on ``<state>/locks/image-<key>.lock``
 (threads, xdist workers and concurrent sessions alike); whoever waits publishes ``waiting``
-events (see :mod:`.progress`) and takes the image the builder renamed into place.
+events (see :mod:`.progress`) and takes the image the builder renamed into place. A backend
+building on an image holds the same lock shared (:meth:`ImageCache.using`); removal takes it
+exclusively, without waiting.
 """
 
 from __future__ import annotations
@@ -139,11 +141,31 @@ class ImageCache:
         return final / "rootfs"
 
     @contextlib.contextmanager
-    def _locked(self, recipe: Recipe, key: str, final: Path) -> Iterator[bool]:
-        """Hold the key's lock; yields True if the image appeared while we waited."""
+    def using(self, recipe: Recipe) -> Iterator[Path]:
+        """The tree of ``recipe`` (built if need be), held while the block runs: a backend
+        that builds something on the tree holds it until that something is recorded (a
+        template that stacks on it), so :meth:`remove` cannot take it away meanwhile."""
+        while True:
+            rootfs = self.ensure(recipe)
+            fd = self._lock_fd(rootfs.parent.name)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_SH)
+                if rootfs.is_dir():
+                    yield rootfs
+                    return
+            finally:
+                os.close(fd)
+            # removed between ensure and the lock: build it again
+
+    def _lock_fd(self, key: str) -> int:
         locks = self.state_dir / "locks"
         locks.mkdir(parents=True, exist_ok=True)
-        fd = os.open(locks / f"image-{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        return os.open(locks / f"image-{key}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+
+    @contextlib.contextmanager
+    def _locked(self, recipe: Recipe, key: str, final: Path) -> Iterator[bool]:
+        """Hold the key's lock; yields True if the image appeared while we waited."""
+        fd = self._lock_fd(key)
         started = time.monotonic()
         waited = False
         try:
@@ -264,16 +286,16 @@ class ImageCache:
             raise BackendError(f"refusing to remove {image.path}: not an image of {self.root}")
         if image.building:
             raise BackendError(f"image {image.key} is being built (pid of {image.owner})")
-        locks = self.state_dir / "locks"
-        locks.mkdir(parents=True, exist_ok=True)
-        lock = locks / f"image-{image.key or 'torn'}.lock"
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fd = self._lock_fd(image.key or "torn")
         try:
             if image.complete:
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
                 except BlockingIOError:
-                    raise BackendError(f"image {image.key} is being built now") from None
+                    raise BackendError(
+                        f"image {image.key} is in use: it is being built, or something is "
+                        "being built on it; try again when that is done"
+                    ) from None
             if not image.path.exists():
                 return
             doomed = self.root / f".rm-{uuid.uuid4().hex}"

@@ -596,6 +596,16 @@ def test_vmenv_images_rm_leaves_an_image_a_template_stacks_on(
     assert images.lookup(SYSTEMD) is not None
 
 
+def test_vmenv_images_rm_leaves_an_image_something_is_being_built_on(
+    images: ImageCache, plain_image: Path
+) -> None:
+    with images.using(PLAIN) as rootfs:  # as a backend holds it while it makes a template
+        left = _vmenv("images", "rm", f"images/{images.key(PLAIN)}")
+        assert left.returncode == 1, left.stdout + left.stderr
+        assert "something is being built on it" in left.stderr, left.stderr
+        assert rootfs == plain_image and rootfs.is_dir()
+
+
 def test_vmenv_images_build_and_list(
     images: ImageCache, systemd_image: Path, tmp_path: Path
 ) -> None:
