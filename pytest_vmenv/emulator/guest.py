@@ -35,7 +35,7 @@ it (:mod:`.oom`).
 With ``init="systemd"`` the root is built the same way (plus what systemd needs, see
 :func:`.rootfs.build_root`), then PID 1 forks: the child is the *agent* (always pid 2),
 which serves the control sockets exactly as PID 1 does otherwise: not dumpable, under the
-same seccomp filter and capability bounds, shielded from the OOM killer, and the filter
+same seccomp filter and capability bounds, with PID 1's OOM score (:mod:`.oom`), and the filter
 refuses guest processes a signal, a pidfd or a new resource limit for pid 2 as it refuses
 them PID 1's limits. PID 1 closes every host descriptor, sets its OOM score to the
 commands' and execs systemd with ``container=vmenv`` (systemd.io/CONTAINER_INTERFACE);
