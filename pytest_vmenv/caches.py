@@ -4,7 +4,9 @@ A backend that implements :class:`~pytest_vmenv.backend.CacheKeeper` lists (and 
 own caches; for one that only lists ``templates()``, each template is a cache here, held
 while its session runs (a ``--vm-reuse`` one while any session runs: it may be reusing it).
 The plugin's own caches are the scratch dirs of sessions (``<state>/scratch``; a running
-session's stay, and so do bare ``put-``/``get-`` transfer files, see :func:`scratch_held`).
+session's stay, and so do bare ``put-``/``get-`` transfer files, see :func:`scratch_held`) and
+the images built from a distribution's archive (``<state>/images``, see :mod:`.images`), each
+held while a template or snapshot of any backend stacks on it or while it is being built.
 Files under ``<state>/<backend>`` that no listing accounts for (a backend not installed or
 not usable here, or one that lists templates only) are one "other files" row each: counted,
 never removed.
@@ -26,8 +28,10 @@ __all__ = [
     "MACHINE_TEMP",
     "disk_usage",
     "human_size",
+    "image_caches",
     "live_sessions",
     "other_files",
+    "remove_image",
     "remove_scratch",
     "scratch_caches",
     "scratch_held",
@@ -158,6 +162,49 @@ def remove_scratch(state_dir: Path, cache: Cache) -> None:
         shutil.rmtree(path)
     else:
         path.unlink(missing_ok=True)
+
+
+def image_caches(state_dir: Path, listed: Iterable[Cache]) -> list[Cache]:
+    """The built images (and image builds) in ``<state>/images``; one is held while a
+    template or snapshot in ``listed`` stacks on it, or while it is being built."""
+    from .images import ImageCache
+
+    users: dict[str, str] = {}
+    for cache in listed:
+        if isinstance(cache.handle, Snapshot):
+            for entry in cache.handle.data.get("layers") or ():
+                who = f"{cache.backend} {cache.kind} {cache.id} stacks on it"
+                users.setdefault(os.path.realpath(str(entry)), who)
+    found = []
+    for image in ImageCache(state_dir).listing():
+        root = os.path.realpath(image.path) + os.sep
+        held = next((who for path, who in users.items() if path.startswith(root)), "")
+        if image.building:
+            held = "it is being built"
+        found.append(
+            Cache(
+                backend="",
+                kind="image" if image.complete else "torn image build",
+                id=f"images/{image.key if image.complete else image.path.name}",
+                size=disk_usage(image.path),
+                path=str(image.path),
+                detail=f"{image.describe()}, built with mmdebstrap"
+                if image.complete
+                else f"a build of {image.describe()} that did not finish",
+                created=image.created,
+                held=held,
+                handle=image,
+            )
+        )
+    return found
+
+
+def remove_image(state_dir: Path, cache: Cache) -> None:
+    """Remove a built image (or a torn build); BackendError if it is being built."""
+    from .images import BuiltImage, ImageCache
+
+    if isinstance(cache.handle, BuiltImage):
+        ImageCache(state_dir).remove(cache.handle)
 
 
 def template_caches(

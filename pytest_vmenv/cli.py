@@ -3,7 +3,8 @@
 ``vmenv backends``   installed backends, whether each can run here, and if not why
 ``vmenv ls``         live and kept machines: backend, session, age, state
 ``vmenv gc``         destroy what dead sessions left (``--all``: kept machines too)
-``vmenv images``     what is cached between sessions, with sizes (``vmenv images rm ID...|--all``)
+``vmenv images``     what is cached between sessions, with sizes (``vmenv images rm ID...|--all``;
+                     ``vmenv images build NAME`` builds a Debian image ahead, for CI caches)
 ``vmenv shell ID``   an interactive shell in a machine (a kept one, typically)
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -30,14 +32,27 @@ from .backend import (
 )
 from .caches import (
     human_size,
+    image_caches,
     live_sessions,
     other_files,
+    remove_image,
     remove_scratch,
     scratch_caches,
     template_caches,
 )
 from .config import load_config
 from .errors import BackendUnavailable, ConfigError, TemplateInUse, VmenvError
+from .images import (
+    BASES,
+    INITS,
+    BuildEvent,
+    ImageCache,
+    LinePrinter,
+    Recipe,
+    builder_problem,
+    check_packages,
+    subscribe,
+)
 from .ledger import file_lock, owners
 from .paths import state_dir
 from .reaper import close_backends, sweep
@@ -223,6 +238,7 @@ def _caches(state: Path, backends: _CacheBackends) -> list[Cache]:
             why[backend.name] = "files the backend does not list as caches"
         except VmenvError as exc:
             why[backend.name] = exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
+    found += image_caches(state, found)
     for name in sorted(backends.names - listed):
         reason = why.get(name) or "its backend is not installed here"
         row = other_files(state, name, [c for c in found if c.backend == name], reason)
@@ -231,12 +247,15 @@ def _caches(state: Path, backends: _CacheBackends) -> list[Cache]:
     return found
 
 
-_REMOVAL_ORDER = ("snapshot", "torn build", "template", "scratch")  # then what they stack on
+_REMOVAL_ORDER = ("snapshot", "torn build", "template", "scratch", "torn image build", "image")
 
 
 def _remove(cache: Cache, backends: Sequence[Backend], state: Path) -> None:
     if not cache.backend:
-        remove_scratch(state, cache)
+        if cache.kind == "scratch":
+            remove_scratch(state, cache)
+        else:
+            remove_image(state, cache)
         return
     backend = next(b for b in backends if b.name == cache.backend)
     if isinstance(backend, CacheKeeper):
@@ -361,10 +380,80 @@ def _remove_caches(args: argparse.Namespace, state: Path, backends: _CacheBacken
     return 1 if problems or failed or in_use else 0
 
 
+def _recipe(name: str, packages: str, init: str) -> Recipe:
+    """The recipe ``vmenv images build NAME`` builds: a built-in base or [images.NAME]."""
+    config = load_config(Path.cwd())
+    entry = config.images.get(name)
+    if entry is not None:
+        base = entry.get("base")
+        if not isinstance(base, str):
+            raise ConfigError(
+                f"{config.where}: images.{name} is not a recipe (no base = ...); only images "
+                "built from the Debian archive are built ahead"
+            )
+        listed = list(entry.get("packages") or ())
+    elif name in BASES:
+        base, listed = name, []
+    else:
+        recipes = [n for n, e in config.images.items() if "base" in e]
+        raise ConfigError(
+            f"no image {name!r} to build. Choose one of: {', '.join([*BASES, *recipes])} "
+            f"(built-in, or [images.NAME] with base = ... in {config.where})"
+        )
+    extra = check_packages([p for p in packages.split(",") if p], "--packages")
+    return Recipe(base, (*listed, *extra), init)
+
+
+def _images_build(args: argparse.Namespace, state: Path) -> int:
+    if len(args.keys) != 1:
+        print("vmenv images build: give one image NAME (e.g. debian-12)", file=sys.stderr)
+        return 2
+    try:
+        recipe = _recipe(args.keys[0], args.packages, args.init)
+    except ConfigError as exc:
+        print(f"vmenv images build: {exc}", file=sys.stderr)
+        return 2
+    cache = ImageCache(state)
+    try:
+        found = cache.lookup(recipe)
+        if found is None:
+            problem = builder_problem()
+            if problem is not None:
+                print(f"vmenv images build: {problem}", file=sys.stderr)
+                return 1
+            status = _status_line if sys.stderr.isatty() else None
+            unsubscribe = subscribe(LinePrinter(_stderr_line, status))
+            try:
+                found = cache.ensure(recipe)
+            finally:
+                unsubscribe()
+        else:
+            print(f"image {recipe.describe()} is built already", file=sys.stderr)
+    except VmenvError as exc:
+        print(f"vmenv images build: {exc}", file=sys.stderr)
+        return 1
+    print(f"images/{found.parent.name}  {found}")
+    return 0
+
+
+def _stderr_line(text: str) -> None:
+    end = "\n" if not sys.stderr.isatty() else "\x1b[K\n"
+    sys.stderr.write(("\r" if sys.stderr.isatty() else "") + text + end)
+    sys.stderr.flush()
+
+
+def _status_line(event: BuildEvent) -> None:
+    width = shutil.get_terminal_size().columns - 1  # a wrapped line cannot be rewritten
+    sys.stderr.write("\r" + event.status(width) + "\x1b[K")
+    sys.stderr.flush()
+
+
 def cmd_images(args: argparse.Namespace) -> int:
     state = state_dir()
     if args.action == "rm":
         return _images_rm(args, state)
+    if args.action == "build":
+        return _images_build(args, state)
     if args.keys or args.all:
         print("vmenv images: ID... and --all go with rm: vmenv images rm ID...", file=sys.stderr)
         return 2
@@ -442,17 +531,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         "images",
         help="what is cached between sessions (templates, unpacked images...), with sizes",
         description="List the caches in the state dir; `rm ID...` removes those named, "
-        "`rm --all` every one, that no live session or machine uses.",
+        "`rm --all` every one, that no live session or machine uses; `build NAME` builds a "
+        "Debian image (for CI caches: the state dir then holds it).",
     )
-    images.add_argument("action", nargs="?", choices=["ls", "rm"], default="ls")
+    images.add_argument("action", nargs="?", choices=["ls", "rm", "build"], default="ls")
     images.add_argument(
-        "keys", nargs="*", metavar="ID", help="with rm: ids (or prefixes) to remove"
+        "keys",
+        nargs="*",
+        metavar="ID",
+        help="with rm: ids (or prefixes) to remove; with build: the image NAME (debian-12, or "
+        "an [images.NAME] recipe of vmenv.toml here)",
     )
     images.add_argument(
         "--all",
         action="store_true",
         help="with rm: every cache nothing live uses, but --vm-reuse templates and templates "
         "not on this host (name those to remove them)",
+    )
+    images.add_argument(
+        "--packages", default="", metavar="A,B", help="with build: packages to add to the recipe"
+    )
+    images.add_argument(
+        "--init", default="systemd", choices=INITS, help="with build: the init (default systemd)"
     )
     shell = sub.add_parser("shell", help="a shell in a machine")
     shell.add_argument("machine", metavar="ID", help="a machine's id (or unique name)")

@@ -133,9 +133,13 @@ class GuestGroups:
             time.sleep(0.001)
 
     def remove(self, timeout: float = 2.0) -> None:
-        """Kill what is left and remove the groups (retrying while exiting tasks linger)."""
+        """Kill what is left and remove the groups (retrying while exiting tasks linger).
+
+        Groups made inside a guest's group (a systemd guest's ``init.scope``, slices and
+        services) go first, deepest first: a group with children cannot be removed."""
         deadline = time.monotonic() + timeout
-        for d in self.dirs:
+        nested = [p for d in self.dirs for p in _subgroups(d)]
+        for d in [*nested, *self.dirs]:
             while True:
                 try:
                     d.rmdir()
@@ -147,6 +151,19 @@ class GuestGroups:
                         raise
                     self.kill()
                     time.sleep(0.0005)
+
+
+def _subgroups(group: Path) -> list[Path]:
+    """The groups below ``group``, deepest first (never following a symlink)."""
+    found: list[Path] = []
+    try:
+        entries = list(os.scandir(group))
+    except OSError:
+        return found
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            found += [*_subgroups(Path(entry.path)), Path(entry.path)]
+    return found
 
 
 class Cgroups:
