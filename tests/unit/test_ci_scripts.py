@@ -189,6 +189,26 @@ def test_vsphere_stop_finds_a_vcsim_whose_start_never_recorded_its_pid(
 
 
 @as_root
+@pytest.mark.parametrize("spelling", ["dot-dot and slashes", "through a symlink"])
+def test_vsphere_stop_finds_its_vcsim_whatever_the_spelling_of_vmenv_vcsim_dir(
+    stand_ins: StandIns, vcsim_run: tuple[dict[str, str], Path], tmp_path: Path, spelling: str
+) -> None:
+    _, run = vcsim_run
+    vcsim = stand_ins.start("vcsim", cwd=run / "work", user=NOBODY)
+    nobody_writes(run / "out" / "pid", f"{vcsim.pid}\n")
+    (run / "pid").write_text(f"{vcsim.pid}\n")  # as a start that got through records it
+    if spelling == "through a symlink":
+        (tmp_path / "link").symlink_to(tmp_path / "vcsim")
+        env = {"VMENV_VCSIM_DIR": str(tmp_path / "link")}
+    else:
+        env = {"VMENV_VCSIM_DIR": f"{tmp_path}//runs/../vcsim/"}
+    done = ci("vsphere.sh", "stop", env=env)
+    assert done.returncode == 0, done.stderr
+    assert gone(vcsim), "stop left the vcsim running (and removed its run directory)"
+    assert not run.exists()
+
+
+@as_root
 def test_vsphere_stop_leaves_a_process_that_is_not_this_runs_vcsim(
     stand_ins: StandIns, vcsim_run: tuple[dict[str, str], Path], tmp_path: Path
 ) -> None:
