@@ -80,8 +80,9 @@ def _options_of(name: str, cls: type[Any], options: Mapping[str, Mapping[str, An
     return options.get(name) or options.get(str(getattr(cls, "name", name)), {})
 
 
-def _backends(quiet: bool = True) -> Iterator[tuple[str, Backend | str]]:
-    """(name, backend) for each installed backend, or (name, reason) when it cannot run."""
+def _made() -> Iterator[tuple[str, Backend | str]]:
+    """(name, backend) for each installed backend, made with its options but not checked,
+    or (name, reason) when it cannot be made; an alias (``kvm`` of ``libvirt``) once."""
     registry = Registry()
     options = _options(registry)
     seen: set[type[Any]] = set()
@@ -89,13 +90,29 @@ def _backends(quiet: bool = True) -> Iterator[tuple[str, Backend | str]]:
         try:
             cls = registry.load(name)
             if cls in seen:
-                continue  # an alias (kvm -> libvirt)
+                continue
             seen.add(cls)
             backend: Backend = cls(_options_of(name, cls, options))
-            backend.check()
         except (BackendUnavailable, ConfigError) as exc:
-            yield name, exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
+            yield name, _reason(exc)
             continue
+        yield name, backend
+
+
+def _reason(exc: VmenvError) -> str:
+    return exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
+
+
+def _backends() -> Iterator[tuple[str, Backend | str]]:
+    """(name, backend) for each installed backend, or (name, reason) when it cannot run."""
+    for name, backend in _made():
+        if not isinstance(backend, str):
+            try:
+                backend.check()
+            except (BackendUnavailable, ConfigError) as exc:
+                close_backends([backend])
+                yield name, _reason(exc)
+                continue
         yield name, backend
 
 
@@ -194,27 +211,16 @@ def _cache_backends() -> _CacheBackends:
     """Every installed backend that can list its caches here: a :class:`CacheKeeper` as it
     is (it lists what it keeps without its hypervisor), a :class:`TemplateLister` once its
     ``check()`` passes."""
-    registry = Registry()
-    options = _options(registry)
-    found = _CacheBackends(names=set(registry) | set(SHIPPED))
-    seen: set[type[Any]] = set()
-    for name in registry:
-        try:
-            cls = registry.load(name)
-            if cls in seen:
-                continue  # an alias (kvm -> libvirt)
-            seen.add(cls)
-            backend: Backend = cls(_options_of(name, cls, options))
-        except (BackendUnavailable, ConfigError) as exc:
-            found.why[name] = exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
+    found = _CacheBackends(names=set(Registry()) | set(SHIPPED))
+    for name, backend in _made():
+        if isinstance(backend, str):
+            found.why[name] = backend
             continue
         if not isinstance(backend, CacheKeeper):
             try:
                 backend.check()
             except VmenvError as exc:
-                found.why[backend.name] = (
-                    exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
-                )
+                found.why[backend.name] = _reason(exc)
                 close_backends([backend])
                 continue
         found.made.append(backend)
@@ -237,7 +243,7 @@ def _caches(state: Path, backends: _CacheBackends) -> list[Cache]:
             found += template_caches(backend, snaps, live)
             why[backend.name] = "files the backend does not list as caches"
         except VmenvError as exc:
-            why[backend.name] = exc.reason if isinstance(exc, BackendUnavailable) else str(exc)
+            why[backend.name] = _reason(exc)
     found += image_caches(state, found)
     for name in sorted(backends.names - listed):
         reason = why.get(name) or "its backend is not installed here"
