@@ -1,6 +1,7 @@
 """vSphere benchmark against vcsim: the plugin's clone cycle over raw pyvmomi, in one run.
 
-    bash .ci/vsphere.sh start && python bench/bench_vsphere.py      # about 20 s
+    exports=$(bash .ci/vsphere.sh start) && eval "$exports"
+    python bench/bench_vsphere.py      # about 20 s
 
 Figures (the targets of issue 5):
 1. clone -> ready -> destroy through ``VsphereBackend`` against raw pyvmomi doing
@@ -18,13 +19,11 @@ from __future__ import annotations
 
 import os
 import secrets
-import shlex
 import ssl
 import statistics
 import subprocess
 import sys
 import time
-from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -38,22 +37,18 @@ from pytest_vmenv.paths import state_dir
 from pytest_vmenv.spec import MachineSpec
 
 N = 60
-REPO = Path(__file__).resolve().parents[1]
 BASE = "vmenv-bench-base"
 IP = {"SET.guest.ipAddress": "127.0.0.1"}
+START = 'start it with `exports=$(bash .ci/vsphere.sh start) && eval "$exports"`'
 
 
 def vcsim_env() -> dict[str, str]:
-    env: dict[str, str] = {}
-    path = REPO / "build" / "vcsim" / "env"
-    if path.exists():
-        for line in path.read_text().splitlines():
-            key, _, value = line.removeprefix("export ").partition("=")
-            env[key] = shlex.split(value)[0]
-    env.update({k: os.environ[k] for k in ("GOVC_URL", "VMENV_VCSIM_CA") if k in os.environ})
-    if "GOVC_URL" not in env:
-        sys.exit("vcsim is not running: bash .ci/vsphere.sh start")
-    return env
+    """``GOVC_URL`` and ``VMENV_VCSIM_CA`` of the running vcsim, from the environment."""
+    missing = [k for k in ("GOVC_URL", "VMENV_VCSIM_CA") if not os.environ.get(k)]
+    if missing:
+        sys.exit(f"bench_vsphere: vcsim is not running here ({' and '.join(missing)} not set): "
+                 f"{START} from the repository root, in this shell")  # fmt: skip
+    return {k: os.environ[k] for k in ("GOVC_URL", "VMENV_VCSIM_CA")}
 
 
 def base_vm(si: Any) -> tuple[Any, Any]:

@@ -15,13 +15,13 @@ Contract shared by every method:
 * ``build_template`` returns the existing complete template when one exists for ``key``:
   that is how xdist workers and ``--vm-reuse`` share templates.
 
-Optional methods, used when present: ``templates() -> list[Snapshot]`` (for ``vmenv images``
-and sweeps; ``data`` carries ``session``, ``owner``, ``created``, ``reuse``),
+Optional methods, used when present: ``templates() -> list[Snapshot]`` (:class:`TemplateLister`,
+for ``vmenv images`` and sweeps; ``data`` carries ``session``, ``owner``, ``created``, ``reuse``),
 ``shell(ref, argv) -> int`` (``vmenv shell``), ``summary() -> list[str]`` (lines for the
 terminal summary), ``end_session(session_id)`` (session-wide cleanup once no process of the
 session is left) and ``close()``; :class:`CacheKeeper` (``caches``/``remove_cache``: what it
 keeps on disk between sessions, for ``vmenv images``) and :class:`SpecCheck` (a backend that
-runs here but cannot make every machine), both checked with ``isinstance``. A backend is
+runs here but cannot make every machine), these three checked with ``isinstance``. A backend is
 constructed as ``cls(options)`` with its table from ``[tool.vmenv.backends.NAME]``, kept as
 ``backend.options``.
 """
@@ -52,6 +52,7 @@ __all__ = [
     "Session",
     "Snapshot",
     "SpecCheck",
+    "TemplateLister",
     "owner_alive",
     "owner_token",
     "split_network",
@@ -401,3 +402,13 @@ class CacheKeeper(Protocol):
 
     def remove_cache(self, cache: Cache, live_sessions: Collection[str]) -> None:
         """Remove ``cache``; raise ``BackendError`` saying why if it is (now) in use."""
+
+
+@runtime_checkable
+class TemplateLister(Protocol):
+    """Optional: a backend that lists the templates it built (for ``vmenv images`` and the
+    sweeps), each a :class:`Snapshot` whose ``data`` carries ``session``, ``owner``,
+    ``created`` and ``reuse``."""
+
+    def templates(self) -> list[Snapshot]:
+        """Every template of this backend, from any session, that ``remove_template`` takes."""

@@ -3,10 +3,13 @@
 A backend that implements :class:`~pytest_vmenv.backend.CacheKeeper` lists (and removes) its
 own caches; for one that only lists ``templates()``, each template is a cache here, held
 while its session runs (a ``--vm-reuse`` one while any session runs: it may be reusing it).
-The plugin's own caches are the scratch dirs of sessions (``<state>/scratch``). Files under
-``<state>/<backend>`` that no listing accounts for (a backend not installed or not usable
-here, or one that lists templates only) are one "other files" row each: counted, never
-removed.
+The plugin's own caches are the scratch dirs of sessions (``<state>/scratch``; a running
+session's stay, and so do bare ``put-``/``get-`` transfer files, see :func:`scratch_held`) and
+the images built from a distribution's archive (``<state>/images``, see :mod:`.images`), each
+held while a template or snapshot of any backend stacks on it or while it is being built.
+Files under ``<state>/<backend>`` that no listing accounts for (a backend not installed or
+not usable here, or one that lists templates only) are one "other files" row each: counted,
+never removed.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ from .backend import Backend, Cache, Snapshot
 from .ledger import owners
 
 __all__ = [
+    "MACHINE_TEMP",
     "disk_usage",
     "human_size",
+    "image_caches",
     "live_sessions",
     "other_files",
+    "remove_image",
     "remove_scratch",
     "scratch_caches",
+    "scratch_held",
     "template_caches",
 ]
 
@@ -91,8 +98,27 @@ def _session_of(name: str, live: Collection[str]) -> str | None:
     return next((s for s in live if name.startswith(f"{s}-")), None)
 
 
+MACHINE_TEMP = ("put-", "get-")
+"""Prefixes of a Machine's transfer files made straight in ``<state>/scratch`` (one made
+without a session's scratch dir): whose they are, and whether a put or get is using one
+right now, cannot be told."""
+
+
+def scratch_held(name: str, live: Collection[str]) -> str:
+    """Why the entry ``name`` of ``<state>/scratch`` must stay, or '' if it may go.
+
+    The one rule for ``vmenv images rm`` and the sweeps: a running session's dir stays, and
+    so does a Machine's transfer file outside any session's dir (:data:`MACHINE_TEMP`).
+    """
+    if name.startswith(MACHINE_TEMP):
+        return "a machine's transfer file outside any session's dir (a put or get may be using it)"
+    session = _session_of(name, live)
+    return f"session {session} is running" if session else ""
+
+
 def scratch_caches(state_dir: Path, live: Collection[str]) -> list[Cache]:
-    """The scratch dirs of sessions (``<state>/scratch/<session>-<worker>``)."""
+    """What ``<state>/scratch`` holds: sessions' dirs (``<session>-<worker>``) and Machines'
+    transfer files, each held by :func:`scratch_held`."""
     root = state_dir / "scratch"
     try:
         entries = sorted(root.iterdir())
@@ -100,11 +126,11 @@ def scratch_caches(state_dir: Path, live: Collection[str]) -> list[Cache]:
         return []
     found = []
     for path in entries:
-        session = _session_of(path.name, live)
         try:
-            created = path.stat().st_mtime
+            created = path.lstat().st_mtime
         except OSError:
             continue
+        temp = path.name.startswith(MACHINE_TEMP)
         found.append(
             Cache(
                 backend="",
@@ -112,20 +138,73 @@ def scratch_caches(state_dir: Path, live: Collection[str]) -> list[Cache]:
                 id=f"scratch/{path.name}",
                 size=disk_usage(path),
                 path=str(path),
-                detail="files a session's machines copied in and out",
+                detail="a machine's put or get"
+                if temp
+                else "files a session's machines copied in and out",
                 created=created,
-                held=f"session {session} is running" if session else "",
+                held=scratch_held(path.name, live),
             )
         )
     return found
 
 
 def remove_scratch(state_dir: Path, cache: Cache) -> None:
-    """Remove a scratch dir, unless its session is running now."""
-    session = _session_of(Path(cache.path).name, live_sessions(state_dir))
-    if session is not None:
-        raise OSError(f"session {session} is running")
-    shutil.rmtree(cache.path)
+    """Remove a scratch entry (a dir with what is in it, a file or a link: unlinked), unless
+    :func:`scratch_held` holds it now (OSError with the reason)."""
+    path = Path(cache.path)
+    root = state_dir / "scratch"
+    if os.path.realpath(path.parent) != os.path.realpath(root):
+        raise OSError(f"refusing to remove {path}: not in {root}")
+    held = scratch_held(path.name, live_sessions(state_dir))
+    if held:
+        raise OSError(held)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def image_caches(state_dir: Path, listed: Iterable[Cache]) -> list[Cache]:
+    """The built images (and image builds) in ``<state>/images``; one is held while a
+    template or snapshot in ``listed`` stacks on it, or while it is being built."""
+    from .images import ImageCache
+
+    users: dict[str, str] = {}
+    for cache in listed:
+        if isinstance(cache.handle, Snapshot):
+            for entry in cache.handle.data.get("layers") or ():
+                who = f"{cache.backend} {cache.kind} {cache.id} stacks on it"
+                users.setdefault(os.path.realpath(str(entry)), who)
+    found = []
+    for image in ImageCache(state_dir).listing():
+        root = os.path.realpath(image.path) + os.sep
+        held = next((who for path, who in users.items() if path.startswith(root)), "")
+        if image.building:
+            held = "it is being built"
+        found.append(
+            Cache(
+                backend="",
+                kind="image" if image.complete else "torn image build",
+                id=f"images/{image.key if image.complete else image.path.name}",
+                size=disk_usage(image.path),
+                path=str(image.path),
+                detail=f"{image.describe()}, built with mmdebstrap"
+                if image.complete
+                else f"a build of {image.describe()} that did not finish",
+                created=image.created,
+                held=held,
+                handle=image,
+            )
+        )
+    return found
+
+
+def remove_image(state_dir: Path, cache: Cache) -> None:
+    """Remove a built image (or a torn build); BackendError if it is being built."""
+    from .images import BuiltImage, ImageCache
+
+    if isinstance(cache.handle, BuiltImage):
+        ImageCache(state_dir).remove(cache.handle)
 
 
 def template_caches(

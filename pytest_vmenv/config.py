@@ -29,7 +29,7 @@ class VmenvConfig:
     path: Path | None = None
     backend: str | None = None
     vars: Mapping[str, str] = field(default_factory=dict)
-    images: Mapping[str, Mapping[str, Mapping[str, Any]]] = field(default_factory=dict)
+    images: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     machines: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     environments: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     backends: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -115,11 +115,7 @@ def load_config(
         raise ConfigError(f"{path}: {prefix}backend must be a string, got {backend!r}")
     images = rendered.get("images", {})
     for name, entry in images.items():
-        if not isinstance(entry, dict) or not all(isinstance(v, dict) for v in entry.values()):
-            raise ConfigError(
-                f"{path}: {prefix}images.{name} must map backend names to tables, "
-                f'e.g. emulator = {{ rootfs = "images/rootfs.tar" }}'
-            )
+        _check_image(entry, f"{path}: {prefix}images.{name}")
     return VmenvConfig(
         path=path,
         backend=backend,
@@ -129,6 +125,34 @@ def load_config(
         environments=rendered.get("environments", {}),
         backends=rendered.get("backends", {}),
     )
+
+
+def _check_image(entry: Any, where: str) -> None:
+    """An image entry maps backend names to tables, and may be a recipe (``base``, with
+    ``packages``) that every backend able to build it builds from the archive."""
+    from .images import BASES, check_packages
+
+    if not isinstance(entry, dict):
+        raise ConfigError(f"{where} must be a table")
+    for key, value in entry.items():
+        if key == "base":
+            if value not in BASES:
+                raise ConfigError(
+                    f"{where}.base = {value!r} is not an image built from an archive. "
+                    f"Choose one of: {', '.join(BASES)}"
+                )
+        elif key == "packages":
+            if "base" not in entry:
+                raise ConfigError(
+                    f'{where}.packages needs a base to install them on: add base = "debian-12"'
+                )
+            check_packages(value, f"{where}.packages")
+        elif not isinstance(value, dict):
+            raise ConfigError(
+                f"{where}.{key} must be a table: images map backend names to tables, e.g. "
+                'emulator = { rootfs = "images/rootfs.tar" }, or are a recipe: '
+                'base = "debian-12", packages = ["nginx"]'
+            )
 
 
 def _render(jenv: Any, value: Any, context: Mapping[str, Any], path: Path, key: str) -> Any:

@@ -21,6 +21,7 @@ import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import asdict, replace
 from typing import Any
 
@@ -62,18 +63,23 @@ def _file_identity(value: str) -> Any:
 
 
 def template_key(spec: MachineSpec) -> str:
-    """Hash of what shapes a template's disk: backend, image identity, provision, disk size."""
+    """Hash of what shapes a template's disk: backend, image identity, provision, disk size,
+    the packages baked into a built image and the init it boots."""
     image_config = {
         k: _file_identity(v) if isinstance(v, str) and os.path.isabs(v) else v
         for k, v in sorted(spec.image_config.items())
     }
-    shape = {
+    shape: dict[str, Any] = {
         "backend": spec.backend,
         "image": spec.image,
         "image_config": image_config,
         "provision": [list(p) if isinstance(p, tuple) else p for p in spec.provision],
         "disk": spec.disk,
     }
+    if spec.packages:  # only when set: the keys of specs without them stay as they were
+        shape["packages"] = sorted(spec.packages)
+    if spec.init is not None:
+        shape["init"] = spec.init
     data = json.dumps(shape, sort_keys=True, default=str).encode()
     return hashlib.sha256(data).hexdigest()[:20]
 
@@ -93,6 +99,7 @@ class Orchestrator:
         parallel: int = 2,
         keep: str = "never",
         on_template: Callable[[MachineSpec, Snapshot, float], None] | None = None,
+        on_wait: Callable[[], None] | None = None,
     ) -> None:
         self.session = session
         self.keep_mode = keep
@@ -116,6 +123,7 @@ class Orchestrator:
         self._scoped: dict[str, dict[str, Machine]] = defaultdict(dict)
         self._pool: dict[str, Machine] = {}
         self._on_template = on_template
+        self._on_wait = on_wait
         self.timings: list[Timing] = []
         self.scratch = session.state_dir / "scratch" / f"{session.id}-{session.worker_id}"
         self.scratch.mkdir(parents=True, exist_ok=True)
@@ -227,8 +235,21 @@ class Orchestrator:
         return snapshot
 
     def template(self, spec: MachineSpec) -> Snapshot:
-        """The template for ``spec``; waits for its build (and raises what the build raised)."""
-        return self._template_future(spec).result()
+        """The template for ``spec``; waits for its build (and raises what the build raised).
+
+        While it waits, and once after, ``on_wait`` is called every half second (the plugin
+        shows the progress of image builds from there, on the waiting thread)."""
+        future = self._template_future(spec)
+        try:
+            while self._on_wait is not None:
+                try:
+                    return future.result(timeout=0.5)
+                except FutureTimeout:
+                    self._on_wait()
+            return future.result()
+        finally:
+            if self._on_wait is not None:
+                self._on_wait()
 
     # -- machines ---------------------------------------------------------------------------
 

@@ -35,6 +35,7 @@ from .keys import machines_key, plugin_key, specs_key
 from .machine import Machine
 from .options import Options, add_options
 from .paths import state_dir
+from .progress import TerminalProgress
 from .registry import Registry, not_installed
 from .signals import GracefulSignals
 from .spec import MachineSpec, SpecParser
@@ -60,7 +61,8 @@ __all__ = [
 
 VM_MARKER = (
     'vm(image="host", *, name="vm", backend=None, cpus=1, memory="512M", disk=None, '
-    'network=None, provision=(), ready=None, scope="function", isolation="clone", '
+    'network=None, packages=(), init=None, provision=(), ready=None, scope="function", '
+    'isolation="clone", '
     "timeout=300, labels=None): give the test a machine (fixtures vm, vms); several marks "
     "with distinct names make one environment"
 )
@@ -187,6 +189,7 @@ class VmenvPlugin:
         self._registry: Registry | None = None
         self._parser: SpecParser | None = None
         self._orchestrator: Orchestrator | None = None
+        self._progress: TerminalProgress | None = None
         self._factory_ids = itertools.count()
         self._next_specs: dict[str, list[MachineSpec]] = {}
         self._signals = GracefulSignals()
@@ -235,12 +238,14 @@ class VmenvPlugin:
                 worker_id=self.worker_id,
                 reuse=self.options.reuse,
             )
+            self._progress = TerminalProgress(self.config)
             self._orchestrator = Orchestrator(
                 session,
                 self._make_backend,
                 parallel=self.options.parallel,
                 keep=self.options.keep,
                 on_template=self._template_built,
+                on_wait=self._progress.pump,
             )
             self.config.pluginmanager.register(_MachineHooks(self), "vmenv-machines")
             self._signals.install()
@@ -417,6 +422,8 @@ class VmenvPlugin:
             errors = self._orchestrator.close()
         finally:
             self._signals.restore()
+            if self._progress is not None:
+                self._progress.close()
         summary = Summary.of(self._orchestrator, errors)
         workeroutput = getattr(self.config, "workeroutput", None)
         if workeroutput is not None:  # an xdist worker: the controller writes the summary

@@ -45,8 +45,6 @@ __all__ = ["SweepReport", "Watchdog", "backends_from_ledger", "close_session", "
 
 log = logging.getLogger("pytest_vmenv")
 
-_MACHINE_TEMP = ("put-", "get-")  # a Machine's transfer files when it has no session's dir
-
 
 @dataclass
 class SweepReport:
@@ -134,14 +132,13 @@ def _sweep_scratch(
     older_than: float | None = None,
 ) -> None:
     """Remove the scratch dirs (``<state>/scratch/<session>-<worker>``) of sessions with no
-    live process (of ``session`` only, if given); a live session's are never touched."""
+    live process (of ``session`` only, if given); what :func:`.caches.scratch_held` holds (a
+    live session's dir, a Machine's transfer file) is never touched."""
     prefix = f"{session}-" if session is not None else ""
     for cache in scratch_caches(state_dir, _live_sessions(state_dir)):
         path = Path(cache.path)
-        if cache.held or not path.name.startswith(prefix) or not path.is_dir():
+        if cache.held or not path.name.startswith(prefix):
             continue
-        if path.name.startswith(_MACHINE_TEMP) or path.is_symlink():
-            continue  # a Machine's transfer dir (no session's), or not ours
         if older_than is not None and time.time() - cache.created < older_than:
             continue
         try:

@@ -10,6 +10,7 @@ from typing import Any
 
 from .config import VmenvConfig
 from .errors import ConfigError
+from .images import BASES, INITS, check_packages
 from .registry import not_installed
 
 __all__ = ["ISOLATIONS", "SCOPES", "MachineSpec", "SpecParser", "parse_size"]
@@ -23,6 +24,9 @@ class MachineSpec:
     ``backend`` from ``[tool.vmenv.images.NAME]`` (paths made absolute), or empty when the
     backend interprets ``image`` itself (the emulator's ``"host"``, a rootfs path).
     ``memory``/``disk`` are bytes. ``provision`` items are shell strings or argv tuples.
+    ``packages`` are Debian packages baked into a built image (``image_config`` then holds
+    the recipe's ``base``); ``init`` is ``"systemd"``, ``"none"`` or None (the backend's
+    default for the image: systemd for a built Debian image).
     """
 
     name: str = "vm"
@@ -32,6 +36,8 @@ class MachineSpec:
     memory: int = 512 * 1024**2
     disk: int | None = None
     network: str | None = None
+    packages: tuple[str, ...] = ()
+    init: str | None = None
     provision: tuple[str | tuple[str, ...], ...] = ()
     ready: str | None = None
     timeout: float = 300.0
@@ -42,8 +48,8 @@ class MachineSpec:
 
 
 _FIELDS = (
-    "name", "image", "backend", "cpus", "memory", "disk", "network", "provision",
-    "ready", "timeout", "scope", "isolation", "labels",
+    "name", "image", "backend", "cpus", "memory", "disk", "network", "packages", "init",
+    "provision", "ready", "timeout", "scope", "isolation", "labels",
 )  # fmt: skip
 SCOPES = ("function", "module", "session")
 ISOLATIONS = ("clone", "revert")
@@ -110,6 +116,19 @@ class SpecParser:
         network = get("network")
         if network is not None and (not isinstance(network, str) or not network or "#" in network):
             raise ConfigError(f'{where}: network={network!r} must be a name like "lan" or a CIDR')
+        packages = check_packages(get("packages", ()), f"{where}: packages")
+        if packages and "base" not in image_config:
+            raise ConfigError(
+                f"{where}: packages={list(packages)!r} needs an image built from the Debian "
+                f"archive, and image {image!r} is not one: use image={_base_hint()} or an "
+                '[images.NAME] entry with base = "debian-12" in vmenv.toml'
+            )
+        init = get("init")
+        if init is not None and init not in INITS:
+            raise ConfigError(
+                f"{where}: init={init!r}. Choose one of: {', '.join(INITS)} (or leave it unset "
+                "for the image's default: systemd on a built Debian image, else none)"
+            )
         provision = _provision(get("provision", ()), where)
         ready = get("ready")
         if ready is not None and not isinstance(ready, str):
@@ -134,7 +153,8 @@ class SpecParser:
             raise ConfigError(f"{where}: labels={labels!r} must map strings to strings")
         return MachineSpec(
             name=name, image=image, backend=backend, cpus=cpus, memory=memory, disk=disk,
-            network=network, provision=provision, ready=ready, timeout=float(timeout),
+            network=network, packages=packages, init=init, provision=provision, ready=ready,
+            timeout=float(timeout),
             scope=scope, isolation=isolation, labels=dict(labels), image_config=image_config,
         )  # fmt: skip
 
@@ -181,15 +201,20 @@ class SpecParser:
             raise ConfigError(f"{where}: image={image!r} must be a string")
         if image in self.config.images:
             entries = self.config.images[image]
-            if backend not in entries:
-                raise ConfigError(
-                    f"{where}: image {image!r} has no entry for backend {backend!r} in "
-                    f"{self.config.where}; add images.{image}.{backend}, or choose a backend of: "
-                    f"{', '.join(sorted(entries)) or '(none)'}"
-                )
-            return image, _absolute_paths(entries[backend], self.config.base_dir)
+            if isinstance(entries.get(backend), Mapping):
+                return image, _absolute_paths(entries[backend], self.config.base_dir)
+            base = entries.get("base")
+            if isinstance(base, str) and base in self.backends[backend]:
+                return image, {"base": base, "packages": list(entries.get("packages") or ())}
+            tables = sorted(k for k, v in entries.items() if isinstance(v, Mapping))
+            builds = f" (or a backend that builds {base!r})" if isinstance(base, str) else ""
+            raise ConfigError(
+                f"{where}: image {image!r} has no entry for backend {backend!r} in "
+                f"{self.config.where}; add images.{image}.{backend}, or choose a backend of: "
+                f"{', '.join(tables) or '(none)'}{builds}"
+            )
         if image in self.backends[backend]:
-            return image, {}
+            return image, ({"base": image, "packages": []} if image in BASES else {})
         path = Path(image)
         if not path.is_absolute():
             path = self.config.base_dir / path
@@ -200,6 +225,10 @@ class SpecParser:
             f"{where}: unknown image {image!r} for backend {backend!r}. Choose one of: "
             f"{', '.join(choices)}, or an existing path to a rootfs directory or tarball"
         )
+
+
+def _base_hint() -> str:
+    return " or ".join(repr(b) for b in BASES)
 
 
 def _provision(value: object, where: str) -> tuple[str | tuple[str, ...], ...]:

@@ -307,9 +307,18 @@ class SSHChannel:
             )
 
     async def _copy_out(self, src: str, dst: Path, max_size: int | None) -> tuple[int, bytes]:
+        """Stream ``src`` into ``dst``; blocks of zeros become holes.
+
+        With ``max_size``, the guest sends at most ``max_size + 1`` bytes (``head -c``), so
+        a file over the cap ends the stream by itself and the channel closes cleanly: the
+        connection stays usable for the next command (closing a channel mid-transfer left
+        it dead). FileTooLarge is raised once the stream is over.
+        """
         conn = await self._connection()
+        quoted = shlex.quote(src)
+        command = f"cat -- {quoted}" if max_size is None else f"head -c {max_size + 1} -- {quoted}"
         try:
-            proc = await conn.create_process("cat -- " + shlex.quote(src), encoding=None)
+            proc = await conn.create_process(command, encoding=None)
         except (OSError, asyncssh.Error) as exc:
             self._conn = None
             raise SSHUnreachable(f"ssh {self.host}:{self.port}: {exc}") from None
@@ -320,14 +329,15 @@ class SSHChannel:
         try:
             with open(dst, "wb") as f:
                 while chunk := await proc.stdout.read(1 << 16):
+                    if max_size is not None and size + len(chunk) > max_size:
+                        size += len(chunk)
+                        continue  # the rest is at most one byte: let the stream end
                     size += len(chunk)
-                    if max_size is not None and size > max_size:
-                        raise FileTooLarge(self.machine, src, size, max_size)
                     if chunk.count(0) == len(chunk):
                         f.seek(len(chunk), 1)
                     else:
                         f.write(chunk)
-                f.truncate(size)
+                f.truncate(min(size, max_size) if max_size is not None else size)
             await drain
             await proc.wait_closed()
         except (asyncssh.Error, ConnectionError, asyncio.IncompleteReadError) as exc:
@@ -340,6 +350,8 @@ class SSHChannel:
         code = proc.exit_status
         if code is None or code < 0:
             code = 128 + _signal_number(proc.exit_signal[0]) if proc.exit_signal else 255
+        if code == 0 and max_size is not None and size > max_size:
+            raise FileTooLarge(self.machine, src, size, max_size)
         return code, err.value()
 
 

@@ -25,6 +25,7 @@ applied (``LimitNotApplied``, once).
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import sys
@@ -47,10 +48,11 @@ from ..backend import (
     Session,
     Snapshot,
 )
+from ..images import BASES, ImageCache, builder_problem, recipe_of
 from . import caches, disk, inventory, layers, userns
 from .base import NAME, EmulatorBase, LimitNotApplied, boundary
 from .control import FILE_IDLE_TIMEOUT, CommandTimedOut, TooLarge
-from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest
+from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest, wait_systemd
 from .images import base_stack, check_image, is_host, refresh_mask
 from .spawner import Zygote
 from .terminal import run_shell
@@ -60,19 +62,31 @@ if TYPE_CHECKING:
 
 __all__ = ["EmulatorBackend", "LimitNotApplied"]
 
+DEBIAN_REASON = (
+    "Debian images need root for now (an unprivileged guest maps only uid 0, and a Debian "
+    "tree holds files of root and of system users); run as root"
+)
+SYSTEMD_REASON = (
+    "init='systemd' needs root (systemd needs a cgroup subtree of its own); use init='none', "
+    "or run as root"
+)
+
 
 class EmulatorBackend(EmulatorBase):
     """The ``emulator`` backend (see the module docstring); thread-safe."""
 
     name = NAME
-    builtin_images: tuple[str, ...] = ("host",)
+    builtin_images: tuple[str, ...] = ("host", *BASES)
 
     def _boot(self, guest: Guest, spec: MachineSpec) -> None:
         self._warn_unfiltered()
         zygote, cgroups = self._spawner()
         guest.memory, guest.cpus, guest.disk = spec.memory, spec.cpus, spec.disk
+        guest.init = self._init_of(spec)
         with self._lock:
             self._guests[guest.id] = guest
+        timeout = min(spec.timeout, 60.0)
+        started = time.monotonic()
         try:
             problems = start_guest(
                 guest,
@@ -81,9 +95,11 @@ class EmulatorBackend(EmulatorBase):
                 self.emu_dir / "layers",
                 spec.memory,
                 spec.cpus,
-                min(spec.timeout, 60.0),
+                timeout,
                 self.pids_max,
             )
+            if guest.init == "systemd":
+                wait_systemd(guest, timeout - (time.monotonic() - started))
         except TimeoutError as exc:
             tail = self._console(guest)
             self._destroy(guest.id)
@@ -125,22 +141,59 @@ class EmulatorBackend(EmulatorBase):
     def unavailable_for(self, spec: MachineSpec) -> str | None:
         """Why ``spec`` cannot be made here (see :class:`~pytest_vmenv.backend.SpecCheck`).
 
-        Root makes every spec (``disk=`` where loop devices and mkfs.ext4 exist, from
-        :data:`.disk.MIN_SIZE` up). Unprivileged, ``image="host"`` and ``network=`` are
-        refused, each with its own reason (both, if a spec asks for both).
+        Root makes every spec but these: ``disk=`` needs loop devices and mkfs.ext4, from
+        :data:`.disk.MIN_SIZE` up; a Debian image that is not built yet needs its builder
+        (see :func:`pytest_vmenv.images.builder_problem`) and the host's apt to serve its
+        suite; systemd needs a cgroup v2 hierarchy. Unprivileged, ``image="host"``,
+        ``network=``, built Debian images and ``init="systemd"`` are refused. Each refusal
+        has its own reason (all that apply are given).
         """
-        if not userns.rootless():
-            if spec.disk is None:
-                return None
-            if spec.disk < disk.MIN_SIZE:
-                return f"disk={spec.disk} is too small: the emulator's smallest disk is 1M"
-            return disk.unavailable()
+        recipe = recipe_of(spec)
+        init = spec.init or ("systemd" if recipe else "none")
         reasons = []
-        if is_host(spec.image, spec.image_config):
-            reasons.append(userns.HOST_REASON)
-        if spec.network is not None:
-            reasons.append(userns.NETWORK_REASON)
+        if userns.rootless():
+            if is_host(spec.image, spec.image_config):
+                reasons.append(userns.HOST_REASON)
+            if spec.network is not None:
+                reasons.append(userns.NETWORK_REASON)
+            if recipe is not None:
+                reasons.append(DEBIAN_REASON)
+            elif init == "systemd":
+                reasons.append(SYSTEMD_REASON)
+            return "; and ".join(reasons) or None
+        if spec.disk is not None:
+            if spec.disk < disk.MIN_SIZE:
+                reasons.append(f"disk={spec.disk} is too small: the emulator's smallest disk is 1M")
+            elif (problem := disk.unavailable()) is not None:
+                reasons.append(problem)
+        if recipe is not None:
+            try:
+                built = ImageCache(self.state_dir).lookup(recipe)
+            except errors.ConfigError as exc:
+                reasons.append(str(exc))
+            else:
+                problem = builder_problem() if built is None else None
+                if problem is not None:
+                    reasons.append(problem)
+        cgroups = self._deps(zygote=False)[1]
+        if init == "systemd" and (not cgroups.usable() or cgroups.v2_parent is None):
+            reasons.append(
+                "init='systemd' needs a cgroup v2 hierarchy (cgroup2 at /sys/fs/cgroup or "
+                "/sys/fs/cgroup/unified) for the guest's systemd: none is usable here; use "
+                "init='none'"
+            )
         return "; and ".join(reasons) or None
+
+    @staticmethod
+    def _init_of(spec: MachineSpec) -> str:
+        """The init a guest of ``spec`` boots: systemd on a built Debian image by default."""
+        init = spec.init or ("systemd" if recipe_of(spec) is not None else "none")
+        if init == "systemd" and is_host(spec.image, spec.image_config):
+            raise errors.ConfigError(
+                f"{NAME}: init='systemd' cannot boot image 'host' (a view of the host's own "
+                "system); use image='debian-12' or a rootfs with systemd, or init='none'"
+            )
+        return init
 
     def restrictions(self) -> str | None:
         """What the emulator cannot make here: as non-root, see :mod:`.userns`."""
@@ -149,7 +202,8 @@ class EmulatorBackend(EmulatorBase):
         limits = "" if self._delegated() else "; memory and cpus limits are not applied"
         return (
             f"unprivileged, uid {os.geteuid()}: rootfs directory and tarball images only; "
-            f"image='host' and network= need root{limits}"
+            "image='host' and network= need root, as do Debian images and init='systemd'"
+            f"{limits}"
         )
 
     def _refuse(self, spec: MachineSpec, *, template: bool) -> None:
@@ -168,12 +222,17 @@ class EmulatorBackend(EmulatorBase):
         self.check()
         self._refuse(spec, template=True)
         start = time.monotonic()
-        with layers.build_lock(self.emu_dir, key) as final:
+        with layers.build_lock(self.emu_dir, key) as final, contextlib.ExitStack() as hold:
             done = layers.load(final)
             if done is not None:
                 return done
-            base = base_stack(spec.image, spec.image_config, self.emu_dir, self.state_dir)
+            recipe = recipe_of(spec)
+            if recipe is not None:  # held until the template stacks on it: rm cannot take it
+                base = [str(hold.enter_context(ImageCache(self.state_dir).using(recipe)))]
+            else:
+                base = base_stack(spec.image, spec.image_config, self.emu_dir, self.state_dir)
             check_image(base, spec)
+            start = time.monotonic()  # building the image is not part of spec.timeout
             tags = layers.labels(session.id, session.owner, session.reuse)
             if not spec.provision:
                 return layers.commit(final, key, spec.name, None, base, "", tags)
@@ -338,6 +397,8 @@ class EmulatorBackend(EmulatorBase):
                 60.0,
                 self.pids_max,
             )
+            if guest.init == "systemd":
+                wait_systemd(guest, 60.0)
         except BaseException:
             self._destroy(guest.id)
             raise
@@ -437,7 +498,8 @@ class EmulatorBackend(EmulatorBase):
 
         A guest (kept, running or dead) that stacks on the layer, directly or through a
         snapshot, or whose snapshot it is, keeps it: TemplateInUse names that machine (see
-        :func:`.caches.held_by`, the rule ``vmenv images rm`` applies too).
+        :func:`.caches.held_by`, the rule ``vmenv images rm`` applies too). Its build lock
+        file goes too, unless a build runs now (:func:`.caches.prune_build_locks`).
         """
         layer = Path(snapshot.handle)
         holder = caches.held_by(self.emu_dir, layer)
@@ -446,6 +508,7 @@ class EmulatorBackend(EmulatorBase):
                 f"{NAME}: template {snapshot.key or layer.name} left in place: {holder}", holder
             )
         layers.remove(layer, self.emu_dir)
+        caches.prune_build_locks(self.emu_dir)
 
     def templates(self) -> list[Snapshot]:
         """Every template and snapshot layer (torn builds included), with its labels.

@@ -9,12 +9,15 @@ A cache is *held*, and ``vmenv images rm`` leaves it, while anything may still u
 
 * a guest on disk (running, kept or dead) or another layer stacks on it;
 * its session runs; a ``reuse`` template while any session runs (it may be reusing it);
-* a build is under way: a template build lock (``layers/.tpl-*.lock``) or an unpack lock
-  (``images/.<sha256>.lock``) is taken, or a torn build's owner process still lives.
+* a session is building templates (it holds the caches lock, :func:`.layers.caches_lock`,
+  shared), or a torn build's owner process still lives.
 
-Removal takes every template build lock first (without waiting: a running build makes it
-fail with that reason), then decides again on what is on disk then; a build that starts
-meanwhile waits for the locks, and finds the image gone and unpacks it anew.
+Removal takes the caches lock exclusive, without waiting (while a build holds it, removal
+fails saying so), then decides again on what is on disk then. A build that starts meanwhile
+waits for the lock, then finds the image gone and unpacks it anew. Under that lock no build
+holds or opens a template's build lock file (``layers/.tpl-*.lock``), so the files of keys
+whose layer is gone are deleted then (:func:`prune_build_locks`): they are never opened
+all at once, and do not pile up one per template per session.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import fcntl
 import json
 import os
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Collection
 from pathlib import Path
 
 from .. import errors
@@ -33,7 +36,7 @@ from ..caches import disk_usage
 from . import layers, userns
 from .host import read_meta
 
-__all__ = ["held_by", "listing", "remove"]
+__all__ = ["BUILDING", "held_by", "listing", "prune_build_locks", "remove"]
 
 NAME = "emulator"
 _FRESH = 60.0  # an unlabelled build dir younger than this may be labelled any moment
@@ -58,25 +61,34 @@ def _busy(lock: Path) -> bool:
     return False
 
 
-@contextlib.contextmanager
-def _all_build_locks(layers_dir: Path) -> Iterator[None]:
-    """Every template build lock, taken without waiting; BackendError if one is busy."""
-    fds: list[int] = []
-    try:
-        for lock in sorted(layers_dir.glob(".tpl-*.lock")):
-            fd = os.open(lock, os.O_RDWR | os.O_CLOEXEC)
-            fds.append(fd)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise errors.BackendError(
-                    f"{NAME}: a template build is running ({lock.name[1:-5]}); try again "
-                    "when it is done"
-                ) from None
-        yield
-    finally:
-        for fd in fds:
-            os.close(fd)
+BUILDING = "a session is building templates; try again when it is done"
+
+
+def _building(emu_dir: Path) -> bool:
+    """Whether a build (of any process) holds the caches lock now."""
+    return _busy(emu_dir / layers.CACHES_LOCK)
+
+
+def _prune(emu_dir: Path) -> None:
+    """Delete the lock files of templates and unpacked images that are gone (the caller
+    holds the caches lock exclusive, so no build holds or is about to open one)."""
+    for root, prefix in ((emu_dir / "layers", ".tpl-"), (emu_dir / "images", ".")):
+        try:
+            names = os.listdir(root)
+        except OSError:
+            continue
+        for name in names:
+            lock = name.startswith(prefix) and name.endswith(".lock")
+            if lock and not os.path.lexists(root / name[1:-5]):
+                with contextlib.suppress(OSError):
+                    os.unlink(root / name)
+
+
+def prune_build_locks(emu_dir: Path) -> None:
+    """Delete the build lock files of removed templates, if no build runs now (else later)."""
+    with layers.caches_lock(emu_dir, exclusive=True) as taken:
+        if taken:
+            _prune(emu_dir)
 
 
 def _users(emu_dir: Path, snaps: list[Snapshot]) -> dict[str, str]:
@@ -142,12 +154,12 @@ def _created(path: Path, meta: dict[str, object] | None = None) -> float:
 def listing(emu_dir: Path, live: Collection[str], *, locked: bool = False) -> list[Cache]:
     """Every cache under ``emu_dir`` with its size and, if held, why (module docstring).
 
-    ``locked``: the caller holds every template build lock (so no build is running).
+    ``locked``: the caller holds the caches lock exclusive (so no build is running).
     """
     layers_dir, images_dir = emu_dir / "layers", emu_dir / "images"
     snaps = layers.listing(layers_dir)
     users = _users(emu_dir, snaps)
-    building = not locked and any(_busy(lock) for lock in layers_dir.glob(".tpl-*.lock"))
+    building = not locked and _building(emu_dir)
     found: list[Cache] = []
     labelled = set()
     for snap in snaps:
@@ -169,6 +181,8 @@ def listing(emu_dir: Path, live: Collection[str], *, locked: bool = False) -> li
             held = "a running session may be reusing it (--vm-reuse)"
         if not held and kind == "torn build" and owner and owner_alive(owner):
             held = "its build is running"
+        if not held and building:
+            held = BUILDING
         found.append(
             Cache(
                 backend=NAME,
@@ -185,10 +199,10 @@ def listing(emu_dir: Path, live: Collection[str], *, locked: bool = False) -> li
         )
     for path in _dirs(layers_dir):
         if path.name.startswith("mask-"):
-            held = _user_of(path, users) or ("a template build is running" if building else "")
+            held = _user_of(path, users) or (BUILDING if building else "")
             found.append(_plain(path, "host mask", "what the host image hides", held))
         elif path.name.startswith(".build-") and path.name not in labelled:
-            held = "a template build is running" if building else ""
+            held = BUILDING if building else ""
             if not held and time.time() - _created(path) < _FRESH:
                 held = "just created (a build may be labelling it)"
             found.append(_plain(path, "torn build", "an unlabelled build left behind", held))
@@ -200,7 +214,7 @@ def listing(emu_dir: Path, live: Collection[str], *, locked: bool = False) -> li
             source = complete.read_text().strip()
         except OSError:
             source = ""
-        held = _user_of(path, users) or ("a template build is running" if building else "")
+        held = _user_of(path, users) or (BUILDING if building else "")
         if not source:
             if not held and _busy(images_dir / f".{path.name}.lock"):
                 held = "it is being unpacked"
@@ -239,17 +253,23 @@ def _plain(path: Path, kind: str, detail: str, held: str) -> Cache:
 
 
 def remove(emu_dir: Path, cache: Cache, live: Collection[str]) -> None:
-    """Remove one cache unless it is held now (BackendError with the reason)."""
+    """Remove one cache unless it is held now (BackendError with the reason), and the build
+    lock files of templates that are gone (its own included)."""
     layers_dir = emu_dir / "layers"
-    with _all_build_locks(layers_dir):
-        now = {c.id: c for c in listing(emu_dir, live, locked=True)}.get(cache.id)
-        if now is None or now.path != cache.path:
-            return  # already gone
-        if now.held:
-            raise errors.BackendError(f"{NAME}: {cache.kind} {cache.id} is in use: {now.held}")
-        path = Path(now.path)
-        if _real(path.parent) not in (_real(layers_dir), _real(emu_dir / "images")):
-            raise errors.BackendError(f"{NAME}: refusing to remove {path}: not under {emu_dir}")
-        userns.rmtree(path)
-        if path.exists():
-            raise errors.BackendError(f"{NAME}: could not remove all of {path}")
+    with layers.caches_lock(emu_dir, exclusive=True) as taken:
+        if not taken:
+            raise errors.BackendError(f"{NAME}: {BUILDING}")
+        try:
+            now = {c.id: c for c in listing(emu_dir, live, locked=True)}.get(cache.id)
+            if now is None or now.path != cache.path:
+                return  # already gone
+            if now.held:
+                raise errors.BackendError(f"{NAME}: {cache.kind} {cache.id} is in use: {now.held}")
+            path = Path(now.path)
+            if _real(path.parent) not in (_real(layers_dir), _real(emu_dir / "images")):
+                raise errors.BackendError(f"{NAME}: refusing to remove {path}: not under {emu_dir}")
+            userns.rmtree(path)
+            if path.exists():
+                raise errors.BackendError(f"{NAME}: could not remove all of {path}")
+        finally:
+            _prune(emu_dir)

@@ -361,7 +361,8 @@ class GuestGroups:
 
     def remove(self, timeout: float = 2.0) -> None:
         """Kill what is left and remove the groups, with every group below them deepest
-        first (a guest may have made some), retrying while exiting tasks linger."""
+        first (a guest may have made some: a systemd guest's ``init.scope``, slices and
+        services), retrying while exiting tasks linger."""
         deadline = time.monotonic() + timeout
         for d in self.dirs:
             for group in (d / LEAF, d):

@@ -31,6 +31,18 @@ PID 1 is not dumpable (``PR_SET_DUMPABLE`` 0): guest root cannot ptrace it, read
 ``/proc/1/fd`` or ``pidfd_getfd`` its control sockets. Guest root cannot change its resource
 limits either (``prlimit``, see :mod:`.seccomp`), and the OOM killer picks a command before
 it (:mod:`.oom`).
+
+With ``init="systemd"`` the root is built the same way (plus what systemd needs, see
+:func:`.rootfs.build_root`), then PID 1 forks: the child is the *agent* (always pid 2),
+which serves the control sockets exactly as PID 1 does otherwise: not dumpable, under the
+same seccomp filter and capability bounds, with PID 1's OOM score (:mod:`.oom`), and the filter
+refuses guest processes a signal, a pidfd or a new resource limit for pid 2 as it refuses
+them PID 1's limits. PID 1 closes every host descriptor, sets its OOM score to the
+commands' and execs systemd with ``container=vmenv`` (systemd.io/CONTAINER_INTERFACE);
+orphans are reaped by systemd. What guest root can still do to the agent is what it can do
+to itself: a ``kill -9 -1`` (every process it may signal) takes the agent too, and cuts the
+guest's control channel. When the primary socket closes, the agent exits and the host kills
+PID 1 (the kernel then kills the PID namespace).
 """
 
 from __future__ import annotations
@@ -372,6 +384,56 @@ def _listen(gdir: str) -> socket.socket:
     return listener
 
 
+_SYSTEMD = ("/lib/systemd/systemd", "/usr/lib/systemd/systemd")
+
+
+def _exec_systemd(path: str, cfg: Mapping[str, Any]) -> None:
+    """Become systemd (in PID 1, after the agent was forked): no host descriptor is left,
+    stdout and stderr are the guest's console, signals are back to their defaults."""
+    try:
+        console = os.open("/dev/console", os.O_WRONLY | os.O_APPEND | os.O_NOCTTY)
+        os.dup2(console, 1)
+        os.dup2(console, 2)
+        rootfs.close_fds_except([])
+        for sig in (*_RESET_SIGNALS, signal.SIGPIPE):
+            signal.signal(sig, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_SETMASK, ())
+        _commands_score(cfg.get("oom") or {})
+        env = {"container": "vmenv", "PATH": DEFAULT_PATH, "LANG": "C.UTF-8"}
+        if cfg.get("machine_id"):
+            env["container_uuid"] = str(cfg["machine_id"])
+        os.execve(path, [path], env)
+    except BaseException as exc:  # noqa: BLE001 - PID 1 must never return into the agent's code
+        with contextlib.suppress(OSError):
+            os.write(2, f"vmenv: cannot exec {path}: {exc}\n".encode())
+    os._exit(127)
+
+
+def _commands_score(state: Mapping[str, Any]) -> None:
+    """Give PID 1 (about to be systemd) the OOM score of commands, and with it the floor:
+    systemd and every service it starts are no harder to kill than a command, and guest
+    root cannot lower them (see :mod:`.oom`). Shielded, PID 1 still holds CAP_SYS_RESOURCE
+    for this write; it leaves with the exec (it is not in the bounding set)."""
+    if state.get("shielded"):
+        with open("/proc/self/oom_score_adj", "wb") as f:
+            f.write(b"%d" % int(state.get("base", 0)))
+
+
+def _fork_agent(cfg: Mapping[str, Any]) -> None:
+    """For a systemd guest: fork the agent (which returns here) and exec systemd in PID 1."""
+    path = next((p for p in _SYSTEMD if os.path.isfile(p)), None)
+    if path is None:
+        raise OSError(
+            "init='systemd', but the image has no /lib/systemd/systemd: install systemd-sysv "
+            "in it, or use init='none'"
+        )
+    if os.fork() != 0:
+        _exec_systemd(path, cfg)
+    if os.getpid() != rootfs.AGENT_PID:  # the filter protects that pid, and only that one
+        raise OSError(f"the agent is pid {os.getpid()}, not {rootfs.AGENT_PID}")
+    _sys.set_comm("vmenv-agent")
+
+
 def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
     """Become the guest: build the root, report ready (or the error), serve until EOF."""
     ctl = socket.socket(fileno=ctl_fd)
@@ -387,6 +449,8 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
         os.close(null)
         os.close(console)
         rootfs.build_root(cfg)
+        if cfg.get("init") == "systemd":
+            _fork_agent(cfg)  # PID 1 becomes systemd; the agent goes on here
         shield = oom.Shield(cfg.get("oom"))  # while /proc/self is still ours to open
         _sys.prctl(_PR_SET_DUMPABLE, 0)  # no ptrace, /proc/1/fd or pidfd_getfd from the guest
         os.environ.clear()

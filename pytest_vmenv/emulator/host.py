@@ -25,6 +25,7 @@ import signal
 import socket
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,7 +33,7 @@ from typing import Any
 from ..backend import process_start
 from . import console, disk, userns, wire
 from .cgroups import DEFAULT_PIDS_MAX, Cgroups, GuestGroups
-from .control import Conn
+from .control import CommandTimedOut, Conn
 from .spawner import Zygote
 
 __all__ = [
@@ -43,6 +44,7 @@ __all__ = [
     "read_meta",
     "start_guest",
     "stop_guest",
+    "wait_systemd",
 ]
 
 _SOCK_MAX = 100  # sun_path is 108 bytes; longer paths go through /proc/self/fd
@@ -74,6 +76,7 @@ class Guest:
     zygote: int = 0
     kept: bool = False
     attached: bool = False  # another process's guest we only talk to (via ctl.sock)
+    init: str = "none"  # "systemd": PID 1 is systemd, commands go to its agent (see .guest)
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -235,6 +238,11 @@ def start_guest(
         guest.groups, more = cgroups.create(guest.id, memory, cpus, pids)
         problems.extend(more)
         guest.save()
+        if guest.init == "systemd" and guest.groups.v2 is None:  # it manages its v2 leaf
+            raise OSError(
+                "init='systemd' needs a cgroup v2 hierarchy for the guest (cgroup2 mounted at "
+                "/sys/fs/cgroup or /sys/fs/cgroup/unified); none is usable here"
+            )
 
     if guest.disk is not None and rootless:
         problems.append(
@@ -266,6 +274,8 @@ def start_guest(
         cfg["userns"] = [os.getuid(), os.getgid()]
         if nproc is not None:
             cfg["nproc"] = nproc
+    if guest.init == "systemd":
+        cfg.update(init="systemd", machine_id=uuid.uuid4().hex)
     mine, theirs = wire.socketpair()
     try:
         guest.keeper = zygote.spawn(cfg, [], theirs.fileno(), meanwhile=make_groups)
@@ -291,18 +301,64 @@ def start_guest(
     return problems
 
 
+_BOOTED = ("running", "degraded")
+
+
+def wait_systemd(guest: Guest, timeout: float) -> str:
+    """Wait until systemd in ``guest`` has booted: ``systemctl is-system-running --wait``
+    says ``running`` or ``degraded`` (returned; the failed units of a degraded boot are noted
+    in ``boot.log``). Asked again while systemd is not up yet to answer at all. TimeoutError
+    after ``timeout``; OSError if systemd went to ``maintenance`` or ``stopping``.
+    """
+    assert guest.conn is not None
+    started = time.monotonic()
+    deadline = started + timeout
+    state = ""
+    while state not in _BOOTED:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(
+                f"systemd in guest {guest.name!r} did not finish booting within {timeout:g}s "
+                f"(systemctl is-system-running: {state or 'no answer'})"
+            )
+        try:
+            _code, out, _err = guest.conn.execute(
+                ["systemctl", "is-system-running", "--wait"],
+                input=None, env=None, user=None, timeout=left,
+            )  # fmt: skip
+        except CommandTimedOut:
+            continue
+        state = out.value().decode("utf-8", "replace").strip()
+        if state in ("maintenance", "stopping"):
+            raise OSError(f"systemd in guest {guest.name!r} is in state {state!r}, not booted")
+        if state not in _BOOTED:
+            time.sleep(0.005)
+    note = f"vmenv: systemd is {state} after {time.monotonic() - started:.2f}s\n"
+    if state == "degraded":
+        _code, out, _err = guest.conn.execute(
+            ["systemctl", "--failed", "--no-legend", "--plain"],
+            input=None, env=None, user=None, timeout=10,
+        )  # fmt: skip
+        note += "vmenv: failed units: " + out.value().decode("utf-8", "replace").strip() + "\n"
+    with open(guest.dir / "boot.log", "a", encoding="utf-8") as f:
+        f.write(note)
+    return state
+
+
 def stop_guest(guest: Guest, timeout: float = 5.0) -> None:
     """Kill every process of the guest and remove its cgroups (not its dir).
 
     Our own guest that is not kept gets the fast path: closing its control socket makes PID 1
-    exit (the kernel then kills its PID namespace). Everything else, and anything still
-    running after 0.5 s, is killed: ``cgroup.kill`` (or SIGKILL to every listed pid) plus
-    SIGKILL through verified pidfds of PID 1 and its keeper (the keeper may not have joined
-    the cgroups yet in a half-created guest). Done means every pidfd reported the exit and
-    every cgroup could be removed (an ``rmdir`` of a group with tasks fails, and is retried
-    with more kills until ``timeout``).
+    exit (the kernel then kills its PID namespace); a systemd guest's PID 1 is killed at once.
+    Everything else, and anything still running after 0.5 s, is killed: ``cgroup.kill`` (or
+    SIGKILL to every listed pid) plus SIGKILL through verified pidfds of PID 1 and its keeper
+    (the keeper may not have joined the cgroups yet in a half-created guest). Done means every
+    pidfd reported the exit and every cgroup could be removed (an ``rmdir`` of a group with
+    tasks fails, and is retried with more kills until ``timeout``).
     """
-    graceful = guest.conn is not None and not guest.kept and not guest.attached
+    graceful = (
+        guest.conn is not None and not guest.kept and not guest.attached and guest.init != "systemd"
+    )  # systemd stays when its agent goes: it is killed at once
     if guest.conn is not None:
         guest.conn.close()
         guest.conn = None

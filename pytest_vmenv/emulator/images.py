@@ -1,5 +1,8 @@
 """Images: what a guest's bottom layers are, and how a tarball becomes a rootfs safely.
 
+* a recipe (``"debian-12"``, ``[images.NAME] base = ...``): the tree built from the Debian
+  archive, shared by every backend (``<state>/images/<key>/rootfs``, see
+  :mod:`pytest_vmenv.images`), used as the bottom layer as it is;
 * ``"host"``: a read-only view of the host's ``/`` (:data:`rootfs.HOST_BASE`, mounted per
   guest), under a *mask layer* of opaque directories so that the host's ``/tmp``, ``/run``,
   home directories and pytest-vmenv's state dirs look empty (and stay writable in the
@@ -380,7 +383,8 @@ def is_host(spec_image: str, image_config: Mapping[str, Any]) -> bool:
 def base_stack(
     spec_image: str, image_config: Mapping[str, Any], emu_dir: Path, state: Path
 ) -> list[str]:
-    """The bottom of a guest's layer stack (top first) for an image."""
+    """The bottom of a guest's layer stack (top first) for an image (a recipe's is its built
+    tree: see :meth:`pytest_vmenv.images.ImageCache.using`)."""
     rootfs = image_config.get("rootfs")
     if is_host(spec_image, image_config):
         if userns.rootless():
@@ -393,9 +397,9 @@ def base_stack(
         return [str(unpack_tarball(candidate.resolve(), emu_dir))]
     raise ConfigError(
         f"emulator: image {spec_image!r} (rootfs={rootfs!r}) is neither 'host', a rootfs "
-        f"directory nor a tarball ({', '.join(_TAR_SUFFIXES)}). Choose one of: 'host', a path "
-        "to a rootfs directory or tarball, or [tool.vmenv.images.NAME] emulator = "
-        "{ rootfs = PATH }"
+        f"directory nor a tarball ({', '.join(_TAR_SUFFIXES)}). Choose one of: 'host', "
+        "'debian-12', a path to a rootfs directory or tarball, or [tool.vmenv.images.NAME] "
+        "emulator = { rootfs = PATH }"
     )
 
 

@@ -22,6 +22,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import os
 import re
 import subprocess
 import time
@@ -41,12 +42,15 @@ if TYPE_CHECKING:
     from .host import Guest
 
 __all__ = [
+    "CACHES_LOCK",
     "MAX_DEPTH",
     "build_lock",
+    "caches_lock",
     "commit",
     "live_snapshot",
     "listing",
     "load",
+    "lock_path",
     "provision",
     "remove",
     "stack_of",
@@ -62,13 +66,49 @@ def _dirname(key: str) -> str:
     return "tpl-" + hashlib.sha256(key.encode()).hexdigest()[:32]
 
 
+CACHES_LOCK = "caches.lock"
+"""``<state>/emulator/caches.lock``: every build holds it shared; removing caches, exclusive."""
+
+
+@contextlib.contextmanager
+def caches_lock(emu_dir: Path, *, exclusive: bool = False) -> Iterator[bool]:
+    """The emulator's state-wide caches lock (``flock`` on :data:`CACHES_LOCK`).
+
+    Shared: waits for it, and yields True; every template build holds it so for its whole
+    length (base image unpack and host mask included, see :func:`build_lock`). Exclusive:
+    does not wait; yields whether it was taken. While it is held exclusive no build runs
+    and none starts, so what is on disk may be removed, a build's lock files included.
+    """
+    emu_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(emu_dir / CACHES_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, (fcntl.LOCK_EX | fcntl.LOCK_NB) if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
+
+
+def lock_path(final: Path) -> Path:
+    """The build lock file of a template layer dir (``layers/.tpl-KEY.lock``)."""
+    return final.parent / f".{final.name}.lock"
+
+
 @contextlib.contextmanager
 def build_lock(emu_dir: Path, key: str) -> Iterator[Path]:
-    """Serialize builds of one key (threads and processes); yields the layer's final dir."""
+    """Serialize builds of one key (threads and processes); yields the layer's final dir.
+
+    The caches lock is taken shared first and held throughout, so ``vmenv images rm``
+    never removes what a build is using, and no one holds or opens a key's lock file while
+    it holds the caches lock exclusive (when it may delete that file).
+    """
     root = emu_dir / "layers"
     root.mkdir(parents=True, exist_ok=True)
     final = root / _dirname(key)
-    with open(root / f".{final.name}.lock", "w") as lock:
+    with caches_lock(emu_dir), open(lock_path(final), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield final
 

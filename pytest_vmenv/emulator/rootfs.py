@@ -21,7 +21,10 @@ from typing import Any
 
 from . import _sys, seccomp
 
-__all__ = ["DOCKER_CAPS", "HOST_BASE", "build_root"]
+__all__ = ["AGENT_PID", "DOCKER_CAPS", "HOST_BASE", "build_root"]
+
+AGENT_PID = 2
+"""A systemd guest's agent: PID 1's first child (see :mod:`.guest`), protected by the filter."""
 
 HOST_BASE = "@host"
 """Stack entry meaning "a read-only view of the host's /" (mounted per guest)."""
@@ -159,6 +162,22 @@ def _mount_proc_sys(root: str, userns: bool) -> None:
             _sys.mount("tmpfs", path, "tmpfs", _sys.MS_RDONLY, "size=0")
 
 
+def _mount_systemd(root: str) -> None:
+    """What systemd as PID 1 needs of its container (systemd.io/CONTAINER_INTERFACE): ``/run``
+    and ``/run/lock`` as tmpfs, the guest's own cgroup v2 subtree writable at
+    ``/sys/fs/cgroup`` (the cgroup namespace's root: nothing above it is visible), and
+    ``console-getty.service`` masked (``/dev/console`` is a log file, not a terminal)."""
+    _real_dir(f"{root}/run")
+    _sys.mount("tmpfs", f"{root}/run", "tmpfs", _sys.MS_NOSUID | _sys.MS_NODEV, "mode=755,size=10%")
+    os.mkdir(f"{root}/run/lock", 0o1777)
+    _sys.mount(
+        "tmpfs", f"{root}/run/lock", "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=5242880"
+    )
+    os.makedirs(f"{root}/run/systemd/system", 0o755)
+    os.symlink("/dev/null", f"{root}/run/systemd/system/console-getty.service")
+    _sys.mount("cgroup2", f"{root}/sys/fs/cgroup", "cgroup2", _NOSUID_NODEV_NOEXEC)
+
+
 def build_root(cfg: Mapping[str, Any]) -> None:
     """Mount the guest's root from ``cfg`` and make it ``/`` (then drop capabilities).
 
@@ -169,7 +188,9 @@ def build_root(cfg: Mapping[str, Any]) -> None:
     ``console`` (file bound on ``/dev/console``), ``userns`` (``[uid, gid]`` when PID 1 is in
     the unprivileged mode's user namespace, see :mod:`.userns`; absent as root), ``oom``
     (see :mod:`.oom`: when ``shielded``, PID 1 keeps CAP_SYS_RESOURCE for itself, outside
-    the bounding set, to move its ``oom_score_adj`` around each spawn).
+    the bounding set, to move its ``oom_score_adj`` around each spawn), ``init``
+    (``"systemd"``: also the mounts systemd needs, see :func:`_mount_systemd`, and the
+    filter's protection of its agent, see :mod:`.seccomp`).
     """
     _sys.mount("none", "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
     root = f"{cfg['gdir']}/root"
@@ -177,6 +198,8 @@ def build_root(cfg: Mapping[str, Any]) -> None:
     userns = cfg.get("userns") is not None
     _mount_dev(root, cfg["console"], userns)
     _mount_proc_sys(root, userns)
+    if cfg.get("init") == "systemd":
+        _mount_systemd(root)
     for rel in ("tmp", "run"):
         path = f"{root}/{rel}"
         if not os.path.lexists(path):
@@ -187,7 +210,8 @@ def build_root(cfg: Mapping[str, Any]) -> None:
     _sys.pivot_root(".", ".")
     _sys.umount2(".", _sys.MNT_DETACH)
     os.chdir("/")
-    seccomp.install()  # while CAP_SYS_ADMIN is still held: no no_new_privs, so sudo works
+    agent = AGENT_PID if cfg.get("init") == "systemd" else None
+    seccomp.install(agent)  # while CAP_SYS_ADMIN is still held: no no_new_privs, so sudo works
     shielded = bool((cfg.get("oom") or {}).get("shielded"))
     _sys.drop_capabilities(DOCKER_CAPS, frozenset({CAP_SYS_RESOURCE} if shielded else ()))
 

@@ -17,6 +17,12 @@ sees). These are answered with EPERM. As in Docker's default profile, and for th
   could no longer serve the host.
   Inside the guest's PID namespace only pid 1 names it.
 
+* **a systemd guest's agent is left alone** (``program(agent=2)``, see :mod:`.guest`): the
+  process that serves the host beside systemd is pid 2, not PID 1, so the kernel's
+  protection of an init does not cover it. Signals aimed at it (``kill``, ``tkill``,
+  ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo``), a pidfd of it (``pidfd_open``,
+  the way to ``pidfd_send_signal``) and new limits for it (``prlimit64``) fail with EPERM.
+
 PID 1 installs this filter (inherited by everything it starts) while it still holds
 CAP_SYS_ADMIN, so ``no_new_privs`` is *not* needed: setuid programs (``sudo``) keep working.
 
@@ -64,6 +70,15 @@ NO_NEW_USERNS: dict[str, tuple[int, int]] = {"unshare": (272, 310), "clone": (56
 CLONE3 = (435, 435)
 # EPERM when the first argument (the pid) is 1 and the third (the new limit) is not NULL
 NOT_FOR_PID1: dict[str, tuple[int, int]] = {"prlimit64": (302, 340)}
+# with an agent: EPERM when the first argument (a pid or tgid) is the agent's
+NOT_FOR_AGENT: dict[str, tuple[int, int]] = {
+    "kill": (62, 37),
+    "tkill": (200, 238),
+    "tgkill": (234, 270),
+    "rt_sigqueueinfo": (129, 178),
+    "rt_tgsigqueueinfo": (297, 335),
+    "pidfd_open": (434, 434),
+}
 
 _CLONE_NEWUSER = 0x10000000
 _AUDIT_ARCH_X86_64 = 0xC000003E
@@ -82,38 +97,49 @@ _PR_SET_SECCOMP = 22
 _SECCOMP_MODE_FILTER = 2
 
 
-def _abi(ins: list[tuple[int, str | int, str | int, int]], abi: int) -> None:
+def _abi(ins: list[tuple[int, str | int, str | int, int]], abi: int, agent: int | None) -> None:
     """The checks of one ABI (0: x86_64, 1: i386), the syscall number loaded in A."""
     ins.append((_JEQ_K, "enosys", 0, CLONE3[abi]))
     ins += [(_JEQ_K, "flags", 0, nrs[abi]) for nrs in NO_NEW_USERNS.values()]
     ins += [(_JEQ_K, "pid", 0, nrs[abi]) for nrs in NOT_FOR_PID1.values()]
+    if agent is not None:
+        ins += [(_JEQ_K, "agent", 0, nrs[abi]) for nrs in NOT_FOR_AGENT.values()]
     numbers = {nrs[abi] for nrs in BLOCKED.values()}
     ins += [(_JEQ_K, "deny", 0, nr) for nr in sorted(n for n in numbers if n is not None)]
 
 
-def program() -> list[tuple[int, int, int, int]]:
-    """The filter as (code, jt, jf, k) instructions."""
+def program(agent: int | None = None) -> list[tuple[int, int, int, int]]:
+    """The filter as (code, jt, jf, k) instructions; ``agent``: the pid of a systemd
+    guest's agent, protected like PID 1 and from signals (see the module docstring)."""
     ins: list[tuple[int, str | int, str | int, int]] = []
     labels: dict[str, int] = {}
     ins.append((_LD_W_ABS, 0, 0, _OFF_ARCH))
     ins.append((_JEQ_K, 0, "not64", _AUDIT_ARCH_X86_64))
     ins.append((_LD_W_ABS, 0, 0, _OFF_NR))
     ins.append((_JGE_K, "deny", 0, _X32_SYSCALL_BIT))
-    _abi(ins, 0)
+    _abi(ins, 0, agent)
     ins.append((_RET_K, 0, 0, _RET_ALLOW))
     labels["not64"] = len(ins)
     ins.append((_JEQ_K, 0, "allow", _AUDIT_ARCH_I386))
     ins.append((_LD_W_ABS, 0, 0, _OFF_NR))
-    _abi(ins, 1)
+    _abi(ins, 1, agent)
     labels["allow"] = len(ins)
     ins.append((_RET_K, 0, 0, _RET_ALLOW))
     labels["flags"] = len(ins)
     ins.append((_LD_W_ABS, 0, 0, _OFF_ARG0))
     ins.append((_JSET_K, "deny", 0, _CLONE_NEWUSER))
     ins.append((_RET_K, 0, 0, _RET_ALLOW))
+    if agent is not None:
+        labels["agent"] = len(ins)
+        ins.append((_LD_W_ABS, 0, 0, _OFF_ARG0))  # pid_t: the kernel reads the low word only
+        ins.append((_JEQ_K, "deny", 0, agent))
+        ins.append((_RET_K, 0, 0, _RET_ALLOW))
     labels["pid"] = len(ins)
     ins.append((_LD_W_ABS, 0, 0, _OFF_ARG0))  # pid_t: the kernel reads the low word only
+    if agent is not None:
+        ins.append((_JEQ_K, "limit", 0, agent))
     ins.append((_JEQ_K, 0, "other", 1))
+    labels["limit"] = len(ins)
     ins.append((_LD_W_ABS, 0, 0, _OFF_ARG2))  # new limit: reading PID 1's stays allowed
     ins.append((_JEQ_K, 0, "deny", 0))
     ins.append((_LD_W_ABS, 0, 0, _OFF_ARG2 + 4))
@@ -139,11 +165,11 @@ class _Fprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def install() -> bool:
+def install(agent: int | None = None) -> bool:
     """Install the filter on the calling thread (needs CAP_SYS_ADMIN); False if unsupported."""
     if not SUPPORTED:
         return False
-    raw = b"".join(struct.pack("HBBI", *insn) for insn in program())
+    raw = b"".join(struct.pack("HBBI", *insn) for insn in program(agent))
     buf = ctypes.create_string_buffer(raw, len(raw))
     prog = _Fprog(len(raw) // 8, ctypes.cast(buf, ctypes.c_void_p))
     res = _sys.libc().prctl(

@@ -606,3 +606,43 @@ def test_pid1_follows_no_magic_link_as_nobody(area: Area, nobody: Runner) -> Non
     out = json.loads(res.stdout.strip().splitlines()[-1])
     assert "refused" in out["copy_in"] and out["log_kept"], out
     assert out["env_secret"] is False, out
+
+
+def _has_subids(user: str) -> bool:
+    for name in ("/etc/subuid", "/etc/subgid"):
+        try:
+            lines = Path(name).read_text().splitlines()
+        except OSError:
+            return False
+        if not any(ln.split(":")[0] in (user, str(NOBODY)) for ln in lines):
+            return False
+    return True
+
+
+def test_debian_images_as_nobody_say_what_is_missing(area: Area, nobody: Runner) -> None:
+    """Unprivileged, a Debian image machine is refused with its reason (one line, not a
+    traceback), and ``vmenv images build`` names the subordinate ids it lacks and the fix."""
+    _need_userns(nobody)
+    if shutil.which("mmdebstrap") is None or shutil.which("newuidmap") is None:
+        pytest.skip("mmdebstrap and uidmap are not installed")
+    if _has_subids("nobody"):
+        pytest.skip("user nobody has subordinate ids here")
+    built = nobody.run(["python", "-m", "pytest_vmenv", "images", "build", "debian-12"], 120)
+    assert built.returncode == 1, built.stdout + built.stderr
+    assert "needs subordinate ids for user nobody (uid 65534)" in built.stderr, built.stderr
+    assert "/etc/subuid and /etc/subgid give none" in built.stderr
+    assert "usermod --add-subuids 100000-165535 --add-subgids 100000-165535 nobody" in (
+        built.stderr
+    )
+    assert not (area.state / "images").exists() or not any((area.state / "images").iterdir())
+    suite = area.home / "test_debian_nobody.py"
+    suite.write_text(
+        "import pytest\n\n"
+        '@pytest.mark.vm("debian-12", packages=["cron"])\n'
+        "def test_deb(vm):\n    pass\n"
+    )
+    os.chown(suite, NOBODY, NOBODY)
+    res = _pytest_as_nobody(area, nobody, suite, "--rootdir", str(area.home))
+    line = next(ln for ln in res.stdout.splitlines() if "test_debian_nobody.py::test_deb:" in ln)
+    assert "cannot be made here: Debian images need root for now" in line, res.stdout
+    assert list(_error_sections(res.stdout).values()) == [[line]], res.stdout

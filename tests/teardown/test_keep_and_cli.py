@@ -230,7 +230,9 @@ def test_kept_machine_keeps_its_template_until_gc_removes_both(
         templates = sorted(layers.glob("tpl-*"))
         assert len(templates) == 1, templates
         assert (templates[0] / "fs" / "var" / "tmp" / "provisioned").read_text() == "provisioned\n"
-        assert "nothing to remove" in vmenv("gc").stdout  # plain gc spares both
+        spared = vmenv("gc").stdout  # plain gc spares both
+        assert spared.startswith("left emulator template "), spared
+        assert f"in use: machine prov ({machine_id})" in spared and "remove" not in spared
         assert templates[0].is_dir()
     finally:
         gc = vmenv("gc", "--all")

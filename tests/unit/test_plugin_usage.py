@@ -45,7 +45,7 @@ def test_bad_values_all_reported(pytester: pytest.Pytester) -> None:
         "*::test_memory: @pytest.mark.vm: memory='12Q' is not a size*",
         "*::test_backend: @pytest.mark.vm: backend='xen' is not installed. Choose one of:*",
         "*::test_image: @pytest.mark.vm: unknown image 'no-such-image' for backend 'emulator'. "
-        "Choose one of: host*",
+        "Choose one of: debian-12, host*",
     )
 
 

@@ -1,11 +1,11 @@
 """Fixtures for the vSphere tests: a running vcsim, a base template in it, simulated guests.
 
-vcsim is started by ``eval "$(bash .ci/vsphere.sh start)"`` (built from Debian's govmomi
-source, run as ``nobody`` on 127.0.0.1), which exports ``GOVC_URL``, ``VMENV_VCSIM_CA`` and
-``VMENV_VCSIM_BIN``. When a collected test needs vcsim and ``GOVC_URL`` is unset or nothing
-answers there (a simulator that was stopped), the run stops before any test with one line
-saying so and how to start it: these tests exist to run against the real simulator, so they
-are never skipped.
+vcsim is started by ``exports=$(bash .ci/vsphere.sh start) && eval "$exports"`` (built from
+Debian's govmomi source, run as ``nobody`` on 127.0.0.1), which exports ``GOVC_URL``,
+``VMENV_VCSIM_CA`` and ``VMENV_VCSIM_BIN``. When a collected test needs vcsim and
+``GOVC_URL`` is unset or nothing answers there (a simulator that was stopped), the run stops
+before any test with one line saying so and how to start it: these tests exist to run against
+the real simulator, so they are never skipped.
 """
 
 from __future__ import annotations
@@ -35,7 +35,10 @@ from pytest_vmenv.spec import MachineSpec
 VCSIM_BIN = Path(os.environ.get("VMENV_VCSIM_BIN", "/var/lib/vmenv-vcsim/vcsim"))
 VCSIM_DIR = VCSIM_BIN.parent
 BASE = "vmenv-base"
-START = 'start it with `eval "$(bash .ci/vsphere.sh start)"` from the repository root'
+START = (
+    'start it with `exports=$(bash .ci/vsphere.sh start) && eval "$exports"`'
+    " from the repository root"
+)
 
 
 def vcsim_problem(env: Mapping[str, str]) -> str | None:

@@ -1,0 +1,207 @@
+"""Build one image tree with ``mmdebstrap``, publishing its progress as it goes.
+
+``mmdebstrap --variant=minbase --include=...`` into a fresh directory: ``--mode=root`` as
+root, ``--mode=unshare`` otherwise (a user namespace with the subordinate ids of
+``/etc/subuid``/``/etc/subgid``, through ``newuidmap``). The host-specific files mmdebstrap
+copies in (``/etc/hostname``, ``/etc/resolv.conf``) are emptied by customize hooks, so a tree
+depends on its recipe and archive only. The builder's output is kept in the build's log;
+its ``I:`` lines are the steps shown while it runs.
+
+A build never outlives the thread that started it, nor leaves mounts behind: the builder runs
+under ``setpriv --pdeathsig KILL``, and as root inside ``unshare --mount --propagation private
+--pid --fork --kill-child`` (``--mode=root`` mounts ``/proc``, ``/sys`` and ``/dev/pts`` in the
+tree while it installs; in a private mount namespace they vanish with it, and the PID
+namespace takes apt and dpkg down with mmdebstrap).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import selectors
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from ..errors import ConfigError, ProvisionError
+from .progress import BuildEvent, publish
+from .recipe import Recipe
+
+__all__ = ["BUILD_TIMEOUT", "build_tree", "builder_problem", "mmdebstrap_argv"]
+
+BUILD_TIMEOUT = 1800.0
+"""Seconds a build may take before it is killed."""
+
+_HOOKS = ('rm -f "$1/etc/hostname"', ': > "$1/etc/resolv.conf"')
+_STEP = re.compile(r"^I: (.+?)(?:\.\.\.)?$")
+_MISSING = re.compile(
+    r"^E: (?:Unable to locate package (\S+)|Package '?(\S+?)'? has no installation candidate)"
+)
+
+
+def _subids(path: Path, user: str, uid: int) -> bool:
+    """Whether ``path`` gives ``user`` (by name or uid) a range of at least 65536 ids."""
+    try:
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+    except OSError:
+        return False
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in (user, str(uid)) and parts[2].isdigit():
+            return int(parts[2]) >= 65536
+    return False
+
+
+def builder_problem(etc: Path = Path("/etc")) -> str | None:
+    """Why images cannot be built here (and what to do), or None if they can."""
+    if shutil.which("mmdebstrap") is None:
+        return (
+            "Debian images are built with mmdebstrap, which is not installed: "
+            "apt-get install --no-install-recommends mmdebstrap"
+        )
+    if os.geteuid() == 0:
+        return None
+    if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
+        return (
+            "building a Debian image unprivileged (mmdebstrap --mode=unshare) needs newuidmap "
+            "and newgidmap: apt-get install --no-install-recommends uidmap, or run as root"
+        )
+    uid = os.geteuid()
+    try:
+        import pwd
+
+        user = pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        user = str(uid)
+    missing = [f for f in ("subuid", "subgid") if not _subids(etc / f, user, uid)]
+    if missing:
+        files = " and ".join(f"{etc}/{f}" for f in missing)
+        return (
+            f"building a Debian image unprivileged (mmdebstrap --mode=unshare) needs "
+            f"subordinate ids for user {user} (uid {uid}), and {files} give none (at least "
+            f"65536 are needed): as root, run `usermod --add-subuids 100000-165535 "
+            f"--add-subgids 100000-165535 {user}`, or run as root"
+        )
+    return None
+
+
+def mmdebstrap_argv(recipe: Recipe, mirrors: Sequence[str], target: Path) -> list[str]:
+    """The builder's command line for ``recipe`` into the (not yet existing) ``target``."""
+    argv = [
+        "mmdebstrap",
+        f"--mode={'root' if os.geteuid() == 0 else 'unshare'}",
+        "--variant=minbase",
+        "--format=directory",
+    ]
+    includes = recipe.includes()
+    if includes:
+        argv.append(f"--include={','.join(includes)}")
+    argv += [f"--customize-hook={hook}" for hook in _HOOKS]
+    return [*_confined(), *argv, "--", recipe.suite, str(target), *mirrors]
+
+
+def _confined() -> list[str]:
+    """The wrapper that ties a build's life and mounts to its caller (module docstring)."""
+    prefix = []
+    if shutil.which("setpriv"):
+        prefix += ["setpriv", "--pdeathsig", "KILL", "--"]
+    if os.geteuid() == 0 and shutil.which("unshare"):
+        prefix += ["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
+                   "--kill-child", "--"]  # fmt: skip
+    return prefix
+
+
+def _step(text: str) -> str:
+    """A step as shown: ``running --customize-hook in shell: sh -c '...'`` is ``running
+    --customize-hook``; at most 80 characters."""
+    return re.sub(r"^(running --[a-z-]+).*", r"\1", text)[:80]
+
+
+def _kill(proc: subprocess.Popen[bytes]) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+
+
+def build_tree(
+    recipe: Recipe, key: str, mirrors: Sequence[str], target: Path, log_path: Path
+) -> None:
+    """Run mmdebstrap for ``recipe`` into ``target``, its output into ``log_path``.
+
+    Publishes progress (see :mod:`.progress`); raises ConfigError for a package the archive
+    does not have, ProvisionError (with the log's tail) for any other failure. ``target``'s
+    parent is the build's scratch dir (its ``tmp`` is the builder's TMPDIR).
+    """
+    started = time.monotonic()
+    image = recipe.describe()
+    tmp = target.parent / "tmp"
+    tmp.mkdir(exist_ok=True)
+    env = {**os.environ, "LC_ALL": "C.UTF-8", "TMPDIR": str(tmp)}
+    step = "starting mmdebstrap"
+    publish(BuildEvent(image, key, "building", step, 0.0))
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(
+            mmdebstrap_argv(recipe, mirrors, target),
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd="/",
+            start_new_session=True,
+        )
+        assert proc.stdout is not None
+        missing: list[str] = []
+        pending = b""
+        try:
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.stdout, selectors.EVENT_READ)
+                while True:
+                    elapsed = time.monotonic() - started
+                    if elapsed > BUILD_TIMEOUT:
+                        raise ProvisionError(
+                            f"building image {image} took longer than {BUILD_TIMEOUT:g}s; killed"
+                        )
+                    if not sel.select(timeout=1.0):
+                        publish(BuildEvent(image, key, "building", step, elapsed, tick=True))
+                        continue
+                    chunk = os.read(proc.stdout.fileno(), 65536)
+                    if not chunk:
+                        break
+                    log.write(chunk)
+                    log.flush()
+                    *lines, pending = (pending + chunk).split(b"\n")
+                    for raw in lines:
+                        text = raw.decode("utf-8", "replace").strip()
+                        found = _MISSING.match(text)
+                        if found:
+                            missing.append(found.group(1) or found.group(2))
+                        match = _STEP.match(text)
+                        if match and _step(match.group(1)) != step:
+                            step = _step(match.group(1))
+                            publish(BuildEvent(image, key, "building", step, elapsed))
+            code = proc.wait()
+        except BaseException:
+            _kill(proc)
+            publish(BuildEvent(image, key, "failed", "interrupted", time.monotonic() - started))
+            raise
+        finally:
+            proc.stdout.close()
+    elapsed = time.monotonic() - started
+    if code == 0:
+        return
+    publish(BuildEvent(image, key, "failed", f"mmdebstrap exited with {code}", elapsed))
+    if missing:
+        names = ", ".join(repr(m) for m in dict.fromkeys(missing))
+        raise ConfigError(
+            f"image {image}: the archive has no package {names} for {recipe.suite} "
+            f"(mirrors: {'; '.join(mirrors)}); check the name in packages="
+        )
+    tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-20:]
+    raise ProvisionError(
+        f"building image {image} with mmdebstrap failed (exit {code}):\n"
+        + "\n".join("    " + line for line in tail)
+    )
