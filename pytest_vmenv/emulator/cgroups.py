@@ -18,8 +18,8 @@ and on v2 ``cgroup.max.descendants``) are written on ``<id>``, one level *above*
 the leaf's own limit files, which a guest with a cgroupfs mount can write, bound nothing more
 than ``<id>`` does (every limit is hierarchical). That is what the ``nsdelegate`` mount option
 gives on v2 (the guest writes only inside its own subtree) without needing it: only the
-host's own cgroup2 mount can set it. On v2 the controllers that ``<id>`` has are enabled for
-the leaf too, so an init in the guest (systemd) can use them below its root.
+host's own cgroup2 mount can set it. No controller is enabled below ``<id>`` on v2: the
+leaf has no controller files, and an init in the guest (systemd) runs without them.
 
 ``<base>`` is this process's own group, except in a v2 hierarchy with domain controllers to
 use: a group with processes in it (pytest's) cannot enable controllers for its children, so
@@ -533,9 +533,6 @@ class Cgroups:
                 problems.append(f"cannot create cgroup group {d}: {exc.strerror}")
                 continue
             try:
-                if h.v2 and self.v2_controllers:  # the guest's own init may use them
-                    enable = " ".join(f"+{c}" for c in sorted(self.v2_controllers))
-                    _write(d / "cgroup.subtree_control", enable)
                 (d / LEAF).mkdir()
             except OSError as exc:
                 problems.append(f"cannot create cgroup group {d / LEAF}: {exc.strerror}")
