@@ -279,10 +279,10 @@ def start_guest(
     mine, theirs = wire.socketpair()
     try:
         guest.keeper = zygote.spawn(cfg, [], theirs.fileno(), meanwhile=make_groups)
-        guest.keeper_start = process_start(guest.keeper)
+        wire.send(mine, {"op": "go", "cgroups": guest.groups.procs_files()})
+        guest.keeper_start = process_start(guest.keeper)  # while the keeper boots the guest
         guest.zygote = zygote.pid or 0
         guest.save()
-        wire.send(mine, {"op": "go", "cgroups": guest.groups.procs_files()})
     except BaseException:
         mine.close()
         raise
