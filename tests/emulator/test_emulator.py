@@ -454,3 +454,23 @@ def test_machines_on_one_network_reach_each_other_by_name(
     finally:
         backend.destroy(a)
         backend.destroy(b)
+
+
+def _rss_kib(pid: int | str) -> int:
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+        return int(f.read().split("Rss:")[1].split()[0])
+
+
+def test_zygote_carries_only_the_guest_side(backend: EmulatorBackend, g: MachineRef) -> None:
+    """Every clone forks the zygote twice; its heap must not hold pytest and the host side
+    (a bare interpreter that imported pytest alone is already bigger than it must be)."""
+    zygote = backend._spawner()[0].pid
+    assert zygote is not None
+    probe = "import os, pytest; print(os.getpid()); input()"
+    with subprocess.Popen(
+        [sys.executable, "-c", probe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as bare:
+        assert bare.stdout is not None and bare.stdin is not None
+        with_pytest = _rss_kib(bare.stdout.readline().strip())
+        bare.stdin.close()
+    assert _rss_kib(zygote) < with_pytest
