@@ -388,8 +388,14 @@ def test_destroy_is_idempotent_and_complete(
 
 
 def test_console_log(backend: EmulatorBackend, g: MachineRef) -> None:
+    """The guest's /dev/console reaches console_log(). The keeper copies it from a FIFO into
+    the log as it arrives, so the newest line may take a moment to show."""
     ok(backend, g, "echo hello-console > /dev/console")
+    deadline = time.monotonic() + 5
     log = backend.console_log(g)
+    while "hello-console" not in log and time.monotonic() < deadline:
+        time.sleep(0.02)
+        log = backend.console_log(g)
     assert "guest alpha up" in log and "hello-console" in log
 
 
