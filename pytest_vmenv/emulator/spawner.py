@@ -6,7 +6,11 @@ session (killed, OOM), the guests it forked die with it (``PR_SET_PDEATHSIG``) a
 seconds (tenacity), so a zygote that cannot start fails the clone with a clear error instead of
 looping.
 
-The zygote gets only the locale, ``PATH`` and ``PYTHON*`` variables of our environment.
+The zygote gets only the locale, ``PATH`` and ``PYTHON*`` variables of our environment, and
+imports only the modules guests run (:mod:`.zygote` and what it imports): the packages'
+``__init__`` modules, which pull in the host side and pytest, are not run in it. Every clone
+forks the zygote twice (keeper, PID 1), and a fork's cost (page tables, copy-on-write faults
+in the children) grows with the zygote's heap.
 
 A zygote that holds kept guests outlives :meth:`Zygote.close` (see :mod:`.zygote`); its
 :class:`subprocess.Popen` is parked in a module list and reaped later, so no warning about a
@@ -34,6 +38,17 @@ RESTARTS = 3
 RESTART_WINDOW = 10.0
 _PKG_PARENT = str(Path(__file__).resolve().parents[2])
 _DETACHED: list[subprocess.Popen[bytes]] = []
+# argv: the control fd, the package's dir. The two packages become bare namespaces (their
+# __init__ not run), then the zygote is imported; gc.freeze: the children's collections never
+# touch (and so never copy) the objects inherited from the zygote.
+_BOOT = """import gc, sys, types
+for name, sub in (("pytest_vmenv", ""), ("pytest_vmenv.emulator", "/emulator")):
+    pkg = sys.modules[name] = types.ModuleType(name)
+    pkg.__path__ = [sys.argv[2] + sub]
+from pytest_vmenv.emulator import zygote
+gc.freeze()
+zygote.main()
+"""
 # What the zygote inherits of our environment: no more. Every guest's PID 1 is a fork of it,
 # and a guest can make PID 1 read its own /proc/self/environ (a CI secret must not be there).
 _ENV = ("PATH", "LANG", "LANGUAGE", "TZ")
@@ -78,7 +93,7 @@ class Zygote:
         self._log.parent.mkdir(parents=True, exist_ok=True)
         with open(self._log, "ab") as log:
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "pytest_vmenv.emulator.zygote", str(theirs.fileno())],
+                [sys.executable, "-c", _BOOT, str(theirs.fileno()), f"{_PKG_PARENT}/pytest_vmenv"],
                 pass_fds=(theirs.fileno(),),
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,

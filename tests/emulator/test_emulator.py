@@ -388,8 +388,14 @@ def test_destroy_is_idempotent_and_complete(
 
 
 def test_console_log(backend: EmulatorBackend, g: MachineRef) -> None:
+    """The guest's /dev/console reaches console_log(). The keeper copies it from a FIFO into
+    the log as it arrives, so the newest line may take a moment to show."""
     ok(backend, g, "echo hello-console > /dev/console")
+    deadline = time.monotonic() + 5
     log = backend.console_log(g)
+    while "hello-console" not in log and time.monotonic() < deadline:
+        time.sleep(0.02)
+        log = backend.console_log(g)
     assert "guest alpha up" in log and "hello-console" in log
 
 
@@ -454,3 +460,23 @@ def test_machines_on_one_network_reach_each_other_by_name(
     finally:
         backend.destroy(a)
         backend.destroy(b)
+
+
+def _rss_kib(pid: int | str) -> int:
+    with open(f"/proc/{pid}/smaps_rollup", encoding="ascii") as f:
+        return int(f.read().split("Rss:")[1].split()[0])
+
+
+def test_zygote_carries_only_the_guest_side(backend: EmulatorBackend, g: MachineRef) -> None:
+    """Every clone forks the zygote twice; its heap must not hold pytest and the host side
+    (a bare interpreter that imported pytest alone is already bigger than it must be)."""
+    zygote = backend._spawner()[0].pid
+    assert zygote is not None
+    probe = "import os, pytest; print(os.getpid()); input()"
+    with subprocess.Popen(
+        [sys.executable, "-c", probe], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    ) as bare:
+        assert bare.stdout is not None and bare.stdin is not None
+        with_pytest = _rss_kib(bare.stdout.readline().strip())
+        bare.stdin.close()
+    assert _rss_kib(zygote) < with_pytest
