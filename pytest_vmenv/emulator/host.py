@@ -380,6 +380,5 @@ def stop_guest(guest: Guest, timeout: float = 5.0) -> None:
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
-    guest.groups.kill()
-    guest.groups.remove(timeout)
+    guest.groups.remove(timeout)  # kills what is still in a group it cannot remove
     guest.pid = 0
