@@ -115,6 +115,11 @@ class EmulatorBackend(EmulatorBase):
         network = root and self._net.available()
         return Capabilities(live_snapshot=False, network=network, limits=root, console_log=True)
 
+    def _delegated(self) -> bool:
+        """Unprivileged: whether delegated cgroups hold the memory and cpu limits."""
+        cgroups = self._deps(zygote=False)[1]
+        return cgroups.offers("memory") and cgroups.offers("cpu")
+
     def check(self) -> None:
         def no(reason: str) -> errors.BackendUnavailable:
             return errors.BackendUnavailable(NAME, reason)
@@ -194,10 +199,11 @@ class EmulatorBackend(EmulatorBase):
         """What the emulator cannot make here: as non-root, see :mod:`.userns`."""
         if not userns.rootless():
             return None
+        limits = "" if self._delegated() else "; memory and cpus limits are not applied"
         return (
             f"unprivileged, uid {os.geteuid()}: rootfs directory and tarball images only; "
-            "image='host' and network= need root, as do Debian images and init='systemd'; "
-            "memory and cpus limits are not applied"
+            "image='host' and network= need root, as do Debian images and init='systemd'"
+            f"{limits}"
         )
 
     def _refuse(self, spec: MachineSpec, *, template: bool) -> None:

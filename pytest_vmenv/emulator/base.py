@@ -20,7 +20,7 @@ from typing import Any, TypeVar
 from .. import errors
 from ..backend import MachineRef
 from ..paths import register
-from . import netglue, seccomp
+from . import netglue, seccomp, userns
 from .cgroups import DEFAULT_PIDS_MAX, Cgroups
 from .control import GuestDied
 from .host import Guest, connect, guest_from_meta, read_meta
@@ -134,7 +134,7 @@ class EmulatorBase:
             if self._zygote is None and zygote:
                 self._zygote = Zygote(self.emu_dir / "zygote.log")
             if self._cgroups is None:
-                self._cgroups = Cgroups()
+                self._cgroups = Cgroups(rootless=userns.rootless())
             return self._zygote, self._cgroups
 
     def _spawner(self) -> tuple[Zygote, Cgroups]:

@@ -95,7 +95,7 @@ class Guest:
             "ip": self.ip,
             "network": self.network,
             "snapshots": self.snapshots,
-            "cgroups": [str(d) for d in self.groups.dirs],
+            "cgroups": [str(d) for d in self.groups.leaves],
             "groups": self.groups.to_json(),
         }
 
@@ -224,15 +224,26 @@ def start_guest(
     guest.pid = guest.keeper = 0
     guest.save()  # labels first: a half-created guest is always found
     rootless = userns.rootless()
-    if rootless:  # no cgroups in the user-namespace mode (see .userns)
-        groups, problems = GuestGroups(), userns.limit_problems(memory, cpus)
-    else:
-        groups, problems = cgroups.create(guest.id, memory, cpus, pids)
-    guest.groups = groups
-    guest.save()
-    procs = groups.procs_files()
-    if guest.init == "systemd":
-        procs = _systemd_subtree(groups)
+    problems: list[str] = []
+    nproc = pids  # unprivileged, RLIMIT_NPROC in the guest's user namespace either way
+    if rootless:  # delegated cgroups only, and RLIMIT_NPROC (see .userns)
+        has = {c: cgroups.offers(c) for c in ("memory", "cpu", "pids")}
+        problems += userns.limit_problems(
+            None if has["memory"] else memory, None if has["cpu"] else cpus
+        )
+        memory, cpus = (memory if has["memory"] else None), (cpus if has["cpu"] else None)
+        pids = pids if has["pids"] else None
+
+    def make_groups() -> None:  # while the zygote forks the keeper, which waits for them
+        guest.groups, more = cgroups.create(guest.id, memory, cpus, pids)
+        problems.extend(more)
+        guest.save()
+        if guest.init == "systemd" and guest.groups.v2 is None:  # it manages its v2 leaf
+            raise OSError(
+                "init='systemd' needs a cgroup v2 hierarchy for the guest (cgroup2 mounted at "
+                "/sys/fs/cgroup or /sys/fs/cgroup/unified); none is usable here"
+            )
+
     if guest.disk is not None and rootless:
         problems.append(
             "the disk limit is not applied: pytest runs unprivileged and the emulator's "
@@ -248,6 +259,7 @@ def start_guest(
     prefix = f"{layers_root}/"
     stack = [s[len(prefix) :] if s.startswith(prefix) else s for s in guest.stack]
     cfg: dict[str, Any] = {
+        "go": True,
         "gdir": str(guest.dir),
         "stack": stack,
         "layers_root": str(layers_root),
@@ -260,19 +272,22 @@ def start_guest(
     }
     if rootless:
         cfg["userns"] = [os.getuid(), os.getgid()]
+        if nproc is not None:
+            cfg["nproc"] = nproc
     if guest.init == "systemd":
         cfg.update(init="systemd", machine_id=uuid.uuid4().hex)
     mine, theirs = wire.socketpair()
     try:
-        guest.keeper = zygote.spawn(cfg, procs, theirs.fileno())
+        guest.keeper = zygote.spawn(cfg, [], theirs.fileno(), meanwhile=make_groups)
+        wire.send(mine, {"op": "go", "cgroups": guest.groups.procs_files()})
+        guest.keeper_start = process_start(guest.keeper)  # while the keeper boots the guest
+        guest.zygote = zygote.pid or 0
+        guest.save()
     except BaseException:
         mine.close()
         raise
     finally:
         theirs.close()
-    guest.keeper_start = process_start(guest.keeper)
-    guest.zygote = zygote.pid or 0
-    guest.save()
     guest.conn = Conn(mine)
     if not readable(mine.fileno(), timeout):
         raise TimeoutError(f"guest {guest.name!r} was not ready within {timeout:g}s")
@@ -330,21 +345,6 @@ def wait_systemd(guest: Guest, timeout: float) -> str:
     return state
 
 
-def _systemd_subtree(groups: GuestGroups) -> list[str]:
-    """The ``cgroup.procs`` files a systemd guest's keeper joins: its v2 group is a child
-    ``guest`` of the guest's group, so the cgroup namespace systemd manages (and may write)
-    starts below the group that carries the limits."""
-    if groups.v2 is None:
-        raise OSError(
-            "init='systemd' needs a cgroup v2 hierarchy for the guest (cgroup2 mounted at "
-            "/sys/fs/cgroup or /sys/fs/cgroup/unified); none is usable here"
-        )
-    subtree = groups.v2 / "guest"
-    subtree.mkdir(exist_ok=True)
-    v2 = str(groups.v2 / "cgroup.procs")
-    return [str(subtree / "cgroup.procs") if p == v2 else p for p in groups.procs_files()]
-
-
 def stop_guest(guest: Guest, timeout: float = 5.0) -> None:
     """Kill every process of the guest and remove its cgroups (not its dir).
 
@@ -380,6 +380,5 @@ def stop_guest(guest: Guest, timeout: float = 5.0) -> None:
         for fd in fds:
             if fd >= 0:
                 os.close(fd)
-    guest.groups.kill()
-    guest.groups.remove(timeout)
+    guest.groups.remove(timeout)  # kills what is still in a group it cannot remove
     guest.pid = 0

@@ -304,8 +304,9 @@ def _copy_tree(src: Path, dst: Path) -> None:
 
 
 def _freeze(guest: Guest, frozen: bool) -> None:
-    """The cgroup freezer, or (no cgroups: the user-namespace mode) SIGSTOP from PID 1."""
-    if guest.groups.dirs or guest.conn is None:
+    """The cgroup freezer, or (none: the user-namespace mode without a delegated one)
+    SIGSTOP from PID 1."""
+    if guest.groups.can_freeze or guest.conn is None:
         guest.groups.freeze(frozen)
         return
     reply = guest.conn.request({"op": "freeze" if frozen else "thaw"})

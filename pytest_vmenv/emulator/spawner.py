@@ -24,6 +24,7 @@ import socket
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -119,7 +120,16 @@ class Zygote:
                 proc.kill()
                 proc.wait()
 
-    def _call(self, msg: dict[str, Any], fds: list[int], start: bool) -> dict[str, Any]:
+    def _call(
+        self,
+        msg: dict[str, Any],
+        fds: list[int],
+        start: bool,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> dict[str, Any]:
+        """One request and its reply; ``meanwhile`` runs between the two (the reply is read
+        even when it raises, so no stale answer is left for the next request)."""
+        failed: BaseException | None = None
         with self._lock:
             if self._proc is not None and self._proc.poll() is not None:
                 self._drop()
@@ -134,18 +144,44 @@ class Zygote:
                 sock = self._sock
             try:
                 wire.send(sock, msg, fds)
+                if meanwhile is not None:
+                    try:
+                        meanwhile()
+                    except BaseException as exc:  # noqa: BLE001 - raised below
+                        failed = exc
                 reply, _ = wire.recv(sock)
             except (BrokenPipeError, ConnectionError):
                 reply = None
             if reply is None:
                 self._drop()
+                if failed is not None:
+                    raise failed
                 raise ZygoteGone("the emulator's zygote process exited")
+        if failed is not None:
+            raise failed
         if "error" in reply:
             raise OSError(str(reply["error"]))
         return reply
 
-    def spawn(self, cfg: dict[str, Any], cgroups: list[str], ctl_fd: int) -> int:
-        """Fork a guest; returns its keeper's pid. Restarts a dead zygote (bounded)."""
+    def spawn(
+        self,
+        cfg: dict[str, Any],
+        cgroups: list[str],
+        ctl_fd: int,
+        meanwhile: Callable[[], None] | None = None,
+    ) -> int:
+        """Fork a guest; returns its keeper's pid. Restarts a dead zygote (bounded).
+
+        ``meanwhile`` runs once, while the zygote forks: the host makes the guest's cgroups
+        then, and a keeper spawned with ``cfg["go"]`` waits for them (see :mod:`.zygote`).
+        """
+        pending = [meanwhile]
+
+        def once() -> None:
+            todo, pending[0] = pending[0], None
+            if todo is not None:
+                todo()
+
         retrying = tenacity.Retrying(
             stop=tenacity.stop_after_attempt(RESTARTS) | tenacity.stop_after_delay(RESTART_WINDOW),
             retry=tenacity.retry_if_exception_type(ZygoteGone),
@@ -155,7 +191,10 @@ class Zygote:
         for attempt in retrying:
             with attempt:
                 reply = self._call(
-                    {"op": "spawn", "cfg": cfg, "cgroups": cgroups}, [ctl_fd], start=True
+                    {"op": "spawn", "cfg": cfg, "cgroups": cgroups},
+                    [ctl_fd],
+                    start=True,
+                    meanwhile=once,
                 )
         return int(reply["pid"])
 

@@ -14,10 +14,19 @@ mode, all owned by that user namespace. What changes in the guest:
   it, ``/sys`` is left an empty read-only tmpfs (never the host's ``/sys``), noted in
   ``boot.log``;
 * only root (uid 0) exists: ``user=`` another account fails with a clear message;
-* no cgroups: ``memory``/``cpus`` are not applied (warned once, :class:`.LimitNotApplied`),
-  destroy kills through PID 1 (the kernel kills its PID namespace with it), and a live
-  snapshot stops the guest's processes with SIGSTOP from its PID 1 instead of the cgroup
-  freezer;
+* cgroups only where the user has delegated ones (groups it owns, see :mod:`.cgroups`):
+  there ``memory``/``cpus``/``pids`` are applied as for root; elsewhere ``memory``/``cpus``
+  are not (warned once, :class:`.LimitNotApplied`), destroy kills through PID 1 (the kernel
+  kills its PID namespace with it), and a live snapshot stops the guest's processes with
+  SIGSTOP from its PID 1 instead of the cgroup freezer;
+* ``RLIMIT_NPROC`` is ``pids_max`` (:data:`.cgroups.DEFAULT_PIDS_MAX` by default), set by
+  the keeper once inside the user namespace (:func:`enter`): the kernel counts that limit per
+  user *and* user namespace, and nothing else runs as root of this one, so it bounds the
+  guest's processes and threads only (guest root cannot raise it: that takes
+  CAP_SYS_RESOURCE in the host's user namespace). ``RLIMIT_AS`` is not used for ``memory``:
+  it caps every process's address space on its own, not the guest's memory (ten processes
+  get ten times it), and programs that reserve large address ranges (JVMs, Go runtimes,
+  sanitizers) fail under it while using little;
 * refused with :class:`~pytest_vmenv.errors.BackendUnavailable`: ``image="host"`` (its mask
   layer needs ``trusted.*`` xattrs and a view of the whole host) and ``network=`` (the LAN
   helper needs root in the host's network namespace).
@@ -27,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import shutil
 import signal
 import subprocess
@@ -254,8 +264,14 @@ def check() -> None:
         raise errors.BackendUnavailable("emulator", reason)
 
 
-def enter(uid: int, gid: int) -> None:
-    """In the keeper: a new user namespace where ``uid``/``gid`` are root (single mapping)."""
+def enter(uid: int, gid: int, nproc: int | None = None) -> None:
+    """In the keeper: a new user namespace where ``uid``/``gid`` are root (single mapping).
+
+    ``nproc`` is then this process's ``RLIMIT_NPROC`` (soft and hard), inherited by PID 1 and
+    every command: the kernel counts it per user *and* user namespace, so it bounds the
+    guest's processes and threads, not the user's others on the host (see the module
+    docstring).
+    """
     _sys.unshare(_sys.CLONE_NEWUSER)
     for name, text in (
         ("setgroups", "deny"),
@@ -264,6 +280,8 @@ def enter(uid: int, gid: int) -> None:
     ):
         with open(f"/proc/self/{name}", "w", encoding="ascii") as f:
             f.write(text)
+    if nproc is not None:
+        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
 
 
 def setgroups_denied() -> bool:
@@ -278,8 +296,9 @@ def limit_problems(memory: int | None, cpus: int | None) -> list[str]:
         return []
     what = " and ".join(names) + (" limits are" if len(names) > 1 else " limit is")
     return [
-        f"the {what} not applied: pytest runs unprivileged (uid {os.geteuid()}) and the "
-        "emulator's user-namespace mode uses no cgroups (run as root to enforce them)"
+        f"the {what} not applied: pytest runs unprivileged (uid {os.geteuid()}) without a "
+        "delegated cgroup that has the controller (run pytest in one, e.g. `systemd-run "
+        "--user --scope -p Delegate=yes pytest`, or run as root to enforce them)"
     ]
 
 

@@ -7,12 +7,16 @@ to work at once.
 
 Protocol (SEQPACKET, :mod:`wire`): ``{"op": "spawn", "cfg": {...}, "cgroups": [paths]}``
 with the guest end of its control socket attached; the answer is ``{"ok": true, "pid": N}``
-(N is the guest's keeper process) or ``{"error": "..."}``. The guest itself reports
+(N is the guest's keeper process) or ``{"error": "..."}``. With ``cfg["go"]`` the keeper
+first waits for ``{"op": "go", "cgroups": [paths]}`` on that control socket: the host makes
+the guest's cgroups while the zygote forks (a fork of it costs about as much), and the
+keeper joins what was made. The guest itself reports
 ``ready`` (with PID 1's host pid) on its control socket. ``{"op": "keep", "pid": N}`` marks
 keeper N as kept (``--vm-keep``); the answer is ``{"ok": true}``.
 
-Process chain: zygote -> keeper (host PID namespace, joins the guest's cgroups, unshares the
-namespaces; unprivileged, a user namespace first, see :mod:`.userns`) -> PID 1 of the new
+Process chain: zygote -> keeper (host PID namespace, joins the guest's leaf cgroups, see
+:mod:`.cgroups`, then unshares the namespaces, the cgroup namespace among them: its root is
+that leaf; unprivileged, a user namespace first, see :mod:`.userns`) -> PID 1 of the new
 PID namespace. Each link has ``PR_SET_PDEATHSIG=SIGKILL``
 on its parent, and the zygote kills every keeper that is not kept when its own socket
 reaches end-of-file (pytest exited or died), so no guest outlives the process that made it
@@ -28,6 +32,7 @@ arrives into the size-capped ``console.log`` (see :mod:`.console`).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import select
 import signal
@@ -63,13 +68,18 @@ def _keeper(cfg: Mapping[str, Any], cgroups: list[str], ctl_fd: int, zygote: int
         signal.set_wakeup_fd(-1)
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         rootfs.close_fds_except([ctl_fd])
+        if cfg.get("go"):  # the host made our cgroups while we were forked: their list
+            go = json.loads(os.read(ctl_fd, 65536) or b"{}")
+            if go.get("op") != "go":
+                os._exit(1)
+            cgroups = [str(p) for p in go.get("cgroups", [])]
         for procs in cgroups:
             with open(procs, "w", encoding="ascii") as f:
                 f.write("0")
         cfg = {**cfg, "oom": oom.probe()}  # before any user namespace (see .oom)
         ids = cfg.get("userns")
         if ids is not None:  # unprivileged: a user namespace owns the others (see .userns)
-            userns.enter(int(ids[0]), int(ids[1]))
+            userns.enter(int(ids[0]), int(ids[1]), cfg.get("nproc"))
             _sys.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # kept, but a new cred: re-arm
             if os.getppid() != zygote:
                 os._exit(1)

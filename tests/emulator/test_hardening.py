@@ -5,15 +5,18 @@ Each test names the finding it covers. State lives under /var/lib/pytest-vmenv-t
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import grp
 import hashlib
+import importlib.util
 import io
 import json
 import os
 import pwd
 import resource
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -23,6 +26,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -602,13 +606,20 @@ print(probe(lambda: i386(426, -1, 1, 0)))
 
 
 # -- 14: a pids limit ----------------------------------------------------------------------
-def _group_file(backend: EmulatorBackend, ref: MachineRef, name: str) -> str:
-    """A file of the guest's cgroups (the first hierarchy that has it), read on the host."""
+def _limited(backend: EmulatorBackend, ref: MachineRef) -> list[Path]:
+    """The guest's limited groups (one per hierarchy, above its leaves), from its meta."""
     meta = json.loads((backend.emu_dir / "guests" / ref.id / "meta.json").read_text())
-    for d in meta["cgroups"]:
-        if (Path(d) / name).exists():
-            return (Path(d) / name).read_text()
-    raise AssertionError(f"no {name} in {meta['cgroups']}")
+    groups = meta["groups"]
+    return [Path(d) for d in [groups["v2"], *groups["v1"].values()] if d]
+
+
+def _group_file(backend: EmulatorBackend, ref: MachineRef, name: str) -> str:
+    """A file of the guest's limited groups (the first hierarchy that has it), on the host."""
+    dirs = _limited(backend, ref)
+    for d in dirs:
+        if (d / name).exists():
+            return (d / name).read_text()
+    raise AssertionError(f"no {name} in {dirs}")
 
 
 _FORKS = r"""
@@ -962,3 +973,712 @@ def test_guest_paths_resolve_like_the_guest_means_them(how: str) -> None:
             opener(f"{tree}/missing/x", 0)
     finally:
         shutil.rmtree(tree)
+
+
+# -- 20: cgroups: a group of the guest's own everywhere, limits above it, nested ones go ----
+# Guest root cannot mount a cgroupfs (no CAP_SYS_ADMIN, no user namespace, see 13), but an
+# init that mounts one for itself (systemd) or a kernel bug could give it one. The intruder
+# below is guest root with CAP_SYS_ADMIN over its own namespaces, which is what a user
+# namespace gave it: it joins PID 1's cgroups, cgroup and mount namespaces, mounts every
+# hierarchy in a private mount namespace (in the guest's /tmp) and runs the test's actions.
+# It prints their results as JSON, then runs the "after" actions once a line comes on stdin.
+_INTRUDER = r"""
+import ctypes, errno, json, os, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pid1, req = int(sys.argv[1]), json.loads(sys.argv[2])
+
+def check(res, what):
+    if res != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+
+def mount(src, dst, fstype, flags=0, data=""):
+    check(libc.mount(src.encode(), dst.encode(), fstype.encode() if fstype else None,
+                     ctypes.c_ulong(flags), data.encode() or None), f"mount {fstype} {dst}")
+
+for procs in req["join"]:  # PID 1's groups, in every hierarchy
+    with open(procs, "w") as f:
+        f.write("0")
+for ns, flag in (("cgroup", 0x02000000), ("mnt", 0x00020000)):
+    fd = os.open(f"/proc/{pid1}/ns/{ns}", os.O_RDONLY)
+    check(libc.setns(fd, flag), f"setns {ns}")
+    os.close(fd)
+os.chdir("/")
+check(libc.unshare(0x00020000), "unshare")
+mount("none", "/", None, (1 << 18) | 16384)
+mount("tmpfs", "/tmp", "tmpfs", 0, "size=64k,mode=700")
+for i, name in enumerate(req["hierarchies"]):
+    os.mkdir(f"/tmp/h{i}")
+    if name:
+        mount("cgroup", f"/tmp/h{i}", "cgroup", 0, ("none," + name) if "=" in name else name)
+    else:
+        mount("cgroup2", f"/tmp/h{i}", "cgroup2")
+
+def act(op, i=0, rel="", value=""):
+    path = f"/tmp/h{i}/{rel}".rstrip("/")
+    try:
+        if op == "write":
+            with open(path, "w") as f:
+                f.write(value)
+        elif op == "read":
+            with open(path) as f:
+                return f.read().strip()
+        elif op == "ls":
+            return sorted(os.listdir(path))
+        elif op == "mkdir":
+            os.mkdir(path)
+        elif op == "rmdir":
+            os.rmdir(path)
+        elif op == "chain":  # int(value) nested groups of 200-character names: past PATH_MAX
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            for _ in range(int(value)):
+                os.mkdir("x" * 200, dir_fd=fd)
+                below = os.open("x" * 200, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+                os.close(fd)
+                fd = below
+            os.close(fd)
+        elif op == "copy":  # value: the file at the mount's root to copy into rel
+            with open(f"/tmp/h{i}/{value}") as src, open(path, "w") as dst:
+                dst.write(src.read())
+        elif op == "alloc":  # a child holding int(value) bytes; its wait status
+            pid = os.fork()
+            if pid == 0:
+                hog = b"x" * int(value)
+                os._exit(0 if len(hog) else 1)
+            return os.waitpid(pid, 0)[1]
+        return "ok"
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno, str(exc.errno))
+
+print(json.dumps([act(*a) for a in req["actions"]]), flush=True)
+sys.stdin.readline()
+for a in req.get("after", []):
+    act(*a)
+"""
+
+
+@dataclass(frozen=True)
+class Mounted:
+    """A cgroup hierarchy this test process is in (``name`` "" is v2), and its mount."""
+
+    name: str
+    mount: Path
+    own: str
+
+    def controls(self, ctrl: str) -> bool:
+        return ctrl in self.name.split(",")
+
+    @property
+    def own_dir(self) -> Path:
+        return self.mount / self.own.lstrip("/")
+
+
+def _hierarchies() -> list[Mounted]:
+    """Read here, not with the code under test: /proc/self/cgroup and the cgroup mounts."""
+    own = dict(ln.split(":", 2)[1:] for ln in Path("/proc/self/cgroup").read_text().splitlines())
+    found: dict[str, Mounted] = {}
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        left, _, right = line.partition(" - ")
+        fstype, _src, opts = right.split()[:3]
+        root, mnt = left.split()[3:5]
+        if fstype not in ("cgroup", "cgroup2") or root != "/":
+            continue
+        for name, path in own.items():
+            v1 = fstype == "cgroup" and name and set(name.split(",")) <= set(opts.split(","))
+            if name not in found and (v1 or (fstype == "cgroup2" and name == "")):
+                found[name] = Mounted(name, Path(mnt), path)
+    return sorted(found.values(), key=lambda h: h.name)
+
+
+def _join_files(pid: int) -> list[str]:
+    """The host paths of the ``cgroup.procs`` of every group process ``pid`` is in."""
+    mounts = {h.name: h.mount for h in _hierarchies()}
+    files = []
+    for line in Path(f"/proc/{pid}/cgroup").read_text().splitlines():
+        _hid, name, path = line.split(":", 2)
+        if name in mounts:
+            files.append(str(mounts[name] / path.lstrip("/") / "cgroup.procs"))
+    return files
+
+
+class Intruder:
+    """Runs :data:`_INTRUDER` against a guest's PID 1 (see above); always ends it."""
+
+    def __init__(self, pid1: int, actions: list[list[object]], after: Any = ()) -> None:
+        self.names = [h.name for h in _hierarchies()]
+        req = {"join": _join_files(pid1), "hierarchies": self.names, "actions": actions}
+        req["after"] = list(after)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", _INTRUDER, str(pid1), json.dumps(req)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        assert self.proc.stdout is not None
+        line = bounded(self.proc.stdout.readline, 60)
+        if not line:
+            _out, err = self.proc.communicate(timeout=10)
+            raise AssertionError(f"the intruder failed: {err}")
+        self.results: list[Any] = json.loads(str(line))
+
+    def groups(self) -> list[str]:
+        """Where the intruder is now, in every hierarchy, as the host sees it."""
+        return [
+            ln.split(":", 2)[2]
+            for ln in Path(f"/proc/{self.proc.pid}/cgroup").read_text().splitlines()
+        ]
+
+    def finish(self) -> None:
+        if self.proc.poll() is None:
+            with contextlib.suppress(OSError):
+                assert self.proc.stdin is not None
+                self.proc.stdin.write("\n")
+                self.proc.stdin.flush()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+@contextlib.contextmanager
+def _canary(tag: str) -> Iterator[tuple[subprocess.Popen[bytes], dict[str, Path]]]:
+    """A host process (``sleep``) in groups ``vmenv-canary-TAG/canary`` at the root of the
+    freezer, cpuset and devices hierarchies: what a guest must not be able to touch."""
+    made: dict[str, Path] = {}
+    proc = subprocess.Popen(["sleep", "300"])
+    try:
+        for ctrl in ("freezer", "cpuset", "devices"):
+            h = next((h for h in _hierarchies() if h.controls(ctrl)), None)
+            if h is None:
+                continue
+            group = h.mount / f"vmenv-canary-{tag}" / "canary"
+            group.mkdir(parents=True)
+            made[ctrl] = group
+            if ctrl == "cpuset":
+                for d in (group.parent, group):
+                    for name in ("cpuset.cpus", "cpuset.mems"):
+                        (d / name).write_text((d.parent / name).read_text())
+            (group / "cgroup.procs").write_text(str(proc.pid))
+        yield proc, made
+    finally:
+        if "freezer" in made:
+            (made["freezer"] / "freezer.state").write_text("THAWED")
+        proc.kill()
+        proc.wait()
+        for group in made.values():
+            _scrub(group.parent)
+
+
+def _rmdir_retrying(d: Path) -> None:
+    for _ in range(2000):
+        try:
+            d.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY:
+                raise
+            time.sleep(0.005)
+    d.rmdir()
+
+
+def test_guest_is_in_a_group_of_its_own_in_every_hierarchy(
+    backend: EmulatorBackend, g: MachineRef
+) -> None:
+    """In every hierarchy (each v1 one: freezer, cpuset, devices, name=systemd, ...; and
+    v2) the guest's cgroup namespace is rooted at a leaf of its own: a cgroupfs mounted from
+    inside shows nothing of the host's groups. A canary host process's freezer, cpuset and
+    devices groups cannot be written, the host's root ``cgroup.procs`` (leaving the guest's
+    group) cannot be reached, and a group made at the guest's root lands in its own tree."""
+    leaf = f"/pytest-vmenv/{g.id}/guest"
+    pid1 = int(g.data["pid"])
+    mine = [ln.split(":", 2)[1] for ln in Path("/proc/self/cgroup").read_text().splitlines()]
+    seen = dict(
+        ln.split(":", 2)[1:] for ln in Path(f"/proc/{pid1}/cgroup").read_text().splitlines()
+    )
+    mounted = {h.name for h in _hierarchies()}
+    assert {n: p for n, p in seen.items() if n in mounted and not p.endswith(leaf)} == {}
+    assert mounted <= set(mine) and mounted == {n for n in seen if n in mounted}
+    # what guest root itself sees: "/" everywhere, no cgroupfs, and none it can mount
+    assert {ln.split(":", 2)[2] for ln in ok(backend, g, "cat /proc/self/cgroup").split()} == {"/"}
+    assert ok(backend, g, "ls -A /sys/fs/cgroup") == ""
+    assert sh(backend, g, "mkdir /sys/fs/cgroup/x").exit_code != 0
+    r = sh(backend, g, "mkdir -p /mnt/cg && mount -t cgroup2 none /mnt/cg")
+    assert r.exit_code != 0 and "ermission denied" in r.stderr + r.stdout, r
+
+    tag = uuid.uuid4().hex[:8]
+    planted = f"vmenv-planted-{tag}"
+    with _canary(tag) as (canary, groups):
+        before = {c: (d / f).read_text() for c, d, f in (
+            ("freezer", groups.get("freezer"), "freezer.state"),
+            ("cpuset", groups.get("cpuset"), "cpuset.cpus"),
+            ("devices", groups.get("devices"), "devices.list"),
+        ) if d is not None}  # fmt: skip
+        rel = f"vmenv-canary-{tag}/canary"
+        names = [h.name for h in _hierarchies()]
+        attacks: list[list[object]] = []
+        for ctrl, file, value in (
+            ("freezer", "freezer.state", "FROZEN"),
+            ("cpuset", "cpuset.cpus", "0"),
+            ("devices", "devices.deny", "a"),
+        ):
+            i = next((i for i, n in enumerate(names) if ctrl in n.split(",")), None)
+            if i is not None:
+                attacks.append(["write", i, f"{rel}/{file}", value])
+        plants = [["mkdir", i, planted] for i in range(len(names))]
+        escapes = [["write", i, "cgroup.procs", "0"] for i in range(len(names))]
+        intruder = Intruder(
+            pid1,
+            attacks + plants + escapes,
+            after=[["rmdir", i, planted] for i in range(len(names))],
+        )
+        try:
+            results = intruder.results
+            assert results[: len(attacks)] == ["ENOENT"] * len(attacks), (attacks, results)
+            for c, text in before.items():
+                file = {"freezer": "freezer.state", "cpuset": "cpuset.cpus"}.get(c, "devices.list")
+                assert (groups[c] / file).read_text() == text, c
+            assert Path(f"/proc/{canary.pid}/stat").read_text().rpartition(")")[2].split()[0] == "S"
+            host = [(h.mount / planted, h.own_dir / planted) for h in _hierarchies()]
+            assert [p for pair in host for p in pair if p.exists()] == []
+            assert [p for p in intruder.groups() if not p.endswith(leaf)] == []
+        finally:
+            intruder.finish()
+            for h in _hierarchies():
+                _scrub(h.mount / planted)
+
+
+def test_guest_root_cannot_lift_its_limits(
+    backend: EmulatorBackend, template: Snapshot, session: Session
+) -> None:
+    """With a cgroupfs mounted (see the intruder), guest root writes "no limit" into every
+    limit file at its namespace's root: the limits sit one level above it, so they hold
+    (300 MB do not fit in ``memory="128M"``) and the host's files keep their values."""
+    spec = MachineSpec(name="limits", memory=128 << 20, cpus=1)
+    ref = backend.clone(template, spec, session)
+    try:
+        limits = {
+            "memory.limit_in_bytes": "-1", "memory.max": "max", "cpu.cfs_quota_us": "-1",
+            "cpu.max": "max", "pids.max": "max",
+        }  # fmt: skip
+        count = len(_hierarchies())
+        lifts: list[list[object]] = [
+            ["write", i, f, v] for i in range(count) for f, v in limits.items()
+        ]  # at the root of every mount (ENOENT where a hierarchy has no such file)
+        before = {f: _group_file(backend, ref, f) for f in limits if _has_file(backend, ref, f)}
+        intruder = Intruder(int(ref.data["pid"]), [*lifts, ["alloc", 0, "", str(300 << 20)]])
+        try:
+            *written, status = intruder.results
+            assert "memory.limit_in_bytes" in before or "memory.max" in before, before
+            assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == 9, (status, written)
+            assert {f: _group_file(backend, ref, f) for f in before} == before
+        finally:
+            intruder.finish()
+        r = sh(backend, ref, "head -c 300M /dev/zero | tail > /dev/null", timeout=60)
+        assert r.exit_code == 137, r  # and the guest itself is still bounded
+    finally:
+        backend.destroy(ref)
+
+
+def _has_file(backend: EmulatorBackend, ref: MachineRef, name: str) -> bool:
+    return any((d / name).exists() for d in _limited(backend, ref))
+
+
+_CREATOR = r"""
+import json, sys, time
+from pathlib import Path
+from pytest_vmenv.backend import Session
+from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.spec import MachineSpec
+state = Path(sys.argv[1])
+b = EmulatorBackend(state_dir=state)
+s = Session(id="nested", state_dir=state)
+ref = b.clone(b.build_template(MachineSpec(), "nested", s), MachineSpec(name="nested"), s)
+print(json.dumps({"id": ref.id, "pid": ref.data["pid"]}), flush=True)
+time.sleep(300)
+"""
+
+
+def _nest(pid1: int, name: str) -> Intruder:
+    """Groups ``NAME/b`` made at the guest's root in every hierarchy, with a process in them
+    (the intruder itself, which then waits), and a chain of groups below ``NAME`` whose path
+    is longer than PATH_MAX."""
+    actions: list[list[object]] = []
+    for i, h in enumerate(_hierarchies()):
+        actions += [["mkdir", i, name], ["mkdir", i, f"{name}/b"], ["chain", i, name, "24"]]
+        if h.controls("cpuset"):  # a v1 cpuset group needs cpus and memory nodes to join
+            for file in ("cpuset.cpus", "cpuset.mems"):
+                actions += [
+                    ["copy", i, f"{name}/{file}", file],
+                    ["copy", i, f"{name}/b/{file}", file],
+                ]
+        actions.append(["write", i, f"{name}/b/cgroup.procs", "0"])
+    intruder = Intruder(pid1, actions)
+    assert intruder.results == ["ok"] * len(actions), intruder.results
+    return intruder
+
+
+def _scrub(group: Path) -> None:
+    """Test cleanup whatever the code under test did: kill what is in ``group`` and below,
+    remove it deepest first (through directory fds: chains may be deeper than PATH_MAX)."""
+    try:
+        fd = os.open(group, os.O_RDONLY | os.O_DIRECTORY)
+    except FileNotFoundError:
+        return
+    try:
+        _scrub_at(fd)
+    finally:
+        os.close(fd)
+    _rmdir_retrying(group)
+
+
+def _scrub_at(fd: int) -> None:
+    for entry in list(os.scandir(fd)):
+        if entry.is_dir(follow_symlinks=False):
+            sub = os.open(entry.name, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            try:
+                _scrub_at(sub)
+            finally:
+                os.close(sub)
+            for _ in range(2000):
+                try:
+                    os.rmdir(entry.name, dir_fd=fd)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EBUSY:
+                        raise
+                    time.sleep(0.005)
+    with open(os.open("cgroup.procs", os.O_RDONLY, dir_fd=fd)) as f:
+        for pid in f.read().split():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(int(pid), 9)
+
+
+def test_groups_a_guest_made_do_not_block_teardown(
+    backend: EmulatorBackend, template: Snapshot, session: Session, state: Path
+) -> None:
+    """A guest with groups of its own below its root (and a process in them) is destroyed
+    by ``destroy``, and by ``vmenv gc --all`` once its creator was killed: the nested
+    groups go first, deepest first, instead of EBUSY on every try."""
+    name = f"vmenv-nest-{uuid.uuid4().hex[:8]}"
+    roots = [d / name for h in _hierarchies() for d in (h.mount, h.own_dir)]
+    ref = backend.clone(template, MachineSpec(name="nested"), session)
+    dirs = _limited(backend, ref)
+    intruder = None
+    try:
+        intruder = _nest(int(ref.data["pid"]), name)
+        bounded(lambda: backend.destroy(ref), 30)
+        assert intruder.proc.wait(timeout=10) == -9
+        assert [d for d in dirs if d.exists()] == []
+    finally:
+        if intruder is not None:
+            intruder.finish()
+        for d in [*roots, *dirs]:  # a failed run's leftovers, not the code's cleanup
+            _scrub(d)
+        with contextlib.suppress(BackendError):
+            backend.destroy(ref)
+
+    other = state / f"nested-{uuid.uuid4().hex[:8]}"
+    other.mkdir()
+    env = dict(os.environ, VMENV_STATE_DIR=str(other))
+    creator = subprocess.Popen(
+        [sys.executable, "-c", _CREATOR, str(other)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    intruder, dirs = None, []
+    try:
+        assert creator.stdout is not None
+        made = json.loads(str(bounded(creator.stdout.readline, 120)))
+        gdir = other / "emulator" / "guests" / made["id"]
+        meta = json.loads((gdir / "meta.json").read_text())
+        dirs = [Path(d) for d in [meta["groups"]["v2"], *meta["groups"]["v1"].values()] if d]
+        intruder = _nest(int(made["pid"]), name)
+        creator.kill()
+        creator.wait()
+        gc = [sys.executable, "-m", "pytest_vmenv", "gc", "--all"]
+        for _ in range(2):  # the second finds nothing left
+            res = subprocess.run(gc, capture_output=True, text=True, env=env, timeout=120)
+            assert res.returncode == 0, res.stdout + res.stderr
+            assert "error" not in res.stdout + res.stderr, res.stdout + res.stderr
+        assert intruder.proc.wait(timeout=10) == -9
+        assert not gdir.exists() and [d for d in dirs if d.exists()] == []
+    finally:
+        if creator.poll() is None:
+            creator.kill()
+            creator.wait()
+        if intruder is not None:
+            intruder.finish()
+        for d in [*roots, *dirs]:
+            _scrub(d)
+        leftover = EmulatorBackend(state_dir=other)
+        for r in leftover.owned():
+            with contextlib.suppress(Exception):
+                leftover.destroy(r)
+        leftover.close()
+        shutil.rmtree(other, ignore_errors=True)
+
+
+# A pure cgroup2 host, as far as the delegation logic goes: a private mount of this host's
+# cgroup2 hierarchy (in a mount namespace of its own, so nothing is mounted on the host) and
+# a test-owned subtree in it, given to the code as the hierarchy it runs in.
+_PURE_V2 = r"""
+import ctypes, errno, json, os, sys, time
+from pathlib import Path
+from pytest_vmenv.emulator.cgroups import DEFAULT_GROUPS_MAX, Cgroups, Hierarchy
+libc = ctypes.CDLL(None, use_errno=True)
+
+def check(res, what):
+    if res != 0:
+        raise OSError(ctypes.get_errno(), what)
+
+def write(path, value):
+    with open(path, "w") as f:
+        f.write(value)
+
+work, tag = Path(sys.argv[1]), sys.argv[2]
+mnt = work / "cg2"
+mnt.mkdir()
+check(libc.mount(b"cgroup2", str(mnt).encode(), b"cgroup2", 0, None), "mount")
+orig = next(ln for ln in open("/proc/self/cgroup") if ln.startswith("0::")).split(":", 2)[2].strip()
+top = mnt / f"vmenv-v2-{tag}"
+(top / "pytest").mkdir(parents=True)
+for ctrl in (top / "cgroup.controllers").read_text().split():
+    if ctrl in ("memory", "cpu", "pids"):  # keep guests' groups inside this subtree
+        write(top / "cgroup.subtree_control", f"+{ctrl}")
+write(top / "pytest" / "cgroup.procs", "0")  # this process plays pytest
+out = {}
+try:
+    cg = Cgroups([Hierarchy("", mnt, f"/{top.name}/pytest")], rootless=False)
+    groups, out["problems"] = cg.create("g1", 128 << 20, 1, 64)
+    limited = groups.v2
+    out["limited"] = str(limited.relative_to(top))
+    files = ("cgroup.max.descendants", "memory.max", "cpu.max", "pids.max")
+    out["before"] = {f: (limited / f).read_text() for f in files if (limited / f).exists()}
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the guest: in its leaf, its own cgroup namespace, cgroup2 mounted inside
+        res = {}
+        for procs in groups.procs_files():
+            write(procs, "0")
+        check(libc.unshare(0x02000000 | 0x00020000), "unshare")
+        inner = work / "inner"
+        check(libc.mount(b"cgroup2", str(inner).encode(), b"cgroup2", 0, None), "mount inner")
+        res["cgroup"] = open("/proc/self/cgroup").read()
+        res["own_max"] = (inner / "cgroup.max.descendants").read_text().strip()
+        for f in files:
+            try:
+                write(inner / f, "max")
+                res[f] = "ok"
+            except OSError as exc:
+                res[f] = errno.errorcode[exc.errno]
+        made = 0
+        for k in range(DEFAULT_GROUPS_MAX + 50):
+            try:
+                os.mkdir(inner / f"c{k}")
+                made += 1
+            except OSError as exc:
+                res["mkdir"] = errno.errorcode[exc.errno]
+                break
+        res["made"] = made
+        write(inner / "cgroup.procs", "0")  # "out" to the root of its view: its own leaf
+        res["dirs"] = sorted(p.name for p in inner.iterdir() if p.is_dir())[:3]
+        os.write(w, json.dumps(res).encode())
+        os.read(go_r, 1)
+        os._exit(0)
+    os.close(w)
+    out["guest"] = json.loads(os.read(r, 1 << 20))
+    out["guest_at"] = open(f"/proc/{pid}/cgroup").read().strip()
+    os.write(go_w, b"x")
+    os.waitpid(pid, 0)
+    out["after"] = {f: (limited / f).read_text() for f in out["before"]}
+    start = time.monotonic()
+    groups.remove(timeout=30)
+    out["remove_s"] = time.monotonic() - start
+    out["left"] = limited.exists()
+finally:
+    write(mnt / orig.lstrip("/") / "cgroup.procs", "0")
+    for d in sorted((p for p in top.rglob("*") if p.is_dir()), key=lambda p: -len(p.parts)):
+        d.rmdir()
+    top.rmdir()
+print(json.dumps(out))
+"""
+
+
+def test_pure_v2_guest_writes_only_inside_its_own_subtree(state: Path) -> None:
+    """On cgroup2 alone (the logic a pure-v2 host runs): the guest's namespace root is a leaf
+    below its limited group. From inside, with cgroup2 mounted, guest root sees and writes
+    only its own subtree: "max" written into every limit file of its root changes nothing
+    of the limits (its group count stays bounded by the parent's ``cgroup.max.descendants``)
+    and writing its root's ``cgroup.procs`` keeps it in its leaf. Teardown removes the
+    thousand groups it made, deepest first."""
+    work = state / f"v2-{uuid.uuid4().hex[:8]}"
+    (work / "inner").mkdir(parents=True)
+    try:
+        res = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", sys.executable, "-c", _PURE_V2,
+             str(work), uuid.uuid4().hex[:8]],
+            capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert res.returncode == 0, res.stderr[-3000:]
+        out = json.loads(res.stdout.strip().splitlines()[-1])
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    guest = out["guest"]
+    assert out["limited"] in ("pytest-vmenv/g1", "pytest/pytest-vmenv/g1"), out
+    assert out["before"]["cgroup.max.descendants"] == f"{cgroups.DEFAULT_GROUPS_MAX + 1}\n"
+    for ctrl, value in (("memory.max", "134217728\n"), ("pids.max", "64\n")):
+        if ctrl in out["before"]:  # where the host's cgroup2 has the controller
+            assert out["before"][ctrl] == value, out
+    unavailable = [p for p in out["problems"] if "no usable cgroup" not in p]
+    assert unavailable == [], out["problems"]
+    assert "0::/" in guest["cgroup"].splitlines() and guest["own_max"] == "max", guest
+    assert guest["cgroup.max.descendants"] == "ok", guest  # its own root's: harmless
+    assert (guest["made"], guest["mkdir"]) == (cgroups.DEFAULT_GROUPS_MAX, "EAGAIN"), guest
+    assert out["after"] == out["before"], out
+    v2_at = next(ln for ln in out["guest_at"].splitlines() if ln.startswith("0::"))
+    assert v2_at.endswith(f"/{out['limited']}/{cgroups.LEAF}"), out
+    assert out["left"] is False and out["remove_s"] < 10, out
+
+
+# -- 21: the unprivileged mode: delegated cgroups where the user has some, else RLIMIT_NPROC -
+def _unprivileged_helpers() -> Any:
+    """The area and runner helpers of test_unprivileged.py (test files are no package)."""
+    name = "_vmenv_unprivileged_helpers"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(
+            name, Path(__file__).with_name("test_unprivileged.py")
+        )
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # its dataclasses look their module up
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_NOBODY_LIMITS = r"""
+import json, sys, warnings
+from pathlib import Path
+from pytest_vmenv.backend import Session
+from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.spec import MachineSpec
+rootfs, state = sys.argv[1], Path(sys.argv[2])
+b = EmulatorBackend(state_dir=state, options={"pids_max": 512})
+spec = MachineSpec(name="u", image=rootfs, image_config={"rootfs": rootfs}, memory=128 << 20)
+s = Session(id="unpriv-limits", state_dir=state)
+out = {}
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    tpl = b.build_template(spec, "unpriv-limits", s)
+    ref = b.clone(tpl, spec, s)
+out["warnings"] = sorted({str(w.message) for w in caught})
+def run(cmd):
+    r = b.execute(ref, ["/bin/sh", "-c", cmd], timeout=120)
+    return [r.exit_code, r.stdout, r.stderr]
+try:
+    meta = json.loads((b.emu_dir / "guests" / ref.id / "meta.json").read_text())
+    out["id"], out["groups"] = ref.id, meta["groups"]
+    with open(f"/proc/{ref.data['pid']}/cgroup") as f:
+        out["pid1"] = f.read().splitlines()
+    out["limits"] = run("grep -i 'max processes' /proc/self/limits")
+    out["hog"] = run("dd if=/dev/zero of=/dev/null bs=300M count=1")
+    out["forks"] = run("i=0; while [ $i -lt 600 ]; do sleep 30 & i=$((i+1)); echo $i; done")
+finally:
+    b.destroy(ref)
+    b.remove_template(tpl)
+    b.close()
+print(json.dumps(out))
+"""
+
+
+@contextlib.contextmanager
+def _delegated_to_nobody(tag: str, nobody: int) -> Iterator[list[str]]:
+    """Groups ``vmenv-deleg-TAG`` below this process's own in the v2 hierarchy and the v1
+    memory, cpu and pids ones, owned by ``nobody`` as a delegating administrator (or
+    systemd's ``Delegate=yes``) leaves them; yields their ``cgroup.procs`` to join."""
+    made = []
+    try:
+        for h in _hierarchies():
+            if h.name and not any(h.controls(c) for c in ("memory", "cpu", "pids")):
+                continue
+            group = h.own_dir / f"vmenv-deleg-{tag}"
+            group.mkdir()
+            made.append(group)
+            for name in ("", "cgroup.procs", "tasks", "cgroup.subtree_control", "cgroup.threads"):
+                if (group / name).exists():
+                    os.chown(group / name, nobody, nobody)
+        yield [str(g / "cgroup.procs") for g in made]
+    finally:
+        for group in made:
+            _scrub(group)
+
+
+def test_unprivileged_guests_use_delegated_cgroups_else_rlimit_nproc() -> None:
+    """As nobody, without a delegated cgroup: RLIMIT_NPROC (``pids_max``) is set in the
+    guest's user namespace, so a fork loop stops at it, and the memory limit is warned
+    about. In a delegated cgroup (v1 memory/cpu/pids and v2 groups owned by nobody): the
+    guest gets its own groups there, in a leaf below the limited group, and 300 MB do not
+    fit in ``memory="128M"``."""
+    u = _unprivileged_helpers()
+    if not u._static_busybox():
+        pytest.skip(f"{u.BUSYBOX} is not a static busybox (needed for the test rootfs)")
+    u.AREA_ROOT.mkdir(mode=0o755, exist_ok=True)
+    root = u.AREA_ROOT / uuid.uuid4().hex[:12]
+    root.mkdir(mode=0o755)
+    area = u.Area(root, root / "rootfs", root / "state", root / "home")
+    for d in (area.state, area.home):
+        d.mkdir(mode=0o700)
+    u._make_rootfs(area.rootfs)
+    os.symlink("busybox", area.rootfs / "bin" / "dd")
+    u._chown_tree(root)
+    u._python_for_nobody(area)
+    runner = u.Runner(area)
+    before = u._procs_of_nobody()
+    try:
+        probe = runner.run(
+            ["python", "-c", "from pytest_vmenv.emulator import userns; print(userns.probe())"], 60
+        )
+        if probe.stdout.strip() != "None":
+            pytest.skip(f"the unprivileged mode is unavailable to nobody here: {probe.stdout}")
+
+        def as_nobody(join: list[str]) -> dict[str, Any]:
+            argv = [area.python, "-c", _NOBODY_LIMITS, str(area.rootfs), str(area.state)]
+            proc = subprocess.Popen(
+                ["sh", "-c", 'for f in $JOIN; do echo $$ > "$f" || exit 99; done; exec "$@"',
+                 "sh", *u._setpriv(argv)],
+                cwd=area.root, env={**runner.env(), "JOIN": " ".join(join)},
+                stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True, start_new_session=True,
+            )  # fmt: skip
+            runner.roots.add(proc.pid)
+            out, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"stdout:\n{out}\nstderr:\n{err}"
+            return dict(json.loads(out.strip().splitlines()[-1]))
+
+        plain = as_nobody([])
+        tag = uuid.uuid4().hex[:8]
+        with _delegated_to_nobody(tag, u.NOBODY) as join:
+            deleg = as_nobody(join)
+    finally:
+        left = u._leftovers(before, runner.roots)
+        for pid in left:
+            os.kill(pid, signal.SIGKILL)
+        u._assert_no_mounts(root)
+        shutil.rmtree(root, ignore_errors=True)
+    assert not left, f"processes of nobody left behind: {left}"
+
+    code, out, err = plain["forks"]
+    assert code != 0 and "can't fork" in err, plain["forks"]
+    assert 400 < int(out.split()[-1]) < 512, plain["forks"]  # PID 1 and the keeper count too
+    assert plain["limits"][1].split()[2:4] == ["512", "512"], plain["limits"]
+    assert plain["hog"][0] == 0, plain["hog"]  # no delegated memory controller: warned about
+    warned = [w for w in plain["warnings"] if "the memory and cpus limits are not applied" in w]
+    assert warned and "without a delegated cgroup" in warned[0], plain["warnings"]
+    assert plain["groups"] == {"v2": None, "v1": {}}, plain["groups"]
+
+    leaf = f"/vmenv-deleg-{tag}/pytest-vmenv/{deleg['id']}/{cgroups.LEAF}"
+    at = {ln.split(":")[1]: ln.split(":", 2)[2] for ln in deleg["pid1"]}  # PID 1's groups
+    assert at["memory"].endswith(leaf) and at[""].endswith(leaf), at
+    assert deleg["hog"][0] == 137, deleg["hog"]  # SIGKILLed by the OOM killer
+    assert not any("not applied" in w for w in deleg["warnings"]), deleg["warnings"]
+    code, out, err = deleg["forks"]
+    assert code != 0 and int(out.split()[-1]) < 512, deleg["forks"]
