@@ -2,7 +2,7 @@
 
     python bench/bench_emulator.py            # as root; about a minute
 
-Figures (the targets of issue 2):
+Figures and their targets:
 1. clone + first run("true") + destroy, median, against util-linux `unshare` + an overlay mount
    + `chroot true` looped in one shell process (target: <= 3x);
 2. run("true") round trip, median (target: <= 3 ms);

@@ -2,7 +2,7 @@
 
     python bench/bench_images.py            # as root, with mmdebstrap; about two minutes
 
-Figures (the targets of issue 11):
+Figures and their targets:
 1. cold build of ``debian-12 + cron`` (systemd) with mmdebstrap, in a state dir of the bench's
    own (``<state>/bench-images``, emptied first);
 2. warm reuse of that image: ``ImageCache.ensure`` in-process, and a whole
