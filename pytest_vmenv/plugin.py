@@ -62,9 +62,8 @@ __all__ = [
 VM_MARKER = (
     'vm(image="host", *, name="vm", backend=None, cpus=1, memory="512M", disk=None, '
     'network=None, packages=(), init=None, provision=(), ready=None, scope="function", '
-    'isolation="clone", '
-    "timeout=300, labels=None): give the test a machine (fixtures vm, vms); several marks "
-    "with distinct names make one environment"
+    'isolation="clone", timeout=300, labels=None): give the test a machine (fixtures vm, '
+    "vms); several marks with distinct names make one environment"
 )
 VMENV_MARKER = "vmenv(name): give the test the machines of [environments.NAME] in vmenv.toml"
 
