@@ -10,11 +10,9 @@ from __future__ import annotations
 import errno
 import logging
 import os
-import shutil
 import subprocess
 import sys
 import time
-import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -35,35 +33,6 @@ pytestmark = pytest.mark.skipif(
 
 TEST_ROOT = Path("/var/lib/pytest-vmenv-test")
 MiB = 1024 * 1024
-
-
-@pytest.fixture(scope="module")
-def state() -> Iterator[Path]:
-    path = TEST_ROOT / f"bounds-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VMENV_STATE_DIR", str(path))
-    yield path
-    mp.undo()
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def backend(state: Path) -> Iterator[EmulatorBackend]:
-    b = EmulatorBackend(state_dir=state)
-    b.check()
-    yield b
-    b.close()
-
-
-@pytest.fixture(scope="module")
-def session(state: Path) -> Session:
-    return Session(id=f"s-{uuid.uuid4().hex[:8]}", state_dir=state)
-
-
-@pytest.fixture(scope="module")
-def template(backend: EmulatorBackend, session: Session) -> Snapshot:
-    return backend.build_template(MachineSpec(name="vm"), "host-plain", session)
 
 
 @pytest.fixture

@@ -49,35 +49,6 @@ TEST_ROOT = Path("/var/lib/pytest-vmenv-test")
 PY = "/usr/bin/python3"  # the host's system python, visible in host-image guests
 
 
-@pytest.fixture(scope="module")
-def state() -> Iterator[Path]:
-    path = TEST_ROOT / f"hard-{uuid.uuid4().hex[:8]}"
-    path.mkdir(parents=True)
-    mp = pytest.MonkeyPatch()
-    mp.setenv("VMENV_STATE_DIR", str(path))
-    yield path
-    mp.undo()
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def backend(state: Path) -> Iterator[EmulatorBackend]:
-    b = EmulatorBackend(state_dir=state)
-    b.check()
-    yield b
-    b.close()
-
-
-@pytest.fixture(scope="module")
-def session(state: Path) -> Session:
-    return Session(id=f"s-{uuid.uuid4().hex[:8]}", state_dir=state)
-
-
-@pytest.fixture(scope="module")
-def template(backend: EmulatorBackend, session: Session) -> Snapshot:
-    return backend.build_template(MachineSpec(name="vm"), "host-plain", session)
-
-
 @pytest.fixture
 def g(backend: EmulatorBackend, template: Snapshot, session: Session) -> Iterator[MachineRef]:
     ref = backend.clone(template, MachineSpec(name="hard"), session)
