@@ -31,7 +31,6 @@ pytestmark = pytest.mark.skipif(
     reason="the emulator's real-namespace tests need Linux and root",
 )
 
-TEST_ROOT = Path("/var/lib/pytest-vmenv-test")
 MiB = 1024 * 1024
 
 
