@@ -3,32 +3,26 @@
 A backend turns a :class:`~pytest_vmenv.spec.MachineSpec` into machines. The orchestrator
 calls ``build_template`` once per distinct template key, then ``clone`` for every machine a
 test gets, ``execute``/``copy_in``/``copy_out`` for the test-author verbs, and ``destroy``
-at teardown. Anything optional is declared in :class:`Capabilities`.
+at teardown. What it can do beyond that minimum it says in :meth:`Backend.capabilities`, which
+the orchestrator reads to fall back; the optional features are the small protocols below
+:class:`Backend`, each checked with ``isinstance``.
 
 Contract shared by every method:
 
 * Foreign exceptions (``OSError``, ``libvirtError``, ``MethodFault``) never escape: they are
-  mapped to :mod:`pytest_vmenv.errors` at this boundary.
+  mapped to :mod:`pytest_vmenv.errors` by the backend's :class:`~pytest_vmenv.errors.Boundary`.
 * Every resource carries ``session.id`` on the backend side, so ``owned(session.id)`` finds
   it even if the plugin's own records are lost.
 * Methods may be called from several threads at once (templates are built in parallel).
 * ``build_template`` returns the existing complete template when one exists for ``key``:
   that is how xdist workers and ``--vm-reuse`` share templates.
 
-Optional methods, used when present: ``templates() -> list[Snapshot]`` (:class:`TemplateLister`,
-for ``vmenv images`` and sweeps; ``data`` carries ``session``, ``owner``, ``created``, ``reuse``),
-``shell(ref, argv) -> int`` (``vmenv shell``), ``summary() -> list[str]`` (lines for the
-terminal summary), ``end_session(session_id)`` (session-wide cleanup once no process of the
-session is left) and ``close()``; :class:`CacheKeeper` (``caches``/``remove_cache``: what it
-keeps on disk between sessions, for ``vmenv images``) and :class:`SpecCheck` (a backend that
-runs here but cannot make every machine), these three checked with ``isinstance``. A backend is
-constructed as ``cls(options)`` with its table from ``[tool.vmenv.backends.NAME]``, kept as
-``backend.options``.
+A backend is constructed as ``cls(options)`` with its table from
+``[tool.vmenv.backends.NAME]``, kept as ``backend.options``.
 """
 
 from __future__ import annotations
 
-import enum
 import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -45,28 +39,21 @@ __all__ = [
     "Cache",
     "CacheKeeper",
     "Capabilities",
+    "Closer",
     "MachineRef",
-    "MachineState",
     "Output",
     "Result",
     "Session",
+    "SessionEnder",
+    "Shell",
     "Snapshot",
     "SpecCheck",
+    "Summarizer",
     "TemplateLister",
     "owner_alive",
     "owner_token",
     "split_network",
 ]
-
-
-class MachineState(enum.Enum):
-    """Where a machine is in its life, as ``vmenv ls`` shows it."""
-
-    CREATING = "creating"
-    RUNNING = "running"
-    STOPPED = "stopped"
-    KEPT = "kept"
-    GONE = "gone"
 
 
 @dataclass(frozen=True)
@@ -142,7 +129,10 @@ class Snapshot:
 
     ``handle`` is the backend's own identifier (a layer path, a qcow2 file, a vSphere
     snapshot moref); ``key`` is the template key it was built for (empty for a snapshot
-    taken with ``vm.snapshot``).
+    taken with ``vm.snapshot``). A template also says who built it, as :class:`MachineRef`
+    does for a machine: ``session`` (id), ``owner`` (an :func:`owner_token`), ``created``
+    (epoch seconds), ``reuse`` (built for ``--vm-reuse``: kept across sessions) and
+    ``complete`` (False: a build that died half way). ``data`` is the backend's own.
     """
 
     backend: str
@@ -150,6 +140,11 @@ class Snapshot:
     handle: str
     key: str = ""
     data: Mapping[str, Any] = field(default_factory=dict)
+    session: str = ""
+    owner: str = ""
+    created: float = 0.0
+    reuse: bool = False
+    complete: bool = True
 
 
 @dataclass(frozen=True)
@@ -350,8 +345,8 @@ class Backend(Protocol):
         :class:`~pytest_vmenv.errors.TemplateInUse` says which machine; works from any process.
         """
 
-    def owned(self, session: str | None = None) -> Iterable[MachineRef]:
-        """Machines that carry our labels (of ``session`` only, if given)."""
+    def owned(self, session_id: str | None = None) -> Iterable[MachineRef]:
+        """Machines that carry our labels (of the session ``session_id`` only, if given)."""
 
 
 @runtime_checkable
@@ -407,8 +402,40 @@ class CacheKeeper(Protocol):
 @runtime_checkable
 class TemplateLister(Protocol):
     """Optional: a backend that lists the templates it built (for ``vmenv images`` and the
-    sweeps), each a :class:`Snapshot` whose ``data`` carries ``session``, ``owner``,
-    ``created`` and ``reuse``."""
+    sweeps), each a :class:`Snapshot` that says its ``session``, ``owner`` and ``created``."""
 
     def templates(self) -> list[Snapshot]:
         """Every template of this backend, from any session, that ``remove_template`` takes."""
+
+
+@runtime_checkable
+class Shell(Protocol):
+    """Optional: an interactive shell in a machine, for ``vmenv shell NAME``."""
+
+    def shell(self, ref: MachineRef, argv: Sequence[str]) -> int:
+        """Run ``argv`` in the machine on this terminal; its exit status."""
+
+
+@runtime_checkable
+class Summarizer(Protocol):
+    """Optional: lines for pytest's terminal summary (what the backend did this session)."""
+
+    def summary(self) -> list[str]: ...
+
+
+@runtime_checkable
+class SessionEnder(Protocol):
+    """Optional: cleanup once per session, after the last process of it has let go.
+
+    Called by whoever ends the session (the plugin at exit, the watchdog or a sweep after a
+    crash): networks, template locks, anything shared by the session's machines.
+    """
+
+    def end_session(self, session_id: str) -> None: ...
+
+
+@runtime_checkable
+class Closer(Protocol):
+    """Optional: release what this process holds (connections, helper processes) at exit."""
+
+    def close(self) -> None: ...

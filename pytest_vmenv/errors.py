@@ -18,16 +18,30 @@ the backend boundary, so a test author catches one family::
 
 Infrastructure faults are not ``AssertionError``: a report tells "the VM broke" apart from
 "the check the test asked for failed" (the NixOS test driver's rule).
+
+:class:`Boundary` is the one place where a backend's foreign exceptions become this tree: a
+table of (exception types, rule) pairs per backend, applied by one decorator. What no rule
+claims (a ``ValueError`` or ``KeyError`` of our own code, say) passes unchanged: our bugs stay
+bugs and are never reported as the infrastructure's fault.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import functools
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from .backend import MachineRef
 
 __all__ = [
     "BackendError",
     "BackendUnavailable",
     "BootTimeout",
+    "Boundary",
+    "Call",
     "CommandFailed",
     "CommandTimeout",
     "ConfigError",
@@ -36,6 +50,8 @@ __all__ = [
     "ProvisionError",
     "TemplateInUse",
     "VmenvError",
+    "failed",
+    "gone",
 ]
 
 
@@ -173,3 +189,112 @@ class CommandFailed(VmenvError, AssertionError):
         self.exit_code = exit_code
         self.stdout = stdout
         self.stderr = stderr
+
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Call:
+    """The call a foreign exception escaped from: what a :data:`Rule` words its message with.
+
+    ``what`` is the operation (a protocol method's name unless the boundary was given one);
+    ``ref`` is the machine it was about, when one of its arguments was a ``MachineRef``.
+    """
+
+    backend: str
+    what: str
+    ref: MachineRef | None = None
+
+    @property
+    def machine(self) -> str:
+        """``machine 'web' (id)``, or ``the machine`` when the call named none."""
+        return f"machine {self.ref.name!r} ({self.ref.id})" if self.ref else "the machine"
+
+
+Rule = Callable[[BaseException, Call], VmenvError | None]
+"""Turns a foreign exception into our error, or returns None to leave it to the next rule."""
+
+
+def failed(kind: type[BackendError] = BackendError, hint: str = "") -> Rule:
+    """The default rule: ``BACKEND: WHAT failed: EXC`` as ``kind``, then ``hint`` (what to do)."""
+
+    def rule(exc: BaseException, call: Call) -> VmenvError:
+        return kind(f"{call.backend}: {call.what} failed: {exc}{hint}")
+
+    return rule
+
+
+def gone(hint: str = "") -> Rule:
+    """``MachineGone`` naming the machine of the call (``hint`` says what is left to do)."""
+
+    def rule(exc: BaseException, call: Call) -> VmenvError:
+        return MachineGone(f"{call.backend}: {call.machine} is gone: {exc}{hint}")
+
+    return rule
+
+
+class Boundary:
+    """Maps a backend's foreign exceptions into this tree, by one table.
+
+    ``rules`` are tried in order; the first whose exception types match and that returns an
+    error wins. Our own errors pass through untouched, and so does anything no rule claims.
+    ``hide_cause`` raises the mapped error ``from None`` (for libraries whose exceptions carry
+    pages of their own state, like pyVmomi's faults); else it is chained ``from`` the original.
+
+    Use it as a decorator on the protocol methods (``@boundary``; ``what`` is the method's
+    name) or around a block (``with boundary.guard("login"): ...``).
+    """
+
+    def __init__(
+        self,
+        backend: str,
+        rules: Sequence[tuple[type[BaseException] | tuple[type[BaseException], ...], Rule]],
+        *,
+        hide_cause: bool = False,
+    ) -> None:
+        self.backend = backend
+        self.rules = tuple(rules)
+        self.hide_cause = hide_cause
+
+    def translate(self, exc: BaseException, call: Call) -> VmenvError | None:
+        """The error ``exc`` becomes, or None when it is not the infrastructure's to map."""
+        if isinstance(exc, VmenvError):
+            return None
+        for types, rule in self.rules:
+            if isinstance(exc, types):
+                mapped = rule(exc, call)
+                if mapped is not None:
+                    return mapped
+        return None
+
+    def _raise(self, exc: BaseException, what: str, args: Sequence[object]) -> None:
+        from .backend import MachineRef
+
+        ref = next((a for a in args if isinstance(a, MachineRef)), None)
+        mapped = self.translate(exc, Call(self.backend, what, ref))
+        if mapped is None:
+            return
+        if self.hide_cause:
+            raise mapped from None
+        raise mapped from exc
+
+    def __call__(self, func: _F) -> _F:
+        @functools.wraps(func)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            try:
+                return func(*args, **kwargs)
+            except Exception as exc:
+                self._raise(exc, func.__name__, args)
+                raise
+
+        return wrapper  # type: ignore[return-value]
+
+    @contextlib.contextmanager
+    def guard(self, what: str, ref: MachineRef | None = None) -> Iterator[None]:
+        """Map what escapes the block as the decorator would, ``what`` naming the operation."""
+        try:
+            yield
+        except Exception as exc:
+            self._raise(exc, what, (ref,) if ref is not None else ())
+            raise
