@@ -31,10 +31,7 @@ import contextlib
 import functools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
-
-if TYPE_CHECKING:
-    from .backend import MachineRef
+from typing import Any, Protocol, TypeVar
 
 __all__ = [
     "BackendError",
@@ -194,6 +191,16 @@ class CommandFailed(VmenvError, AssertionError):
 _F = TypeVar("_F", bound=Callable[..., Any])
 
 
+class _Machine(Protocol):
+    """What a rule reads of the call's ``MachineRef`` (this module imports nothing of ours)."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def id(self) -> str: ...
+
+
 @dataclass(frozen=True)
 class Call:
     """The call a foreign exception escaped from: what a :data:`Rule` words its message with.
@@ -204,7 +211,7 @@ class Call:
 
     backend: str
     what: str
-    ref: MachineRef | None = None
+    ref: _Machine | None = None
 
     @property
     def machine(self) -> str:
@@ -291,7 +298,7 @@ class Boundary:
         return wrapper  # type: ignore[return-value]
 
     @contextlib.contextmanager
-    def guard(self, what: str, ref: MachineRef | None = None) -> Iterator[None]:
+    def guard(self, what: str, ref: _Machine | None = None) -> Iterator[None]:
         """Map what escapes the block as the decorator would, ``what`` naming the operation."""
         try:
             yield
