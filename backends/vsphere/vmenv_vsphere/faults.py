@@ -93,9 +93,10 @@ def _server(exc: BaseException, call: errors.Call) -> errors.VmenvError | None:
     if isinstance(exc, vim.fault.InvalidLogin):
         why = f"login as {call.ref.name} failed: incorrect user name or password"
     elif isinstance(exc, ssl.SSLError):
+        reason = getattr(exc, "reason", None) or exc
         why = (
-            f"TLS to {cfg.host}:{cfg.port} failed: {exc.reason or exc} (set ca_file to the "
-            "server's CA bundle, or insecure = true to skip verification)"
+            f"TLS to {cfg.host}:{cfg.port} failed: {reason} (set ca_file to the server's CA "
+            "bundle, or insecure = true to skip verification)"
         )
     elif isinstance(exc, OSError):
         why = unreachable(cfg, exc)
