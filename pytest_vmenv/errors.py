@@ -275,10 +275,7 @@ class Boundary:
                     return mapped
         return None
 
-    def _raise(self, exc: BaseException, what: str, args: Sequence[object]) -> None:
-        from .backend import MachineRef
-
-        ref = next((a for a in args if isinstance(a, MachineRef)), None)
+    def _raise(self, exc: BaseException, what: str, ref: _Machine | None) -> None:
         mapped = self.translate(exc, Call(self.backend, what, ref))
         if mapped is None:
             return
@@ -292,7 +289,10 @@ class Boundary:
             try:
                 return func(*args, **kwargs)
             except Exception as exc:
-                self._raise(exc, func.__name__, args)
+                from .backend import MachineRef
+
+                ref = next((a for a in args if isinstance(a, MachineRef)), None)
+                self._raise(exc, func.__name__, ref)
                 raise
 
         return wrapper  # type: ignore[return-value]
@@ -303,5 +303,5 @@ class Boundary:
         try:
             yield
         except Exception as exc:
-            self._raise(exc, what, (ref,) if ref is not None else ())
+            self._raise(exc, what, ref)
             raise
