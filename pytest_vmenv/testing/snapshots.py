@@ -35,13 +35,16 @@ class SnapshotTests:
             assert clone.run("test -e /var/tmp/new").exit_code != 0
 
     def test_revert_to_template(
-        self, clone: Machine, template: Snapshot, reverts_files: bool
+        self, machines: MachineMaker, template: Snapshot, reverts_files: bool
     ) -> None:
-        clone.write_text("/var/tmp/dirty", "x")
-        clone.revert(template)
-        assert clone.succeed("echo alive") == "alive\n"
+        """A machine made with ``isolation="revert"`` (as the orchestrator pools them) goes
+        back to the template it was cloned from."""
+        machine = machines("pooled", isolation="revert")
+        machine.write_text("/var/tmp/dirty", "x")
+        machine.revert(template)
+        assert machine.succeed("echo alive") == "alive\n"
         if reverts_files:
-            assert clone.run("test -e /var/tmp/dirty").exit_code != 0
+            assert machine.run("test -e /var/tmp/dirty").exit_code != 0
 
     def test_clones_are_independent(self, clone: Machine, machines: MachineMaker) -> None:
         other = machines("other")
@@ -69,24 +72,35 @@ class SnapshotTests:
             backend.build_template(bad, template_key(bad) + "-" + session.id, session)
 
     def test_template_reuse_by_key(
-        self, backend: Backend, base_spec: MachineSpec, session: Session, template: Snapshot
+        self, backend: Backend, base_spec: MachineSpec, session: Session
     ) -> None:
-        """The same key gives the template already built (how workers and ``--vm-reuse``
-        share one); another key gives another template."""
-        assert template.key
-        again = backend.build_template(base_spec, template.key, session)
-        assert (again.handle, again.key) == (template.handle, template.key)
-        other = backend.build_template(base_spec, template.key + "-other", session)
+        """The same key gives the template already built, not built again (how workers and
+        ``--vm-reuse`` share one); another key gives another template."""
+        spec = replace(base_spec, provision=("echo built >> /var/tmp/builds",))
+        key = template_key(spec) + "-" + session.id
+        first = backend.build_template(spec, key, session)
         try:
-            assert other.handle != template.handle and other.key == template.key + "-other"
+            again = backend.build_template(spec, key, session)
+            assert (again.handle, again.key) == (first.handle, key)
+            other = backend.build_template(spec, key + "-other", session)
+            try:
+                assert (other.key, other.handle != first.handle) == (key + "-other", True)
+            finally:
+                backend.remove_template(other)
+            ref = backend.clone(again, spec, session)
+            try:
+                assert Machine(backend, ref, spec).read_text("/var/tmp/builds") == "built\n"
+            finally:
+                backend.destroy(ref)
         finally:
-            backend.remove_template(other)
+            backend.remove_template(first)
 
     def test_remove_template_of_a_gone_template(
         self, backend: Backend, base_spec: MachineSpec, session: Session, template: Snapshot
     ) -> None:
         """Removing a template that is gone already is success, and leaves others alone."""
-        snap = backend.build_template(base_spec, template.key + "-gone", session)
+        spec = replace(base_spec, provision=("true",))
+        snap = backend.build_template(spec, template_key(spec) + "-gone-" + session.id, session)
         backend.remove_template(snap)
         backend.remove_template(snap)
         if isinstance(backend, TemplateLister):
