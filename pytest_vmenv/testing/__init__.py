@@ -62,11 +62,15 @@ __all__ = [
 
 class BackendConformance(
     ConformanceFixtures,
-    LifecycleTests,
-    CommandTests,
-    FileTests,
-    SnapshotTests,
-    OwnershipTests,
     NetworkTests,
+    OwnershipTests,
+    SnapshotTests,
+    FileTests,
+    CommandTests,
+    LifecycleTests,
 ):
-    """Lifecycle, commands, files, snapshots, ownership and networks, on a real backend."""
+    """Lifecycle, commands, files, snapshots, ownership and networks, on a real backend.
+
+    pytest collects the tests of the last base first: the areas run in the order of the
+    docstring, the basics before what builds on them.
+    """

@@ -86,7 +86,7 @@ class CommandTests:
         assert time.monotonic() - start < 5
 
     def test_user_runs_as_that_user(self, clone: Machine, other_user: str | None) -> None:
-        require(other_user is not None, "other_user", "run commands as another user")
+        require(other_user is not None, "other_user is None: no other user to run commands as")
         assert other_user is not None
         uid = clone.succeed(["id", "-u", other_user]).strip()
         assert uid.isdigit() and uid != clone.succeed("id -u").strip()

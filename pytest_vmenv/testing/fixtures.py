@@ -7,7 +7,7 @@ Three kinds of fixture, as fsspec's ``tests/abstract`` has them:
 * **capabilities**: what the tests read to know what this backend can show here. The default
   of ``capabilities`` is ``backend.capabilities()``; the others default to "can". A backend
   that cannot do something overrides the fixture (with a docstring that says why): the test
-  then skips itself with that fixture's name, and never has to be redefined.
+  then adapts or skips itself, saying why, and is never redefined.
 * **built**: ``session``, ``template``, ``machines`` and ``clone``, made from the above.
 
 Class-scoped fixtures are classmethods (pytest's rule for class-scoped fixtures on classes);
@@ -41,10 +41,10 @@ def new_session() -> Session:
     return Session(id="conf-" + secrets.token_hex(4), state_dir=state_dir(), worker_id="conf")
 
 
-def require(flag: bool, fixture: str, what: str) -> None:
-    """Skip the running test when the capability fixture ``fixture`` says the backend cannot."""
+def require(flag: bool, why_not: str) -> None:
+    """Skip the running test, saying ``why_not``, when a capability fixture's ``flag`` is off."""
     if not flag:
-        pytest.skip(f"the backend's {fixture} fixture says it cannot {what}")
+        pytest.skip(why_not)
 
 
 class ConformanceFixtures:

@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import secrets
+
 import pytest
 
 from ..backend import Backend, Capabilities, Session, Snapshot
 from ..errors import MachineGone
 from ..machine import Machine
+from ..poll import poll_until
 from ..spec import MachineSpec
-from .fixtures import ids
+from .fixtures import ids, require
 
 __all__ = ["LifecycleTests"]
+
+CONSOLE_TIMEOUT = 15.0
 
 
 class LifecycleTests:
@@ -36,9 +41,14 @@ class LifecycleTests:
             backend.execute(ref, ["true"])
 
     def test_console_log(self, clone: Machine, capabilities: Capabilities) -> None:
-        """A backend with ``console_log`` shows what the guest printed while it booted."""
-        log = clone.console_log()
-        assert isinstance(log, str)
-        if not capabilities.console_log:
-            pytest.skip("capabilities().console_log is False: no console to show")
-        assert log.strip(), "console_log() is empty though capabilities().console_log is True"
+        """A backend with ``console_log`` shows what the guest writes on ``/dev/console``."""
+        assert isinstance(clone.console_log(), str)
+        require(capabilities.console_log, "capabilities().console_log is False: no console")
+        mark = "conformance-console-" + secrets.token_hex(4)
+        clone.succeed(f"echo {mark} > /dev/console")
+        poll_until(
+            lambda last_try: True if mark in clone.console_log() else None,
+            timeout=CONSOLE_TIMEOUT,
+            what=f"{mark!r}, written on /dev/console, in console_log()",
+            error=AssertionError,
+        )

@@ -35,7 +35,7 @@ class NetworkTests:
     def test_machines_on_one_network_reach_each_other(
         self, machines: MachineMaker, capabilities: Capabilities, netcat: str
     ) -> None:
-        require(capabilities.network, "capabilities", "honour spec.network")
+        require(capabilities.network, "capabilities().network is False: spec.network is ignored")
         lan, elsewhere = (f"lan#{secrets.token_hex(3)}" for _ in range(2))
         client = machines("client", network=lan)
         server = machines("server", network=lan)
