@@ -82,8 +82,11 @@ class OwnershipTests:
         keeper = second_backend()
         try:
             made = keeper.clone(template, spec, session)
-            keeper.keep(made)
-            keeper.keep(made)
+            try:
+                keeper.keep(made)
+            except BaseException:
+                keeper.destroy(made)
+                raise
         finally:
             _close(keeper)
         try:
