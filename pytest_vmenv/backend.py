@@ -23,11 +23,13 @@ A backend is constructed as ``cls(options)`` with its table from
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from .owners import boot_id, owner_alive, owner_token, process_start
+from .results import GET_LIMIT, OUTPUT_LIMIT, Output, Result
 
 if TYPE_CHECKING:
     from .spec import MachineSpec
@@ -50,8 +52,10 @@ __all__ = [
     "SpecCheck",
     "Summarizer",
     "TemplateLister",
+    "boot_id",
     "owner_alive",
     "owner_token",
+    "process_start",
     "split_network",
 ]
 
@@ -69,43 +73,6 @@ class Capabilities:
     network: bool = False
     limits: bool = False
     console_log: bool = False
-
-
-def boot_id() -> str:
-    """This host's boot id: an owner token from before a reboot is dead whatever its pid."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown-boot"
-
-
-def process_start(pid: int) -> str:
-    """The start time of ``pid`` in clock ticks since boot ("" if it does not exist).
-
-    A pid plus its start time names one process for ever: a reused pid has another start.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return ""
-    return stat.rsplit(b")", 1)[1].split()[19].decode()
-
-
-def owner_token(pid: int | None = None) -> str:
-    """``BOOTID:PID:START`` of ``pid`` (default: this process): who owns a resource."""
-    pid = os.getpid() if pid is None else pid
-    return f"{boot_id()}:{pid}:{process_start(pid)}"
-
-
-def owner_alive(token: str) -> bool:
-    """Whether the process named by an :func:`owner_token` still runs (on this boot)."""
-    boot, _, rest = token.partition(":")
-    pid, _, start = rest.partition(":")
-    if boot != boot_id() or not pid.isdigit():
-        return False
-    return process_start(int(pid)) == start != ""
 
 
 @dataclass(frozen=True)
@@ -160,112 +127,6 @@ class MachineRef:
     owner: str = ""  # the owner token (see owner_token) it was labelled with
     created: float = 0.0  # epoch seconds
     kept: bool = False  # detached with keep(): outlives its session until gc
-
-
-OUTPUT_LIMIT = 16 * 1024 * 1024
-"""Bytes of each output stream (stdout, stderr) a ``run`` keeps in memory by default."""
-
-GET_LIMIT = 1024 * 1024 * 1024
-"""Largest file ``get``/``read_bytes`` copy out of a machine by default (its logical size)."""
-
-
-class Output:
-    """One output stream of a command as it is read: at most ``limit`` bytes are kept.
-
-    Bytes past ``limit`` are counted in :attr:`dropped` and thrown away, so a command that
-    floods its output costs bounded memory however long it runs. Chunks are kept as read and
-    joined once, by :meth:`value`.
-    """
-
-    __slots__ = ("_chunks", "dropped", "kept", "limit")
-
-    def __init__(self, limit: int = OUTPUT_LIMIT) -> None:
-        self.limit = max(0, limit)
-        self.kept = 0
-        self.dropped = 0
-        self._chunks: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        room = self.limit - self.kept
-        if len(data) <= room:
-            if data:
-                self._chunks.append(data)
-                self.kept += len(data)
-            return
-        if room > 0:
-            self._chunks.append(data[:room])
-            self.kept += room
-        self.dropped += len(data) - max(room, 0)
-
-    def value(self) -> bytes:
-        """What was kept (the first ``limit`` bytes), joined once."""
-        if len(self._chunks) != 1:
-            self._chunks = [b"".join(self._chunks)]
-        return self._chunks[0]
-
-
-@dataclass(frozen=True)
-class Result:
-    """What a command did. ``stdout``/``stderr`` are text (UTF-8, undecodable bytes replaced);
-    ``stdout_bytes``/``stderr_bytes`` are exactly what the command wrote, up to a cap.
-
-    Each stream is kept up to ``max_output`` bytes (a keyword of ``run``; default
-    :data:`OUTPUT_LIMIT`, 16 MiB). A command that writes more has its first ``max_output``
-    bytes here, the count of the bytes past them in ``stdout_dropped``/``stderr_dropped``, and
-    ``truncated`` is True. Output that big belongs in a file: redirect it in the machine and
-    ``get`` it.
-    """
-
-    exit_code: int
-    stdout: str
-    stderr: str
-    duration: float
-    stdout_bytes: bytes = b""
-    stderr_bytes: bytes = b""
-    stdout_dropped: int = 0
-    stderr_dropped: int = 0
-
-    @classmethod
-    def from_bytes(
-        cls,
-        exit_code: int,
-        stdout: bytes,
-        stderr: bytes,
-        duration: float,
-        *,
-        stdout_dropped: int = 0,
-        stderr_dropped: int = 0,
-    ) -> Result:
-        return cls(
-            exit_code,
-            stdout.decode("utf-8", "replace"),
-            stderr.decode("utf-8", "replace"),
-            duration,
-            stdout,
-            stderr,
-            stdout_dropped,
-            stderr_dropped,
-        )
-
-    @classmethod
-    def from_output(cls, exit_code: int, stdout: Output, stderr: Output, duration: float) -> Result:
-        return cls.from_bytes(
-            exit_code,
-            stdout.value(),
-            stderr.value(),
-            duration,
-            stdout_dropped=stdout.dropped,
-            stderr_dropped=stderr.dropped,
-        )
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-    @property
-    def truncated(self) -> bool:
-        """Whether the command wrote more than was kept (see ``stdout_dropped``)."""
-        return self.stdout_dropped > 0 or self.stderr_dropped > 0
 
 
 def split_network(value: str) -> tuple[str, str | None, str]:

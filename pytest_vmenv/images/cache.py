@@ -31,8 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backend import owner_alive, owner_token
 from ..errors import BackendError, ConfigError, ProvisionError
+from ..owners import owner_alive, owner_token
 from .build import BUILD_TIMEOUT, build_tree, builder_problem
 from .progress import BuildEvent, publish
 from .recipe import Recipe
