@@ -273,8 +273,8 @@ class TemplateLister(Protocol):
 class Shell(Protocol):
     """Optional: an interactive shell in a machine, for ``vmenv shell NAME``."""
 
-    def shell(self, ref: MachineRef, argv: Sequence[str]) -> int:
-        """Run ``argv`` in the machine on this terminal; its exit status."""
+    def shell(self, ref: MachineRef, argv: Sequence[str] | None = None, /) -> int:
+        """Run ``argv`` (None: a login shell) in the machine on this terminal; its status."""
 
 
 @runtime_checkable
