@@ -38,10 +38,12 @@ __all__ = [
     "GET_LIMIT",
     "OUTPUT_LIMIT",
     "Backend",
+    "BuiltinImages",
     "Cache",
     "CacheKeeper",
     "Capabilities",
     "Closer",
+    "Configured",
     "MachineRef",
     "Output",
     "Result",
@@ -293,6 +295,22 @@ class SessionEnder(Protocol):
     """
 
     def end_session(self, session_id: str) -> None: ...
+
+
+@runtime_checkable
+class Configured(Protocol):
+    """Optional: ``options``, the table the backend was made with. The ledger records it
+    (secrets left out), so that a sweep in another process can make the backend again."""
+
+    options: Mapping[str, Any]
+
+
+@runtime_checkable
+class BuiltinImages(Protocol):
+    """Optional, on the backend class: the image names it makes without an ``[images]``
+    entry (the emulator's ``host``, libvirt's ``tiny``)."""
+
+    builtin_images: Sequence[str]
 
 
 @runtime_checkable

@@ -6,9 +6,9 @@
 * ``scope="function"`` machines live for one test; ``"module"``/``"session"`` ones are
   shared and released when their scope ends. ``isolation="revert"`` keeps one machine per
   spec and reverts it to its template after each test instead of cloning anew.
-* What a backend cannot do (its :class:`~pytest_vmenv.backend.Capabilities`) is handled
-  here: ``network=`` on a backend without private networks gets one warning, a machine
-  without a console log gets no console tail.
+* Backends are made, checked and asked about specs once (:mod:`.session_backends`); what
+  one cannot do (its :class:`~pytest_vmenv.backend.Capabilities`) is acted on: ``network=``
+  without private networks gets one warning, a machine without a console log no console tail.
 * Teardown releases every machine in its own ``try``: one failing destroy never keeps the
   others alive; the errors are raised together afterwards.
 """
@@ -16,7 +16,6 @@
 from __future__ import annotations
 
 import hashlib
-import logging
 import shutil
 import threading
 import time
@@ -26,20 +25,26 @@ from dataclasses import replace
 from functools import partial
 from typing import TypeVar
 
-from .backend import Backend, Capabilities, Closer, Session, Snapshot, SpecCheck, Summarizer
+from .backend import (
+    Backend,
+    Capabilities,
+    Closer,
+    Session,
+    Snapshot,
+    Summarizer,
+)
 from .errors import BackendUnavailable, VmenvError
 from .ledger import Ledger, file_lock, owners
 from .machine import Machine
 from .readiness import wait_ready
-from .reaper import SweepReport, Watchdog, close_session, sweep
+from .reaper import SweepReport, Watchdog, close_session
+from .session_backends import SessionBackends
 from .spares import WARM_AHEAD, Spares
 from .spec import MachineSpec
 from .summary import Summary, Timing, Timings
 from .templates import TemplateCallback, Templates, spec_identity, template_key
 
 __all__ = ["WARM_AHEAD", "Orchestrator", "TeardownError", "template_key"]
-
-log = logging.getLogger("pytest_vmenv")
 
 _T = TypeVar("_T")
 
@@ -72,18 +77,13 @@ class Orchestrator:
         self.session = session
         self.keep_mode = keep
         self.kept: list[Machine] = []
-        self.swept: list[str] = []
         self.notes: list[str] = []
         self._tainted: set[str] = set()
         self._detached: list[Machine] = []
         self.ledger = Ledger(session)
         self.ledger.open()
         self._watchdog = Watchdog(session)
-        self._make_backend = make_backend
-        self._backends: dict[str, Backend | BackendUnavailable] = {}
-        self._capabilities: dict[str, Capabilities] = {}
-        self._warned: set[tuple[str, str]] = set()
-        self._refusals: dict[str, str | None] = {}
+        self.backends = SessionBackends(session, self.ledger, make_backend)
         self._lock = threading.RLock()
         self._scoped: dict[str, dict[str, Machine]] = defaultdict(dict)
         self._pool: dict[str, Machine] = {}
@@ -109,86 +109,19 @@ class Orchestrator:
 
     def backend(self, name: str) -> Backend:
         """The backend ``name``, created and checked once; raises BackendUnavailable."""
-        with self._lock:
-            found = self._backends.get(name)
-            if found is None:
-                try:
-                    found = self._make_backend(name)
-                    found.check()
-                except BackendUnavailable as exc:
-                    found = exc
-                else:
-                    self._adopt(found)
-                    self._capabilities[name] = self._capabilities[found.name]
-                self._backends[name] = found
-        if isinstance(found, BackendUnavailable):
-            raise found
-        return found
-
-    def _adopt(self, backend: Backend) -> None:
-        """Record a new backend in the ledger, then sweep what dead sessions left on it."""
-        self.ledger.add_backend(backend.name, getattr(backend, "options", {}))
-        self._capabilities[backend.name] = backend.capabilities()
-        with file_lock(self.session.state_dir, "sweep"):
-            report = sweep([backend], self.session.state_dir)
-        self.swept += report.removed
-        for error in report.errors:
-            log.warning("pytest-vmenv: sweep: %s", error)
+        return self.backends.get(name)
 
     def capabilities(self, name: str) -> Capabilities:
-        """What the backend ``name`` (as a spec names it, or its own ``name``) can do; all
-        False while it is not made, or cannot be."""
-        return self._capabilities.get(name, Capabilities())
+        """What the backend ``name`` can do (see :meth:`.SessionBackends.capabilities`)."""
+        return self.backends.capabilities(name)
 
     def unavailable(self, name: str) -> str | None:
         """Why backend ``name`` cannot run here, or None if it can."""
-        try:
-            self.backend(name)
-        except BackendUnavailable as exc:
-            return exc.reason
-        return None
+        return self.backends.unavailable(name)
 
     def unavailable_for(self, spec: MachineSpec) -> str | None:
-        """Why this backend, running here, cannot make ``spec``'s machine, or None if it can.
-
-        Asked of the backend (:class:`~pytest_vmenv.backend.SpecCheck`) once per distinct
-        spec, not per template: two tests that share a template but not ``network=`` get each
-        its own answer. None too when the backend itself cannot run (see :meth:`unavailable`).
-        """
-        ident = spec_identity(spec)
-        with self._lock:
-            if ident in self._refusals:
-                return self._refusals[ident]
-        try:
-            backend = self.backend(spec.backend)
-        except BackendUnavailable:
-            return None
-        reason = backend.unavailable_for(spec) if isinstance(backend, SpecCheck) else None
-        if reason is None:
-            self._warn_fallbacks(spec)
-        with self._lock:
-            self._refusals[ident] = reason
-        return reason
-
-    def _warn_fallbacks(self, spec: MachineSpec) -> None:
-        """Warn, once per backend and kind, of what ``spec`` asks that its backend does not
-        honour fully here (its machine is made all the same). Limits are the backend's to
-        warn of: whether they hold can depend on the host (the emulator's delegated cgroups)."""
-        caps = self.capabilities(spec.backend)
-        if spec.network is not None and not caps.network:
-            self._warn_once(
-                spec.backend,
-                "network",
-                f"network={spec.network!r} is not a private network per environment on the "
-                f"{spec.backend} backend: machines of other tests may share it",
-            )
-
-    def _warn_once(self, backend: str, kind: str, message: str) -> None:
-        with self._lock:
-            if (backend, kind) in self._warned:
-                return
-            self._warned.add((backend, kind))
-        log.warning("pytest-vmenv: %s", message)
+        """Why ``spec``'s machine cannot be made here, or None if it can."""
+        return self.backends.unavailable_for(spec)
 
     def _makeable(self, spec: MachineSpec) -> bool:
         return self.unavailable(spec.backend) is None and self.unavailable_for(spec) is None
@@ -361,7 +294,7 @@ class Orchestrator:
             _attempt(errors, what, partial(self._release, machine))
         self.templates.shutdown()
         errors += self._remove_templates()
-        for name, backend in self._backends.items():
+        for name, backend in self.backends.made().items():
             if isinstance(backend, Summarizer):
                 _attempt(errors, f"backend {name}: summary", partial(self._note, backend.summary))
             if isinstance(backend, Closer):
@@ -381,15 +314,14 @@ class Orchestrator:
             if self.session.reuse or any(r.alive for r in owners(state, self.session.id)):
                 return []
             report = SweepReport()
-            made = [b for b in self._backends.values() if not isinstance(b, BackendUnavailable)]
-            close_session(made, state, self.session.id, report)
+            close_session(self.backends.made().values(), state, self.session.id, report)
         return report.errors
 
     def summary(self, errors: Iterable[str] = ()) -> Summary:
         """What this (closed) orchestrator did; ``errors``: what :meth:`close` returned."""
         return Summary(
             notes=list(self.notes),
-            swept=list(self.swept),
+            swept=list(self.backends.swept),
             kept=[
                 f"{m.name} ({m.backend.name}, {m.ref.id}): vmenv shell {m.ref.id}"
                 for m in self.kept

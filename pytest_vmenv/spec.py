@@ -11,7 +11,7 @@ from typing import Any
 from .config import VmenvConfig
 from .errors import ConfigError
 from .images import BASES, INITS, check_packages
-from .registry import not_installed
+from .shipped import not_installed
 
 __all__ = ["ISOLATIONS", "SCOPES", "MachineSpec", "SpecParser", "parse_size"]
 
