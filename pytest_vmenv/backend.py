@@ -131,6 +131,27 @@ class MachineRef:
     kept: bool = False  # detached with keep(): outlives its session until gc
 
 
+@dataclass(frozen=True)
+class Cache:
+    """Something kept on disk between sessions, as ``vmenv images`` lists it.
+
+    ``id`` is what ``vmenv images rm ID`` takes (unique within ``backend``); ``size`` is bytes
+    on this host's disk (None: not stored here, e.g. a vSphere template); ``held`` says why it
+    must stay ("" when nothing live uses it and it may go); ``handle`` is the backend's own
+    object for it (a :class:`Snapshot` for a template).
+    """
+
+    backend: str
+    kind: str
+    id: str
+    size: int | None
+    path: str = ""
+    detail: str = ""
+    created: float = 0.0
+    held: str = ""
+    handle: Any = field(default=None, compare=False)
+
+
 def split_network(value: str) -> tuple[str, str | None, str]:
     """Split the network id the orchestrator hands a backend: ``NAME[/CIDR]#INSTANCE``.
 
@@ -142,6 +163,9 @@ def split_network(value: str) -> tuple[str, str | None, str]:
     if "/" in base and base.replace(".", "").replace("/", "").isdigit():
         return base, base, instance
     return base, None, instance
+
+
+# -- the protocol: what every backend has, then each optional feature -----------------------
 
 
 @runtime_checkable
@@ -227,27 +251,6 @@ class SpecCheck(Protocol):
 
     def restrictions(self) -> str | None:
         """One line for ``vmenv backends``: what this backend cannot make here, or None."""
-
-
-@dataclass(frozen=True)
-class Cache:
-    """Something kept on disk between sessions, as ``vmenv images`` lists it.
-
-    ``id`` is what ``vmenv images rm ID`` takes (unique within ``backend``); ``size`` is bytes
-    on this host's disk (None: not stored here, e.g. a vSphere template); ``held`` says why it
-    must stay ("" when nothing live uses it and it may go); ``handle`` is the backend's own
-    object for it (a :class:`Snapshot` for a template).
-    """
-
-    backend: str
-    kind: str
-    id: str
-    size: int | None
-    path: str = ""
-    detail: str = ""
-    created: float = 0.0
-    held: str = ""
-    handle: Any = field(default=None, compare=False)
 
 
 @runtime_checkable

@@ -51,7 +51,7 @@ def template_key(spec: MachineSpec) -> str:
         "provision": [list(p) if isinstance(p, tuple) else p for p in spec.provision],
         "disk": spec.disk,
     }
-    if spec.packages:  # only when set: the keys of specs without them stay as they were
+    if spec.packages:  # only when set: a field a spec leaves unset does not change its key
         shape["packages"] = sorted(spec.packages)
     if spec.init is not None:
         shape["init"] = spec.init
