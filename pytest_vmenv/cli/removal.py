@@ -14,6 +14,7 @@ from pathlib import Path
 from ..backend import Backend, Cache, CacheKeeper, Snapshot
 from ..caches import human_size, live_sessions, remove_image, remove_scratch, with_labels
 from ..errors import TemplateInUse, VmenvError
+from ..images import BuiltImage
 from ..reaper import close_backends
 from .listing import CacheBackends, cache_backends, caches
 
@@ -51,17 +52,18 @@ def _spared_by_all(cache: Cache) -> str:
     return ""
 
 
+def _key(cache: Cache) -> str | None:
+    """The key of a template's or a built image's cache (None for any other)."""
+    return cache.handle.key if isinstance(cache.handle, Snapshot | BuiltImage) else None
+
+
 def _pick(caches: Sequence[Cache], wanted: Sequence[str]) -> tuple[set[str], list[str]]:
     """(ids of the caches named by ``wanted``: an id, a template key or a unique prefix of an
     id; errors for names that match none or several)."""
     picked: set[str] = set()
     problems = []
     for name in wanted:
-        exact = [
-            c
-            for c in caches
-            if name in (c.id, getattr(c.handle, "key", None)) and c.kind != "other files"
-        ]
+        exact = [c for c in caches if name in (c.id, _key(c)) and c.kind != "other files"]
         matches = exact or [c for c in caches if c.id.startswith(name) and c.kind != "other files"]
         if len(matches) == 1:
             picked.add(matches[0].id)
