@@ -158,6 +158,8 @@ class Orchestrator:
         Raises BackendUnavailable before anything is made if one of ``specs`` cannot be."""
         for spec in specs:
             self._check_spec(spec)
+        for spec in specs:
+            self.backends.warn_fallbacks(spec)
         machines: dict[str, Machine] = {}
         try:
             for spec in specs:

@@ -3,13 +3,14 @@ asked once per distinct spec whether it can make that spec's machine here.
 
 What a backend cannot do (its :class:`~pytest_vmenv.backend.Capabilities`) is acted on here
 and by the orchestrator: ``network=`` on a backend without private networks gets one
-warning, a machine without a console log gets no console tail.
+:class:`CapabilityWarning`, a machine without a console log gets no console tail.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import warnings
 from collections.abc import Callable
 
 from .backend import Backend, Capabilities, Configured, Session, SpecCheck
@@ -19,9 +20,13 @@ from .reaper import sweep
 from .spec import MachineSpec
 from .templates import spec_identity
 
-__all__ = ["SessionBackends"]
+__all__ = ["CapabilityWarning", "SessionBackends"]
 
 log = logging.getLogger("pytest_vmenv")
+
+
+class CapabilityWarning(UserWarning):
+    """A machine asks for what its backend does not do fully here (see ``capabilities()``)."""
 
 
 class SessionBackends:
@@ -109,16 +114,15 @@ class SessionBackends:
         except BackendUnavailable:
             return None
         reason = backend.unavailable_for(spec) if isinstance(backend, SpecCheck) else None
-        if reason is None:
-            self._warn_fallbacks(spec)
         with self._lock:
             self._refusals[ident] = reason
         return reason
 
-    def _warn_fallbacks(self, spec: MachineSpec) -> None:
-        """Warn, once per backend and kind, of what ``spec`` asks that its backend does not
-        honour fully here (its machine is made all the same). Limits are the backend's to
-        warn of: whether they hold can depend on the host (the emulator's delegated cgroups)."""
+    def warn_fallbacks(self, spec: MachineSpec) -> None:
+        """Warn (a :class:`CapabilityWarning`, in the report of the test that makes the
+        machine), once per backend and kind, of what ``spec`` asks that its backend does not
+        honour fully here; the machine is made all the same. Limits are the backend's to warn
+        of: whether they hold can depend on the host (the emulator's delegated cgroups)."""
         caps = self.capabilities(spec.backend)
         if spec.network is not None and not caps.network:
             self._warn_once(
@@ -133,4 +137,4 @@ class SessionBackends:
             if (backend, kind) in self._warned:
                 return
             self._warned.add((backend, kind))
-        log.warning("pytest-vmenv: %s", message)
+        warnings.warn(CapabilityWarning(message), stacklevel=2)
