@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shlex
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -47,6 +48,7 @@ __all__ = [
     "ProvisionError",
     "TemplateInUse",
     "VmenvError",
+    "command_text",
     "failed",
     "gone",
 ]
@@ -111,12 +113,9 @@ def _tail(data: str, lines: int = 20) -> str:
     return "\n".join("    " + p for p in parts) if parts else "    (empty)"
 
 
-def _show(command: str | Sequence[str]) -> str:
-    if isinstance(command, str):
-        return command
-    import shlex
-
-    return shlex.join(command)
+def command_text(command: str | Sequence[str]) -> str:
+    """A command as a user wrote it: a shell string as is, an argv quoted for a shell."""
+    return command if isinstance(command, str) else shlex.join(command)
 
 
 class CommandTimeout(VmenvError):
@@ -125,7 +124,7 @@ class CommandTimeout(VmenvError):
     def __init__(self, machine: str, command: str | Sequence[str], timeout: float) -> None:
         super().__init__(
             f"command on {machine!r} timed out after {timeout:g}s (process group killed): "
-            f"{_show(command)}"
+            f"{command_text(command)}"
         )
         self.machine = machine
         self.command = command
@@ -177,7 +176,7 @@ class CommandFailed(VmenvError, AssertionError):
     ) -> None:
         super().__init__(
             f"command on {machine!r} exited with {exit_code}, expected {expected}: "
-            f"{_show(command)}\n"
+            f"{command_text(command)}\n"
             f"  stdout:\n{_tail(stdout)}\n"
             f"  stderr:\n{_tail(stderr)}"
         )
