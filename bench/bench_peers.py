@@ -1,10 +1,11 @@
 """Peers benchmark: one fresh isolated machine running ``true`` once, pytest-vmenv's emulator
 against the tools a reader would otherwise reach for, all on one busybox rootfs.
 
-    python bench/bench_peers.py [--rounds 5] [--n 50]     # as root; about two minutes
+    python bench/bench_peers.py [--rounds 5] [--n 50]     # as root; 2-4 minutes on 2 cores
 
 The peers are benchmark-only (``apt-get install -y bubblewrap runc podman crun``); a peer that
-is not installed, or fails here, is printed as skipped with the reason, never left out.
+is not installed, or fails here, is printed as skipped with the reason, never left out. Files
+go to ``<state dir>/bench-peers``.
 
 Contenders, each making a fresh machine and running ``true`` in it once:
 
