@@ -20,7 +20,7 @@ import pytest
 asyncssh = pytest.importorskip("asyncssh")
 
 from pytest_vmenv import errors  # noqa: E402
-from pytest_vmenv.ssh import SSHChannel  # noqa: E402
+from pytest_vmenv.channel import SSHChannel  # noqa: E402
 
 MiB = 1024 * 1024
 

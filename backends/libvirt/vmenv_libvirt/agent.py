@@ -7,13 +7,15 @@ with ``setsid`` and ``cat`` in the guest (busybox has them, so has every distrib
 
 Why a wrapper script: qemu-ga reports a command as exited only when its output pipes close,
 so ``sleep 60 &`` would hang ``run`` for a minute, and ``guest-exec`` has no process-group
-kill. :data:`WRAPPER` runs the command under ``setsid`` (a new process group whose id is
-written to a pid file) with its output in files on the guest's /run; the wrapper ``cat``s
-them back (with their sizes in a header line, so stdout and stderr stay binary-exact) once the
-command exits. A timeout kills that process group with another ``guest-exec``. Output too big
-for one agent reply (libvirt caps a reply string at 4 MiB) is read with ``guest-file-read``,
-only up to ``max_output`` bytes per stream: the header's sizes tell what was dropped, and the
-rest never leaves the guest.
+kill. The command runs under the channel wrapper (:mod:`pytest_vmenv.channel`, :data:`WRAPPER`)
+in its own process group with its output in files under a run directory named by a random id
+(``/run/vmenv/ID``, else ``/tmp/vmenv.ID``), so the group's pid file is known before the command
+starts: a timeout kills that group with another ``guest-exec``. Once the command exits, the
+wrapper ``cat``s both files back with their sizes in a header line (stdout and stderr stay
+binary-exact). Output too big for one agent reply (libvirt caps a reply string at 4 MiB) is
+read with ``guest-file-read``, only up to ``max_output`` bytes per stream: the header's sizes
+tell what was dropped, and the rest never leaves the guest. A stdin too big for one
+``guest-exec`` is written to the run directory first.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_vmenv.backend import GET_LIMIT, OUTPUT_LIMIT, Result
+from pytest_vmenv.channel import Delivery, RunDir, Sized, Stdin, Wrapper
 from pytest_vmenv.errors import FileTooLarge
 
 __all__ = ["Agent", "AgentError", "CommandTimedOut", "WRAPPER"]
@@ -42,23 +45,7 @@ BASE_ENV = {
     "HOME": "/root",
     "LANG": "C.UTF-8",
 }
-WRAPPER = r"""
-id=$1; in=$2; shift 2
-d=/run/vmenv; mkdir -p $d 2>/dev/null || d=/tmp
-o=$d/$id.o; e=$d/$id.e
-if [ "$in" = - ]; then exec 3<&0; else exec 3<"$in"; rm -f "$in"; fi
-setsid "$@" <&3 3<&- >$o 2>$e &
-echo $! >$d/$id.p
-exec 3<&-
-wait $!; rc=$?
-ol=$(wc -c <$o); el=$(wc -c <$e)
-if [ $((ol + el)) -le INLINE_MAX ]; then
-  echo "vmenv-inline $ol $el"; cat $o $e; rm -f $o $e $d/$id.p
-else
-  echo "vmenv-files $ol $el $o $e"; rm -f $d/$id.p
-fi
-exit $rc
-""".replace("INLINE_MAX", str(INLINE_MAX))
+WRAPPER = Wrapper(RunDir.NAMED, Stdin.CHANNEL, Delivery.SIZED, inline_max=INLINE_MAX)
 
 
 class AgentError(Exception):
@@ -143,11 +130,10 @@ class Agent:
         if user not in (None, "root"):
             argv = ["su", "-s", "/bin/sh", "-c", shlex.join(argv), str(user)]
         token = secrets.token_hex(6)
-        stdin = "-"
         if input is not None and len(input) > INPUT_INLINE_MAX:
-            stdin = self._stage_input(token, input)
+            self._stage_input(token, input)
             input = None
-        pid = self.spawn(["/bin/sh", "-c", WRAPPER, "vmenv-exec", token, stdin, *argv], env, input)
+        pid = self.spawn(WRAPPER.argv(argv, token), env, input)
         deadline = None if timeout is None else time.monotonic() + timeout
         status = self.wait(pid, deadline)
         if status is None:
@@ -157,8 +143,6 @@ class Agent:
             raise CommandTimedOut(shlex.join(argv))
         code = _exit_code(status)
         raw = base64.b64decode(status.get("out-data", ""))
-        head, _, body = raw.partition(b"\n")
-        fields = head.decode("ascii", "replace").split()
 
         def result(out: bytes, err: bytes, olen: int, elen: int) -> Result:
             return Result.from_bytes(
@@ -166,40 +150,33 @@ class Agent:
                 stdout_dropped=max(0, olen - len(out)), stderr_dropped=max(0, elen - len(err)),
             )  # fmt: skip
 
-        if len(fields) >= 3 and fields[0] == "vmenv-inline":
-            olen, elen = int(fields[1]), int(fields[2])
-            keep_o, keep_e = min(olen, max_output), min(elen, max_output)
-            return result(body[:keep_o], body[olen : olen + keep_e], olen, elen)
-        if len(fields) >= 5 and fields[0] == "vmenv-files":
-            try:
-                out = self.read_file(fields[3], max_output)
-                err = self.read_file(fields[4], max_output)
-                return result(out, err, int(fields[1]), int(fields[2]))
-            finally:
-                self.run_simple(f"rm -f {shlex.quote(fields[3])} {shlex.quote(fields[4])}")
-        # The wrapper itself died (e.g. killed with its group): report what it said.
-        err = base64.b64decode(status.get("err-data", ""))
-        return result(raw[:max_output], err[:max_output], len(raw), len(err))
+        sized = Sized.parse(raw, max_output)
+        if sized is None:  # the wrapper itself died (e.g. killed with its group): what it said
+            err = base64.b64decode(status.get("err-data", ""))
+            return result(raw[:max_output], err[:max_output], len(raw), len(err))
+        if sized.files is None:
+            return result(sized.stdout, sized.stderr, sized.stdout_size, sized.stderr_size)
+        try:
+            out = self.read_file(sized.files[0], max_output)
+            err = self.read_file(sized.files[1], max_output)
+            return result(out, err, sized.stdout_size, sized.stderr_size)
+        finally:
+            self._cleanup(token)
 
-    def _stage_input(self, token: str, data: bytes) -> str:
-        """Write a large stdin to a guest file first (big ``input-data`` stalls the agent)."""
-        for path in (f"/run/vmenv-{token}.i", f"/tmp/vmenv-{token}.i"):
-            try:
-                self.write_file(path, data)
-                return path
-            except AgentError:
-                continue
-        raise AgentError("cannot stage stdin in the guest (neither /run nor /tmp is writable)")
+    def _stage_input(self, token: str, data: bytes) -> None:
+        """Write a large stdin to the run directory first (big ``input-data`` stalls the agent)."""
+        code, out = self.run_simple(WRAPPER.setup(token))
+        where = out.decode("utf-8", "replace").strip()
+        if code != 0 or not where:
+            raise AgentError("cannot stage stdin in the guest (neither /run nor /tmp is writable)")
+        self.write_file(f"{where}/i", data)
 
     def _kill_group(self, token: str) -> None:
-        script = (
-            f"for d in /run/vmenv /tmp; do p=$(cat $d/{token}.p 2>/dev/null) && "
-            "kill -9 -$p 2>/dev/null; done; true"
-        )
-        self.run_simple(script, timeout=10)
+        pid = self.spawn(WRAPPER.kill_argv(token))
+        self.wait(pid, time.monotonic() + 10)
 
     def _cleanup(self, token: str) -> None:
-        self.run_simple(f"rm -f /run/vmenv/{token}.* /tmp/{token}.*", timeout=10)
+        self.run_simple("rm -rf " + shlex.join(WRAPPER.dirs(token)), timeout=10)
 
     # -- files --------------------------------------------------------------------------
     def read_file(self, path: str, limit: int | None = None) -> bytes:

@@ -11,7 +11,7 @@ Contract:
   inherit it.
 * :class:`Remote` finds a guest's IPv4 in the libvirt network's DHCP leases
   (``interfaceAddresses(..._SRC_LEASE)``: there is no agent to ask) and keeps one
-  :class:`pytest_vmenv.ssh.SSHChannel` per domain (one connection, reused).
+  :class:`pytest_vmenv.channel.SSHChannel` per domain (one connection, reused).
 * :class:`SSHRunner` gives an SSH channel the :class:`.agent.Agent` interface the backend
   uses (``execute``/``write_file``/``read_file``), so templates, provisioning, commands and
   files take the same code path whichever channel a machine has.
@@ -38,7 +38,7 @@ from .agent import CommandTimedOut
 from .connection import NAME, Hypervisor
 
 if TYPE_CHECKING:
-    from pytest_vmenv.ssh import SSHChannel
+    from pytest_vmenv.channel import SSHChannel
 
 __all__ = ["Remote", "Runner", "SSHRunner", "channel_config", "public_key", "ssh_of"]
 
@@ -171,7 +171,7 @@ class SSHRunner:
 def _channel_class() -> type[SSHChannel]:
     """The core's :class:`SSHChannel` (imported on first use: it needs the ssh extra)."""
     try:
-        from pytest_vmenv.ssh import SSHChannel
+        from pytest_vmenv.channel import SSHChannel
     except ImportError as exc:
         raise errors.BackendError(
             f"{NAME}: this image's command channel is SSH, which needs the ssh extra: "
@@ -238,7 +238,7 @@ class Remote:
         self, dom: str, name: str, timeout: float, ssh: Mapping[str, Any], uri: str | None = None
     ) -> str:
         """Wait for a lease and an SSH login on ``dom``; its IP. BootTimeout with the console."""
-        from pytest_vmenv.ssh import SSHUnreachable
+        from pytest_vmenv.channel import SSHUnreachable
 
         deadline = time.monotonic() + timeout
         ip = self.lease_ip(dom, name, timeout, uri)

@@ -14,7 +14,7 @@ runs each command as a local process in its own mount and UTS namespaces (``unsh
   from), standing in for the linked-clone disk that vcsim does not give the clone.
 
 It is the guest side only: commands, files and SSH travel through the product's real code
-(``pytest_vmenv.ssh``). It needs root (``unshare --mount``), as the CI runs.
+(``pytest_vmenv.channel``). It needs root (``unshare --mount``), as the CI runs.
 """
 
 from __future__ import annotations

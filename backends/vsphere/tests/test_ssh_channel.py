@@ -7,9 +7,9 @@ import secrets
 import pytest
 from guestlab import GuestLab
 
+from pytest_vmenv.channel import SSHChannel
 from pytest_vmenv.errors import FileTooLarge
 from pytest_vmenv.paths import state_dir
-from pytest_vmenv.ssh import SSHChannel
 
 
 def test_connection_survives_gets_refused_for_their_size() -> None:

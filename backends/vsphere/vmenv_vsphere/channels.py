@@ -1,7 +1,7 @@
 """How commands and files reach a VM's guest, and what "ready" means.
 
 :class:`Channels` picks one channel per VM and keeps it: SSH (the core's
-:class:`~pytest_vmenv.ssh.SSHChannel`) to the guest's address when ``ssh_key`` or
+:class:`~pytest_vmenv.channel.SSHChannel`) to the guest's address when ``ssh_key`` or
 ``ssh_password`` is configured, else VMware Tools guest operations (:mod:`.guestops`, with
 ``guest_user``/``guest_password``). The guest's address comes from the ``endpoint`` it is given
 (the backend's ``guest_endpoint``, the one seam for a lab whose guests share an address).
@@ -27,7 +27,7 @@ from .faults import NAME
 from .guestops import GuestOpsChannel
 
 if TYPE_CHECKING:
-    from pytest_vmenv.ssh import SSHChannel
+    from pytest_vmenv.channel import SSHChannel
 
 __all__ = ["Channels", "tools_ip"]
 
@@ -79,7 +79,7 @@ class Channels:
         max_output: int = OUTPUT_LIMIT,
     ) -> Result:
         """Run ``argv`` over the channel; a VM that is gone is :class:`MachineGone`."""
-        from pytest_vmenv.ssh import SSHUnreachable
+        from pytest_vmenv.channel import SSHUnreachable
 
         try:
             return self.get(ref).execute(
@@ -106,7 +106,7 @@ class Channels:
         deadline = time.monotonic() + timeout
         ref = replace(ref, ip=self._wait_ip(vm, ref.name, timeout))
         if self._link.config.uses_ssh:
-            from pytest_vmenv.ssh import SSHChannel, SSHUnreachable
+            from pytest_vmenv.channel import SSHChannel, SSHUnreachable
 
             channel = self.get(ref)
             assert isinstance(channel, SSHChannel)
@@ -151,7 +151,7 @@ class Channels:
             self.drop(moref)
 
     def _ssh(self, ref: MachineRef) -> SSHChannel:
-        from pytest_vmenv.ssh import SSHChannel
+        from pytest_vmenv.channel import SSHChannel
 
         cfg = self._link.config
         host, port = self._endpoint(ref)

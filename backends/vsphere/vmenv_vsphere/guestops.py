@@ -11,19 +11,21 @@ store or ``ca_file``, and off only with ``insecure``.
 
 StartProgramInGuest gives a program no stdin, stdout or stderr, so :meth:`GuestOpsChannel.execute`
 works through files: it makes a private directory with ``CreateTemporaryDirectoryInGuest``,
-uploads ``input`` there as ``i``, and starts ``/bin/sh -c WRAPPER`` which runs the command
-under ``setsid`` (its own session and process group, whose id goes to ``pid``) with stdin from
-``i`` (else ``/dev/null``) and stdout/stderr into ``o``/``e``; the wrapper exits with the
-command's status (a signal N is 128+N, a missing program 127). ``ListProcessesInGuest`` is
-polled, with a growing interval, until the wrapper's ``endTime``/``exitCode`` appear; then
-both files are fetched (bytes, exactly as written, up to ``max_output`` each: the transfer
-stops there and the file's size tells what was dropped) and the directory removed. A background
-process left running does not hold ``execute`` open.
+uploads ``input`` there as ``i``, and starts the channel wrapper (:mod:`pytest_vmenv.channel`)
+with that directory, which runs the command in its own session and process group (whose id
+goes to ``pid``) with stdin from ``i`` (else ``/dev/null``) and stdout/stderr left in
+``o``/``e``; the wrapper exits with the command's status (a signal N is 128+N, a missing
+program 127). ``ListProcessesInGuest`` is polled, with a growing interval, until the
+wrapper's ``endTime``/``exitCode`` appear; then both files are fetched (bytes, exactly as
+written, up to ``max_output`` each: the transfer stops there and the file's size tells what
+was dropped) and the directory removed. A background process left running does not hold
+``execute`` open.
 
 Timeouts: a command with ``timeout`` that passes it has its process group killed by a second
-StartProgramInGuest (``kill -KILL -PGID``), its wrapper is stopped with
-``TerminateProcessInGuest`` if it still runs, and :class:`CommandTimeout` is raised. Without a
-``timeout`` the poll is still bounded, by ``task_timeout`` (600 s by default).
+StartProgramInGuest (the wrapper's group kill, :data:`~pytest_vmenv.channel.KILL`), its
+wrapper is stopped with ``TerminateProcessInGuest`` if it still runs, and
+:class:`CommandTimeout` is raised. Without a ``timeout`` the poll is still bounded, by
+``task_timeout`` (600 s by default).
 
 The guest password is a :class:`~.config.Secret`; a ``NamePasswordAuthentication`` is built
 inline for each call and never kept, logged or put in a message. Faults become
@@ -46,6 +48,7 @@ from pyVmomi import vim
 
 from pytest_vmenv import errors
 from pytest_vmenv.backend import GET_LIMIT, OUTPUT_LIMIT, Output, Result
+from pytest_vmenv.channel import KILL, Delivery, RunDir, Stdin, Wrapper, as_user
 
 from .config import Secret
 from .connection import Connection
@@ -56,31 +59,7 @@ __all__ = ["KILL", "WRAPPER", "GuestOpsChannel"]
 log = logging.getLogger("vmenv.vsphere")
 _T = TypeVar("_T")
 
-WRAPPER = r"""d=$1; shift
-in=/dev/null; [ -e "$d/i" ] && in=$d/i
-setsid "$@" <"$in" >"$d/o" 2>"$d/e" &
-echo $! >"$d/pid"
-wait $!"""
-KILL = r"""for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
-  [ -s "$1/pid" ] && break; sleep 0.1
-done
-p=$(cat "$1/pid") || exit 1
-kill -KILL "-$p" 2>/dev/null || { sleep 0.2; kill -KILL "-$p"; }"""
-
-
-def _command(argv: Sequence[str], env: Mapping[str, str] | None, user: str | None,
-             login: str) -> list[str]:  # fmt: skip
-    """``argv`` with the env and user switch the SSH channel uses too."""
-    prefix: list[str] = []
-    if user and user != login:
-        switch = ["runuser", "-u"] if login == "root" else ["sudo", "-n", "-u"]
-        prefix = [*switch, user, "--"]
-    if env:
-        bad = [k for k in env if not k or "=" in k]
-        if bad:
-            raise ValueError(f"invalid environment variable name {bad[0]!r}")
-        prefix += ["env", *(f"{k}={v}" for k, v in env.items())]
-    return [*prefix, *argv]
+WRAPPER = Wrapper(RunDir.GIVEN, Stdin.NULL, Delivery.FILES)
 
 
 class GuestOpsChannel:
@@ -167,7 +146,7 @@ class GuestOpsChannel:
         """Run ``argv`` (the same semantics as the SSH channel; see the module docstring)."""
         if not argv:
             raise ValueError("execute needs a command")
-        parts = _command(argv, env, user, self.user)
+        parts = as_user(argv, env, user, self.user)
         start = time.monotonic()
         limit = self.max_wait if timeout is None else timeout
         workdir = self._api(
@@ -180,7 +159,7 @@ class GuestOpsChannel:
         try:
             if input:
                 self._put(f"{workdir}/i", input)
-            pid = self._start(["/bin/sh", "-c", WRAPPER, "vmenv", workdir, *parts])
+            pid = self._start(WRAPPER.argv(parts, workdir))
             code = self._wait(pid, start + limit)
             if code is None:
                 self._kill(workdir, pid)
@@ -195,7 +174,7 @@ class GuestOpsChannel:
     def _kill(self, workdir: str, pid: int) -> None:
         """Kill the command's process group, then the wrapper if it still runs."""
         try:
-            killer = self._start(["/bin/sh", "-c", KILL, "vmenv-kill", workdir])
+            killer = self._start(WRAPPER.kill_argv(workdir, KILL))
             self._wait(killer, time.monotonic() + 10)
             if self._wait(pid, time.monotonic() + 5) is not None:
                 return

@@ -23,14 +23,14 @@ Semantics, the same as every backend's ``execute``:
   counted in ``Result.stdout_dropped``/``stderr_dropped``), and ``timeout`` bounds the whole
   call, the transfer of the output included.
 
-How: the remote side runs a small POSIX ``sh`` wrapper that makes a private directory with
-``mktemp -d``, prints its path, runs the command under ``setsid`` with stdout and stderr
-redirected to files there, then sends both files and exits with the command's status.
-Output is therefore delivered when the command ends rather than streamed, and needs room in
-the guest's ``$TMPDIR``; in exchange the background case and group kill work the same against
-any sshd and any POSIX guest. Files travel over the same wrapper (``cat``), so no SFTP
-subsystem is needed. ``copy_out`` streams ``cat`` straight into the local file (runs of zero
-blocks become holes) and stops at ``max_size``.
+How: the remote side runs the command under the channel wrapper (:mod:`.wrapper`) with a
+run directory made by ``mktemp -d`` (its path is the first line back, so a timeout can kill
+the group through its pid file), stdin from the channel, and both output files sent back once
+the command ends. Output is therefore delivered when the command ends rather than streamed,
+and needs room in the guest's ``$TMPDIR``; in exchange the background case and group kill work
+the same against any sshd and any POSIX guest. Files travel over the same wrapper (``cat``),
+so no SFTP subsystem is needed. ``copy_out`` streams ``cat`` straight into the local file
+(runs of zero blocks become holes) and stops at ``max_size``.
 
 Host keys: guests are fresh clones whose keys nobody knows in advance, so by default they are
 not checked (as ``StrictHostKeyChecking=no``); pass ``known_hosts`` to check them. The
@@ -50,20 +50,14 @@ from typing import Any, TypeVar
 
 import asyncssh
 
-from .backend import GET_LIMIT, OUTPUT_LIMIT, Output, Result
-from .errors import BackendError, CommandTimeout, FileTooLarge
+from ..backend import GET_LIMIT, OUTPUT_LIMIT, Output, Result
+from ..errors import BackendError, CommandTimeout, FileTooLarge
+from .wrapper import Delivery, RunDir, Stdin, Wrapper, as_user
 
 __all__ = ["SSHChannel", "SSHUnreachable"]
 
 _T = TypeVar("_T")
-# ``setsid`` without ``-w`` (busybox has no ``-w``): a non-interactive shell's child is never a
-# process-group leader, so setsid execs in place instead of forking and the shell waits for it.
-_WRAPPER = r"""t=$(mktemp -d "${TMPDIR:-/tmp}/vmenv.XXXXXX") || exit 125
-printf '%s\n' "$t"
-setsid /bin/sh -c 'echo $$ >"$0/pid"; exec "$@"' "$t" "$@" >"$t/o" 2>"$t/e"
-rc=$?
-cat "$t/o"; cat "$t/e" >&2; rm -rf "$t"
-exit $rc"""
+_WRAPPER = Wrapper(RunDir.MKTEMP, Stdin.CHANNEL, Delivery.STREAM)
 
 
 class SSHUnreachable(BackendError):
@@ -184,20 +178,7 @@ class SSHChannel:
         self, argv: Sequence[str], env: Mapping[str, str] | None, user: str | None
     ) -> str:
         """The remote command line for ``argv`` (the wrapper, env and user switch)."""
-        prefix: list[str] = []
-        if user and user != self.user:
-            prefix = (
-                ["runuser", "-u", user, "--"]
-                if self.user == "root"
-                else ["sudo", "-n", "-u", user, "--"]
-            )
-        if env:
-            bad = [k for k in env if not k or "=" in k]
-            if bad:
-                raise ValueError(f"invalid environment variable name {bad[0]!r}")
-            prefix += ["env", *(f"{k}={v}" for k, v in env.items())]
-        parts = [*prefix, *argv]
-        return "/bin/sh -c " + shlex.quote(_WRAPPER) + " vmenv " + shlex.join(parts)
+        return shlex.join(_WRAPPER.argv(as_user(argv, env, user, self.user)))
 
     def execute(
         self,
@@ -272,11 +253,7 @@ class SSHChannel:
         return code, out, err
 
     async def _kill_group(self, conn: asyncssh.SSHClientConnection, workdir: str) -> None:
-        script = (
-            'for i in 1 2 3 4 5 6 7 8 9 10; do [ -s "$1/pid" ] && break; sleep 0.1; done; '
-            'kill -KILL "-$(cat "$1/pid")"'
-        )
-        command = "/bin/sh -c " + shlex.quote(script) + " kill " + shlex.quote(workdir)
+        command = shlex.join(_WRAPPER.kill_argv(workdir))
         with contextlib.suppress(TimeoutError, asyncssh.Error, OSError):
             await asyncio.wait_for(conn.run(command, check=False), 10)
 
