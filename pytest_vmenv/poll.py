@@ -43,8 +43,9 @@ def poll_until(
     Pauses start at ``interval`` seconds and double up to ``max_interval``, and never run past
     the deadline. An exception of ``retry_on`` counts as "not yet"; any other propagates at
     once. When ``timeout`` seconds have passed, ``probe(True)`` runs one last time: its value
-    is returned, its exception propagates, and a None raises ``error(message)``, the message
-    naming ``what`` was waited for, for how long, and the last "not yet" exception if any.
+    is returned, an exception other than ``retry_on`` propagates (a probe raises its own,
+    better worded error there), and a None or a ``retry_on`` exception raises
+    ``error(message)``, naming what was waited for, for how long, and the last exception.
     """
     deadline = time.monotonic() + timeout
 

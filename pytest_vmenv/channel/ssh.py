@@ -52,6 +52,7 @@ import asyncssh
 
 from ..backend import GET_LIMIT, OUTPUT_LIMIT, Output, Result
 from ..errors import BackendError, CommandTimeout, FileTooLarge
+from ..poll import poll_until
 from .wrapper import Delivery, RunDir, Stdin, Wrapper, as_user
 
 __all__ = ["SSHChannel", "SSHUnreachable"]
@@ -148,18 +149,19 @@ class SSHChannel:
             return self._conn
 
     def wait_ready(self, timeout: float) -> None:
-        """Connect, retrying until ``timeout`` seconds pass (a booting guest's sshd)."""
-        deadline = time.monotonic() + timeout
-        delay = 0.05
-        while True:
+        """Connect, retrying until ``timeout`` seconds pass (a booting guest's sshd); then
+        the last attempt's :class:`SSHUnreachable` propagates."""
+
+        def connect(last_try: bool) -> bool | None:
             try:
                 _Loop.run(self._connection())
-                return
             except SSHUnreachable:
-                if time.monotonic() + delay > deadline:
+                if last_try:
                     raise
-                time.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                return None
+            return True
+
+        poll_until(connect, timeout=timeout, what=f"ssh to {self.host}", max_interval=2.0)
 
     def close(self) -> None:
         """Close the connection (reopened on the next use)."""

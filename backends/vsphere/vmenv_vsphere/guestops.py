@@ -49,6 +49,7 @@ from pyVmomi import vim
 from pytest_vmenv import errors
 from pytest_vmenv.backend import GET_LIMIT, OUTPUT_LIMIT, Output, Result
 from pytest_vmenv.channel import KILL, Delivery, RunDir, Stdin, Wrapper, as_user
+from pytest_vmenv.poll import poll_until
 
 from .config import Secret
 from .connection import Connection
@@ -121,16 +122,16 @@ class GuestOpsChannel:
 
     def _wait(self, pid: int, deadline: float) -> int | None:
         """Poll ``pid`` until it ends (its exit code) or ``deadline`` passes (None)."""
-        delay = 0.01
-        while True:
-            code = self._status(pid)
-            if code is not None:
-                return code
-            left = deadline - time.monotonic()
-            if left <= 0:
-                return None
-            time.sleep(min(delay, left))
-            delay = min(delay * 1.5, 0.5)
+        try:
+            return poll_until(
+                lambda _last_try: self._status(pid),
+                timeout=max(0.0, deadline - time.monotonic()),
+                what=f"process {pid} in {self.machine}",
+                interval=0.01,
+                max_interval=0.5,
+            )
+        except TimeoutError:
+            return None
 
     # -- commands -----------------------------------------------------------------------------
     def execute(
