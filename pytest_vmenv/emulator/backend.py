@@ -49,13 +49,13 @@ from ..backend import (
     Snapshot,
 )
 from ..images import BASES, ImageCache, builder_problem, recipe_of
-from . import caches, disk, inventory, layers, userns
 from .base import NAME, EmulatorBase, LimitNotApplied, boundary
-from .control import FILE_IDLE_TIMEOUT, CommandTimedOut, TooLarge
-from .host import Guest, guest_from_meta, read_meta, start_guest, stop_guest, wait_systemd
-from .images import base_stack, check_image, is_host, refresh_mask
-from .spawner import Zygote
-from .terminal import run_shell
+from .host import caches, disk, inventory, layers, userns
+from .host.control import FILE_IDLE_TIMEOUT, CommandTimedOut, TooLarge
+from .host.images import base_stack, check_image, is_host, refresh_mask
+from .host.lifecycle import Guest, guest_from_meta, read_meta, start_guest, stop_guest, wait_systemd
+from .host.spawner import Zygote
+from .host.terminal import run_shell
 
 if TYPE_CHECKING:
     from ..spec import MachineSpec

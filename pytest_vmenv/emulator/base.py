@@ -20,11 +20,12 @@ from typing import Any, TypeVar
 from .. import errors
 from ..backend import MachineRef
 from ..paths import register
-from . import netglue, seccomp, userns
-from .cgroups import DEFAULT_PIDS_MAX, Cgroups
-from .control import GuestDied
-from .host import Guest, connect, guest_from_meta, read_meta
-from .spawner import Zygote, ZygoteGone
+from .guest import seccomp
+from .host import networks, userns
+from .host.cgroups import DEFAULT_PIDS_MAX, Cgroups
+from .host.control import GuestDied
+from .host.lifecycle import Guest, connect, guest_from_meta, read_meta
+from .host.spawner import Zygote, ZygoteGone
 
 __all__ = ["NAME", "EmulatorBase", "LimitNotApplied", "boundary"]
 
@@ -74,7 +75,7 @@ class EmulatorBase:
         self._attached: dict[str, Guest] = {}  # other processes' guests we talk to
         self._zygote: Zygote | None = None
         self._cgroups: Cgroups | None = None
-        self._net = netglue.Networks()
+        self._net = networks.Networks()
         self._secured = False
 
     @property

@@ -11,13 +11,16 @@ from __future__ import annotations
 import array
 import json
 import socket
+import struct
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MAX_MESSAGE", "recv", "send", "socketpair"]
+__all__ = ["FRAME", "MAX_MESSAGE", "recv", "send", "socketpair"]
 
 MAX_MESSAGE = 1 << 20
 _MAX_FDS = 8
+FRAME = struct.Struct("<QQ")
+"""The header of one extent of a framed ``get`` (see :mod:`.guest.files`): offset, length."""
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmenv.emulator import cgroups
-from pytest_vmenv.emulator.cgroups import Hierarchy, hierarchies, v2_base
+from pytest_vmenv.emulator.host import cgroups
+from pytest_vmenv.emulator.host.cgroups import Hierarchy, hierarchies, v2_base
 
 HYBRID_CGROUP = """\
 12:name=systemd:/user.slice/session-2.scope

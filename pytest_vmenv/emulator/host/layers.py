@@ -31,15 +31,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import errors
-from ..backend import Snapshot
-from ..diagnose import provision_failed
+from ... import errors
+from ...backend import Snapshot
+from ...diagnose import provision_failed
 from . import disk, userns
 from .control import CommandTimedOut
 
 if TYPE_CHECKING:
-    from ..spec import MachineSpec
-    from .host import Guest
+    from ...spec import MachineSpec
+    from .lifecycle import Guest
 
 __all__ = [
     "CACHES_LOCK",

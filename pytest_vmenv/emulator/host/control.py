@@ -22,10 +22,10 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .. import errors
-from ..backend import OUTPUT_LIMIT, Output
-from . import wire
-from .guestfiles import FRAME
+from ... import errors
+from ...backend import OUTPUT_LIMIT, Output
+from .. import wire
+from ..wire import FRAME
 
 __all__ = [
     "FILE_IDLE_TIMEOUT",

@@ -30,13 +30,13 @@ from typing import Any
 
 import tenacity
 
-from . import wire
+from .. import wire
 
 __all__ = ["RESTARTS", "RESTART_WINDOW", "Zygote", "ZygoteGone"]
 
 RESTARTS = 3
 RESTART_WINDOW = 10.0
-_PKG_PARENT = str(Path(__file__).resolve().parents[2])
+_PKG_PARENT = str(Path(__file__).resolve().parents[3])
 _DETACHED: list[subprocess.Popen[bytes]] = []
 # argv: the control fd, the package's dir. The two packages become bare namespaces (their
 # __init__ not run), then the zygote is imported; gc.freeze: the children's collections never

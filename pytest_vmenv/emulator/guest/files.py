@@ -21,16 +21,14 @@ import contextlib
 import errno
 import os
 import stat
-import struct
 from collections.abc import Mapping
 from typing import Any
 
+from ..wire import FRAME
 from .resolve import open_in_root
 
-__all__ = ["FRAME", "file_op", "login_argv", "lookup_user", "which"]
+__all__ = ["file_op", "login_argv", "lookup_user", "which"]
 
-FRAME = struct.Struct("<QQ")
-"""The header of one extent of a ``get``: its offset and its length in bytes."""
 _CHUNK = 1 << 20
 
 

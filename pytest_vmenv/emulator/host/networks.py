@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..backend import split_network
+from ...backend import split_network
 
 if TYPE_CHECKING:
-    from .host import Guest
+    from .lifecycle import Guest
 
 __all__ = ["DEFAULT_CIDR", "Networks"]
 
@@ -39,14 +39,14 @@ class Networks:
 
     def available(self) -> bool:
         try:
-            from . import network  # noqa: F401
+            from . import bridge  # noqa: F401
         except ImportError:
             return False
         return shutil.which("ip", path="/usr/sbin:/sbin:/usr/bin:/bin") is not None
 
     def attach(self, guest: Guest, everyone: list[Guest], state_dir: Path) -> None:
         """Give ``guest`` an address on its network and refresh every member's hosts file."""
-        from .network import Lan
+        from .bridge import Lan
 
         assert guest.network is not None
         with self._lock:

@@ -33,7 +33,7 @@ limits either (``prlimit``, see :mod:`.seccomp`), and the OOM killer picks a com
 it (:mod:`.oom`).
 
 With ``init="systemd"`` the root is built the same way (plus what systemd needs, see
-:func:`.rootfs.build_root`), then PID 1 forks: the child is the *agent* (always pid 2),
+:func:`.mounts.build_root`), then PID 1 forks: the child is the *agent* (always pid 2),
 which serves the control sockets exactly as PID 1 does otherwise: not dumpable, under the
 same seccomp filter and capability bounds, with PID 1's OOM score (:mod:`.oom`), and the filter
 refuses guest processes a signal, a pidfd or a new resource limit for pid 2 as it refuses
@@ -60,8 +60,9 @@ import traceback
 from collections.abc import Mapping
 from typing import Any
 
-from . import _sys, guestfiles, oom, rootfs, userns, wire
-from .guestfiles import login_argv, lookup_user, which
+from .. import syscalls, wire
+from . import files, mounts, oom, userns
+from .files import login_argv, lookup_user, which
 
 __all__ = ["pid1_main"]
 
@@ -168,7 +169,7 @@ class Init:
         if op in ("freeze", "thaw"):  # the user-namespace mode's freezer (no cgroups)
             userns.stop_all(op == "freeze")
             return {"ok": True}
-        return guestfiles.file_op(op, msg, fds)
+        return files.file_op(op, msg, fds)
 
     def _exec(self, msg: Mapping[str, Any], reply: socket.socket, fds: list[int]) -> None:
         master = -1
@@ -394,7 +395,7 @@ def _exec_systemd(path: str, cfg: Mapping[str, Any]) -> None:
         console = os.open("/dev/console", os.O_WRONLY | os.O_APPEND | os.O_NOCTTY)
         os.dup2(console, 1)
         os.dup2(console, 2)
-        rootfs.close_fds_except([])
+        syscalls.close_fds_except([])
         for sig in (*_RESET_SIGNALS, signal.SIGPIPE):
             signal.signal(sig, signal.SIG_DFL)
         signal.pthread_sigmask(signal.SIG_SETMASK, ())
@@ -429,9 +430,9 @@ def _fork_agent(cfg: Mapping[str, Any]) -> None:
         )
     if os.fork() != 0:
         _exec_systemd(path, cfg)
-    if os.getpid() != rootfs.AGENT_PID:  # the filter protects that pid, and only that one
-        raise OSError(f"the agent is pid {os.getpid()}, not {rootfs.AGENT_PID}")
-    _sys.set_comm("vmenv-agent")
+    if os.getpid() != mounts.AGENT_PID:  # the filter protects that pid, and only that one
+        raise OSError(f"the agent is pid {os.getpid()}, not {mounts.AGENT_PID}")
+    syscalls.set_comm("vmenv-agent")
 
 
 def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
@@ -440,7 +441,7 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
     try:
         host_pid = int(os.readlink("/proc/self"))  # still the host's /proc: the host pid
         listener = _listen(cfg["gdir"])  # before pivot_root: the path is the host's
-        _sys.set_comm("vmenv-init")
+        syscalls.set_comm("vmenv-init")
         console = os.open(cfg["boot_log"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
         null = os.open("/dev/null", os.O_RDWR)
         os.dup2(null, 0)
@@ -448,11 +449,11 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
         os.dup2(console, 2)
         os.close(null)
         os.close(console)
-        rootfs.build_root(cfg)
+        mounts.build_root(cfg)
         if cfg.get("init") == "systemd":
             _fork_agent(cfg)  # PID 1 becomes systemd; the agent goes on here
         shield = oom.Shield(cfg.get("oom"))  # while /proc/self is still ours to open
-        _sys.prctl(_PR_SET_DUMPABLE, 0)  # no ptrace, /proc/1/fd or pidfd_getfd from the guest
+        syscalls.prctl(_PR_SET_DUMPABLE, 0)  # no ptrace, /proc/1/fd or pidfd_getfd from the guest
         os.environ.clear()
         os.environ.update(PATH=DEFAULT_PATH, HOME="/root", LANG="C.UTF-8")
         rfd, wfd = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
@@ -460,7 +461,7 @@ def pid1_main(cfg: Mapping[str, Any], ctl_fd: int) -> None:
         signal.set_wakeup_fd(wfd, warn_on_full_buffer=False)
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)
-        rootfs.close_fds_except([ctl.fileno(), rfd, wfd, listener.fileno(), shield.fd])
+        syscalls.close_fds_except([ctl.fileno(), rfd, wfd, listener.fileno(), shield.fd])
         os.write(1, f"vmenv: guest {cfg['hostname']} up\n".encode())
         wire.send(ctl, {"ready": True, "pid": host_pid})
     except BaseException:  # noqa: BLE001 - any boot failure is reported, then PID 1 exits

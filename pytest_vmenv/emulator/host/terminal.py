@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any
 
-from . import wire
+from .. import wire
 from .control import Conn, GuestDied
 
 __all__ = ["run_shell"]

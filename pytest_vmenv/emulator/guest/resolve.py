@@ -22,7 +22,7 @@ import errno
 import os
 import stat
 
-from . import _sys
+from .. import syscalls
 
 __all__ = ["open_in_root"]
 
@@ -54,7 +54,7 @@ def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
     creates = flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0))
     how = _OpenHow(flags, mode if creates else 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
     ctypes.set_errno(0)
-    res = _sys.libc().syscall(
+    res = syscalls.libc().syscall(
         ctypes.c_long(_SYS_OPENAT2),
         ctypes.c_int(dirfd),
         os.fsencode(path),
@@ -89,7 +89,7 @@ def open_in_root(path: str, flags: int, mode: int = 0o644) -> int:
 
 def _on_proc(dirfd: int) -> bool:
     buf = _Statfs()
-    if _sys.libc().fstatfs(ctypes.c_int(dirfd), ctypes.byref(buf)) != 0:
+    if syscalls.libc().fstatfs(ctypes.c_int(dirfd), ctypes.byref(buf)) != 0:
         return True  # cannot tell: treat as procfs
     return int(buf.f_type) == _PROC_SUPER_MAGIC
 

@@ -30,11 +30,11 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
-from .. import errors
-from ..backend import Cache, Snapshot, owner_alive
-from ..caches import disk_usage
+from ... import errors
+from ...backend import Cache, Snapshot, owner_alive
+from ...caches import disk_usage
 from . import layers, userns
-from .host import read_meta
+from .lifecycle import read_meta
 
 __all__ = ["BUILDING", "held_by", "listing", "prune_build_locks", "remove"]
 

@@ -52,14 +52,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO
 
-from .. import paths
-from ..errors import BackendUnavailable, ConfigError
+from ... import paths
+from ...errors import BackendUnavailable, ConfigError
+from ..guest.mounts import HOST_BASE
+from ..guest.pid1 import DEFAULT_PATH
 from . import userns
-from .guest import DEFAULT_PATH
-from .rootfs import HOST_BASE
 
 if TYPE_CHECKING:
-    from ..spec import MachineSpec
+    from ...spec import MachineSpec
 
 __all__ = [
     "base_stack",

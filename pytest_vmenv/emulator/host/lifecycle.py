@@ -30,8 +30,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backend import process_start
-from . import console, disk, userns, wire
+from ...backend import process_start
+from .. import wire
+from ..guest import console
+from . import disk, userns
 from .cgroups import DEFAULT_PIDS_MAX, Cgroups, GuestGroups
 from .control import CommandTimedOut, Conn
 from .spawner import Zygote

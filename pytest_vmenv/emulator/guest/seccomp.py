@@ -40,7 +40,7 @@ import os
 import platform
 import struct
 
-from . import _sys
+from .. import syscalls
 
 __all__ = ["BLOCKED", "SUPPORTED", "install", "program"]
 
@@ -172,7 +172,7 @@ def install(agent: int | None = None) -> bool:
     raw = b"".join(struct.pack("HBBI", *insn) for insn in program(agent))
     buf = ctypes.create_string_buffer(raw, len(raw))
     prog = _Fprog(len(raw) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    res = _sys.libc().prctl(
+    res = syscalls.libc().prctl(
         ctypes.c_int(_PR_SET_SECCOMP),
         ctypes.c_ulong(_SECCOMP_MODE_FILTER),
         ctypes.byref(prog),
