@@ -34,7 +34,7 @@ from ... import errors
 from ...backend import Cache, Snapshot, owner_alive
 from ...caches import disk_usage
 from . import layers, userns
-from .lifecycle import read_meta
+from .record import read_meta
 
 __all__ = ["BUILDING", "held_by", "listing", "prune_build_locks", "remove"]
 

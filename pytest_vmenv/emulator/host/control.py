@@ -20,6 +20,7 @@ import socket
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from ... import errors
@@ -34,8 +35,10 @@ __all__ = [
     "GuestDied",
     "TooLarge",
     "check_command",
+    "connect",
 ]
 
+_SOCK_MAX = 100  # sun_path is 108 bytes; longer paths go through /proc/self/fd
 FILE_IDLE_TIMEOUT = 30.0
 """Seconds a file transfer may make no progress before the host gives up on it."""
 
@@ -455,3 +458,22 @@ def _kill(ctl: socket.socket) -> None:
                 return
     except OSError:
         return
+
+
+def connect(gdir: Path) -> Conn:
+    """Open a new control connection to a running guest's PID 1 (``ctl.sock``)."""
+    path = str(gdir / "ctl.sock")
+    dfd = -1
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    try:
+        if len(path.encode()) > _SOCK_MAX:
+            dfd = os.open(gdir, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+            path = f"/proc/self/fd/{dfd}/ctl.sock"
+        sock.connect(path)
+    except BaseException:
+        sock.close()
+        raise
+    finally:
+        if dfd >= 0:
+            os.close(dfd)
+    return Conn(sock)

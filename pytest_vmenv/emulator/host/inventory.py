@@ -11,7 +11,8 @@ from pathlib import Path
 from typing import Any
 
 from ...backend import MachineRef
-from .lifecycle import pid_alive, read_meta
+from .pids import pid_alive
+from .record import read_meta
 
 __all__ = ["refs", "ref_of", "stacks_in_use", "state_of"]
 

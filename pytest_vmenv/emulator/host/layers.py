@@ -39,7 +39,7 @@ from .control import CommandTimedOut
 
 if TYPE_CHECKING:
     from ...spec import MachineSpec
-    from .lifecycle import Guest
+    from .record import Guest
 
 __all__ = [
     "CACHES_LOCK",

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from ...backend import split_network
 
 if TYPE_CHECKING:
-    from .lifecycle import Guest
+    from .record import Guest
 
 __all__ = ["DEFAULT_CIDR", "Networks"]
 
