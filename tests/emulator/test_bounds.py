@@ -114,7 +114,7 @@ _DRAIN = r"""
 import os, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
 from pytest_vmenv.emulator import wire
-from pytest_vmenv.emulator.host import control
+from pytest_vmenv.emulator.host import streams
 mine, guest = wire.socketpair()
 wire.send(guest, {"pid": 2})
 wire.send(guest, {"exit": 0})
@@ -123,7 +123,7 @@ err_r, err_w = os.pipe()
 os.close(err_w)
 in_r, in_w = os.pipe()
 start = time.monotonic()
-code, out, err = control._communicate(mine, in_w, never_empty, err_r, None, 2.0)
+code, out, err = streams.communicate(mine, in_w, never_empty, err_r, None, 2.0)
 print(code, out.kept, round(time.monotonic() - start, 1))
 """
 
@@ -279,7 +279,8 @@ def _frames(*extents: tuple[int, bytes]) -> bytes:
 
 
 def test_extent_stream_is_written_with_holes_and_checked(tmp_path: Path) -> None:
-    from pytest_vmenv.emulator.host.control import TooLarge, _Extents
+    from pytest_vmenv.emulator.host.faults import TooLarge
+    from pytest_vmenv.emulator.host.transfer import Extents as _Extents
 
     path = tmp_path / "out"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)

@@ -18,7 +18,7 @@ from ... import errors
 from ...backend import MachineRef, Session, Snapshot
 from . import disk, inventory, layers, support, userns
 from .guests import Guests, check_id, console_text
-from .images import refresh_mask
+from .hostmask import refresh_mask
 from .lifecycle import start_guest, stop_guest, wait_systemd
 from .networks import Networks
 from .record import Guest, guest_from_meta, read_meta

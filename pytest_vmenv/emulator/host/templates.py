@@ -17,7 +17,8 @@ from ... import errors
 from ...backend import Session, Snapshot
 from ...images import ImageCache, recipe_of
 from . import caches, disk, layers, support
-from .images import base_stack, check_image
+from .imagecheck import check_image
+from .images import base_stack
 from .lifecycle import stop_guest
 from .machines import Machines
 from .record import Guest
