@@ -5,7 +5,7 @@ Why it exists: forking a guest straight from pytest is unsafe (pytest may have t
 guest costs 40-60 ms. The zygote has imported everything a guest needs, so a fork is ready
 to work at once.
 
-Protocol (SEQPACKET, :mod:`wire`): ``{"op": "spawn", "cfg": {...}, "cgroups": [paths]}``
+Protocol (SEQPACKET, :mod:`.wire`): ``{"op": "spawn", "cfg": {...}, "cgroups": [paths]}``
 with the guest end of its control socket attached; the answer is ``{"ok": true, "pid": N}``
 (N is the guest's keeper process) or ``{"error": "..."}``. With ``cfg["go"]`` the keeper
 first waits for ``{"op": "go", "cgroups": [paths]}`` on that control socket: the host makes
@@ -14,19 +14,19 @@ keeper joins what was made. The guest itself reports
 ``ready`` (with PID 1's host pid) on its control socket. ``{"op": "keep", "pid": N}`` marks
 keeper N as kept (``--vm-keep``); the answer is ``{"ok": true}``.
 
-Process chain: zygote -> keeper (host PID namespace, joins the guest's leaf cgroups, see
-:mod:`.cgroups`, then unshares the namespaces, the cgroup namespace among them: its root is
-that leaf; unprivileged, a user namespace first, see :mod:`.userns`) -> PID 1 of the new
-PID namespace. Each link has ``PR_SET_PDEATHSIG=SIGKILL``
-on its parent, and the zygote kills every keeper that is not kept when its own socket
-reaches end-of-file (pytest exited or died), so no guest outlives the process that made it
-unless it was kept. With kept keepers left, the zygote stays (only reaping) until the last
-of them is gone (destroyed from any process: the keeper is in the guest's cgroups), then
-exits. It runs in its own session, so neither a terminal's signals nor a kill of pytest's
-process group take kept guests down; it still sees pytest's death as end-of-file.
+Process chain: zygote -> keeper (:mod:`.guest.keeper`; host PID namespace, joins the guest's
+leaf cgroups, see :mod:`.host.cgroups`, then unshares the namespaces, the cgroup namespace among
+them: its root is that leaf; unprivileged, a user namespace first, see :mod:`.guest.userns`) ->
+PID 1 of the new PID namespace. Each link has ``PR_SET_PDEATHSIG=SIGKILL`` on its parent, and
+the zygote kills every keeper that is not kept when its own socket reaches end-of-file (pytest
+exited or died), so no guest outlives the process that made it unless it was kept. With kept
+keepers left, the zygote stays (only reaping) until the last of them is gone (destroyed from any
+process: the keeper is in the guest's cgroups), then exits. It runs in its own session, so
+neither a terminal's signals nor a kill of pytest's process group take kept guests down; it
+still sees pytest's death as end-of-file.
 
 While PID 1 runs, its keeper is also the reader of the guest's console FIFO and writes what
-arrives into the size-capped ``console.log`` (see :mod:`.console`).
+arrives into the size-capped ``console.log`` (see :mod:`.guest.console`).
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Every file is opened non-blocking and must be a regular file (:func:`_open_regul
 the guest planted (at a transfer's path, or as ``/etc/passwd``) is refused instead of
 freezing PID 1. Paths resolve inside the guest's root and never through a magic link such
 as ``/proc/self/fd/1`` (:mod:`.resolve`). Transfer data comes and goes through a pipe from
-the host (see :meth:`.control.Conn.transfer`), so PID 1 never holds a host file.
+the host (see :meth:`..host.control.Conn.transfer`), so PID 1 never holds a host file.
 
 A ``get`` with ``"extents": true`` sends the file as frames, each a header :data:`FRAME`
 (offset, length) and that many bytes: only the data the filesystem reports

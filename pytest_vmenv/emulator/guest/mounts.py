@@ -25,7 +25,7 @@ from . import seccomp
 __all__ = ["AGENT_PID", "DOCKER_CAPS", "HOST_BASE", "build_root"]
 
 AGENT_PID = 2
-"""A systemd guest's agent: PID 1's first child (see :mod:`.guest`), protected by the filter."""
+"""A systemd guest's agent: PID 1's first child (see :mod:`.pid1`), protected by the filter."""
 
 HOST_BASE = "@host"
 """Stack entry meaning "a read-only view of the host's /" (mounted per guest)."""

@@ -17,7 +17,7 @@ sees). These are answered with EPERM. As in Docker's default profile, and for th
   could no longer serve the host.
   Inside the guest's PID namespace only pid 1 names it.
 
-* **a systemd guest's agent is left alone** (``program(agent=2)``, see :mod:`.guest`): the
+* **a systemd guest's agent is left alone** (``program(agent=2)``, see :mod:`.pid1`): the
   process that serves the host beside systemd is pid 2, not PID 1, so the kernel's
   protection of an init does not cover it. Signals aimed at it (``kill``, ``tkill``,
   ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo``), a pidfd of it (``pidfd_open``,

@@ -293,10 +293,10 @@ class Cgroups:
             if isinstance(d, str) and self._ours(Path(d), gid):
                 groups.v1[str(name)] = Path(d)
         v2_mount = self.v2_mount
-        if groups.v2 is None and v2_mount is not None:  # a meta.json from before "groups"
-            legacy = [Path(d) for d in dirs if Path(d).is_relative_to(v2_mount)]
-            legacy = [p.parent if p.name == LEAF else p for p in legacy]
-            groups.v2 = next((p for p in legacy if self._ours(p, gid)), None)
+        if groups.v2 is None and v2_mount is not None:  # a meta.json with leaf paths only
+            leaves = [Path(d) for d in dirs if Path(d).is_relative_to(v2_mount)]
+            leaves = [p.parent if p.name == LEAF else p for p in leaves]
+            groups.v2 = next((p for p in leaves if self._ours(p, gid)), None)
         return groups
 
     def find(self, gid: str) -> GuestGroups:

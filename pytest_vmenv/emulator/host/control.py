@@ -109,7 +109,7 @@ class Conn:
         between the pipe and ``host_fd``. Raises TimeoutError when nothing moves for ``idle``
         seconds (the pipe and reply socket are then closed, which unblocks PID 1).
 
-        A ``get`` with ``"extents"`` arrives framed (see :mod:`.guestfiles`) and is written
+        A ``get`` with ``"extents"`` arrives framed (see :mod:`..guest.files`) and is written
         at its offsets, holes left as holes; past ``msg["max"]`` it raises :class:`TooLarge`.
         """
         put = msg.get("op") == "put"

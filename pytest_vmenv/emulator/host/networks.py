@@ -1,6 +1,6 @@
-"""Wires guests to private LANs (:mod:`.network`) and keeps their ``/etc/hosts`` current.
+"""Wires guests to private LANs (:mod:`.bridge`) and keeps their ``/etc/hosts`` current.
 
-Machines whose ``spec.network`` strings are equal share one :class:`~.network.Lan`, made on
+Machines whose ``spec.network`` strings are equal share one :class:`~.bridge.Lan`, made on
 the first attach and closed when its last member leaves. After every attach, each member's
 ``/etc/hosts`` is rewritten through its PID 1 (so the write is confined to the guest's root)
 to list every member's name and address.

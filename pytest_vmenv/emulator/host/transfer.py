@@ -24,7 +24,7 @@ __all__ = ["Extents", "pump"]
 
 
 class Extents:
-    """Writes a framed ``get`` stream (see :mod:`.guestfiles`) to ``fd``, holes as holes.
+    """Writes a framed ``get`` stream (see :mod:`..guest.files`) to ``fd``, holes as holes.
 
     Frames must come in order and end within ``limit``; a stream that breaks that is cut
     off (:class:`TooLarge`, or ``EPROTO``). On a descriptor that cannot seek (a pipe), holes

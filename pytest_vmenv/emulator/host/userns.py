@@ -16,7 +16,7 @@ mode, all owned by that user namespace. What changes in the guest:
 * only root (uid 0) exists: ``user=`` another account fails with a clear message;
 * cgroups only where the user has delegated ones (groups it owns, see :mod:`.cgroups`):
   there ``memory``/``cpus``/``pids`` are applied as for root; elsewhere ``memory``/``cpus``
-  are not (warned once, :class:`.LimitNotApplied`), destroy kills through PID 1 (the kernel
+  are not (warned once, :class:`.support.LimitNotApplied`), destroy kills through PID 1 (the kernel
   kills its PID namespace with it), and a live snapshot stops the guest's processes with
   SIGSTOP from its PID 1 instead of the cgroup freezer;
 * ``RLIMIT_NPROC`` is ``pids_max`` (:data:`.cgroups.DEFAULT_PIDS_MAX` by default), set by
@@ -273,7 +273,8 @@ def rmtree(path: Path) -> None:
     """Remove a tree of ours; as non-root, first open up dirs a guest made unwritable.
 
     Never follows a symlink: dirs are opened ``O_PATH | O_NOFOLLOW`` and chmod-ed through
-    ``/proc/self/fd``. Leaves what still cannot be removed (callers ignore errors as before).
+    ``/proc/self/fd``. Leaves what still cannot be removed (callers ignore it, as
+    :func:`shutil.rmtree` with ``ignore_errors`` would).
     """
     shutil.rmtree(path, ignore_errors=True)
     if os.geteuid() == 0 or not os.path.lexists(path):
