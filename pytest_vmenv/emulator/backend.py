@@ -16,7 +16,7 @@ sweeper rely on.
 
 The class is one object to the outside, made of parts: :class:`.host.state.State` (options,
 dirs, zygote, cgroup probe), :class:`.host.guests.Guests` (the guests it knows),
-:class:`.host.machines.Machines` (their lifecycle), :mod:`.host.templates`,
+:class:`.host.machines.Machines` (their lifecycle), :class:`.host.templates.Templates`,
 :class:`.host.channel.Channel` (commands and files), :class:`.host.networks.Networks` and
 :mod:`.host.support` (what this host can make). :data:`BOUNDARY` maps the foreign exceptions
 of every protocol method into :mod:`pytest_vmenv.errors`.
@@ -46,7 +46,7 @@ from ..backend import (
     Snapshot,
 )
 from ..images import BASES
-from .host import caches, inventory, layers, support, templates
+from .host import caches, inventory, layers, support
 from .host.channel import Channel
 from .host.control import GuestDied
 from .host.guests import Guests, valid_id
@@ -55,6 +55,7 @@ from .host.networks import Networks
 from .host.spawner import ZygoteGone
 from .host.state import NAME, State
 from .host.support import LimitNotApplied
+from .host.templates import Templates
 
 if TYPE_CHECKING:
     from ..spec import MachineSpec
@@ -85,85 +86,86 @@ class EmulatorBackend:
     def __init__(
         self, options: Mapping[str, Any] | None = None, state_dir: Path | None = None
     ) -> None:
-        self.state = State(options, state_dir)
-        self.guests = Guests(self.state)
-        self.networks = Networks()
-        self.machines = Machines(self.state, self.guests, self.networks)
-        self.channel = Channel(self.guests)
+        self._state = State(options, state_dir)
+        guests = Guests(self._state)
+        self._networks = Networks()
+        self._machines = Machines(self._state, guests, self._networks)
+        self._templates = Templates(self._machines)
+        self._channel = Channel(guests)
 
     @property
     def options(self) -> dict[str, Any]:
-        return self.state.options
+        return self._state.options
 
     @property
     def state_dir(self) -> Path:
-        return self.state.state_dir
+        return self._state.state_dir
 
     @property
     def emu_dir(self) -> Path:
         """``<state>/emulator`` (0700; see :attr:`.host.state.State.emu_dir`)."""
-        return self.state.emu_dir
+        return self._state.emu_dir
 
     @property
     def pids_max(self) -> int | None:
         """A guest's process limit (see :attr:`.host.state.State.pids_max`)."""
-        return self.state.pids_max
+        return self._state.pids_max
 
     @property
     def zygote_pid(self) -> int | None:
         """The pid of this instance's zygote process (None until the first guest)."""
-        return self.state.zygote_pid
+        return self._state.zygote_pid
 
     # -- what this host can make -----------------------------------------------------------
     def capabilities(self) -> Capabilities:
-        return support.capabilities(self.networks.available())
+        return support.capabilities(self._networks.available())
 
     def check(self) -> None:
         support.check()
 
     def unavailable_for(self, spec: MachineSpec) -> str | None:
         """Why ``spec`` cannot be made here (see :func:`.host.support.unavailable_for`)."""
-        return support.unavailable_for(self.state, spec)
+        return support.unavailable_for(self._state, spec)
 
     def restrictions(self) -> str | None:
         """What the emulator cannot make here: as non-root, see :mod:`.host.userns`."""
-        return support.restrictions(self.state)
+        return support.restrictions(self._state)
 
     # -- templates and machines ------------------------------------------------------------
     @BOUNDARY
     def build_template(self, spec: MachineSpec, key: str, session: Session) -> Snapshot:
-        return templates.build_template(self.machines, spec, key, session)
+        return self._templates.build(spec, key, session)
 
     @BOUNDARY
     def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
-        return self.machines.clone(snapshot, spec, session)
+        return self._machines.clone(snapshot, spec, session)
 
     @BOUNDARY
     def snapshot(self, ref: MachineRef, name: str) -> Snapshot:
-        return self.machines.snapshot(ref, name)
+        return self._machines.snapshot(ref, name)
 
     @BOUNDARY
     def revert(self, ref: MachineRef, snapshot: Snapshot) -> None:
-        self.machines.revert(ref, snapshot)
+        self._machines.revert(ref, snapshot)
 
     def console_log(self, ref: MachineRef) -> str:
-        return self.machines.console_log(ref) if valid_id(ref.id) else ""
+        return self._machines.console_log(ref) if valid_id(ref.id) else ""
 
     @BOUNDARY
     def keep(self, ref: MachineRef) -> None:
         """Let the guest outlive this process until ``destroy`` (see
         :meth:`.host.machines.Machines.keep`)."""
-        self.machines.keep(ref)
+        self._machines.keep(ref)
 
     @BOUNDARY
     def destroy(self, ref: MachineRef) -> None:
-        self.machines.destroy(ref.id)
+        self._machines.destroy(ref.id)
 
     @BOUNDARY
     def remove_template(self, snapshot: Snapshot) -> None:
         """Remove a template or snapshot layer unless a machine on disk still needs it (see
-        :func:`.host.templates.remove_template`)."""
-        templates.remove_template(self.machines, snapshot)
+        :meth:`.host.templates.Templates.remove`)."""
+        self._templates.remove(snapshot)
 
     def templates(self) -> list[Snapshot]:
         """Every template and snapshot layer (torn builds included), with its labels.
@@ -192,8 +194,8 @@ class EmulatorBackend:
 
     def close(self) -> None:
         """Destroy every guest this instance made, except kept ones, and hang up the zygote."""
-        self.machines.close()
-        self.state.close()
+        self._machines.close()
+        self._state.close()
 
     # -- the command channel ---------------------------------------------------------------
     @BOUNDARY
@@ -208,20 +210,20 @@ class EmulatorBackend:
         timeout: float | None = None,
         max_output: int = OUTPUT_LIMIT,
     ) -> Result:
-        return self.channel.execute(
+        return self._channel.execute(
             ref, argv, input=input, env=env, user=user, timeout=timeout, max_output=max_output
         )
 
     @BOUNDARY
     def copy_in(self, ref: MachineRef, src: Path, dst: str) -> None:
-        self.channel.copy_in(ref, src, dst)
+        self._channel.copy_in(ref, src, dst)
 
     @BOUNDARY
     def copy_out(
         self, ref: MachineRef, src: str, dst: Path, *, max_size: int | None = GET_LIMIT
     ) -> None:
         """Copy ``src`` out of the guest; its holes stay holes, over ``max_size`` is refused."""
-        self.channel.copy_out(ref, src, dst, max_size=max_size)
+        self._channel.copy_out(ref, src, dst, max_size=max_size)
 
     @BOUNDARY
     def shell(self, ref: MachineRef, argv: Sequence[str] | None = None) -> int:
@@ -230,4 +232,4 @@ class EmulatorBackend:
         Works on our guests and, through ``ctl.sock``, on any other live or kept one (that is
         ``vmenv shell NAME``); see :meth:`.host.channel.Channel.shell`.
         """
-        return self.channel.shell(ref, argv)
+        return self._channel.shell(ref, argv)
