@@ -1,4 +1,9 @@
-"""What the host's end of a control socket raises besides OSError."""
+"""What the host's end of a control socket raises of its own.
+
+:class:`GuestDied` is an OSError (the boundary makes it MachineGone); the other two are caught
+by the backend and become :class:`~pytest_vmenv.errors.CommandTimeout` and
+:class:`~pytest_vmenv.errors.FileTooLarge`.
+"""
 
 from __future__ import annotations
 
