@@ -3,21 +3,31 @@
 One ``sendmsg`` is one message (SEQPACKET keeps boundaries), so no framing is needed; file
 descriptors ride along as SCM_RIGHTS. Received descriptors are close-on-exec from the start
 (``MSG_CMSG_CLOEXEC``): a guest's PID 1 must never leak one into a command it spawns, or a
-background daemon would keep another command's output pipe open.
+background daemon would keep another command's output pipe open. A message that is not a
+JSON object is refused with ``EPROTO`` (an OSError: the peer broke the protocol).
+
+This is the one wire format of the emulator's three processes: pytest and the zygote, pytest
+and each guest's PID 1 (its control socket), and a file ``get``'s extent frames
+(:data:`FRAME`) on the pipe between them.
 """
 
 from __future__ import annotations
 
 import array
+import errno
 import json
+import os
 import socket
+import struct
 from collections.abc import Sequence
 from typing import Any
 
-__all__ = ["MAX_MESSAGE", "recv", "send", "socketpair"]
+__all__ = ["FRAME", "MAX_MESSAGE", "recv", "send", "socketpair"]
 
 MAX_MESSAGE = 1 << 20
 _MAX_FDS = 8
+FRAME = struct.Struct("<QQ")
+"""The header of one extent of a framed ``get`` (see :mod:`.guest.files`): offset, length."""
 
 
 def socketpair() -> tuple[socket.socket, socket.socket]:
@@ -46,7 +56,12 @@ def recv(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
             fds.frombytes(raw[: len(raw) - (len(raw) % fds.itemsize)])
     if not data:
         return None, list(fds)
-    message = json.loads(data)
+    try:
+        message = json.loads(data)
+    except ValueError:
+        message = None
     if not isinstance(message, dict):
-        raise ValueError("malformed message")
+        for fd in fds:
+            os.close(fd)
+        raise OSError(errno.EPROTO, "malformed message on a control socket")
     return message, list(fds)

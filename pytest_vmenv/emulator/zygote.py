@@ -5,7 +5,7 @@ Why it exists: forking a guest straight from pytest is unsafe (pytest may have t
 guest costs 40-60 ms. The zygote has imported everything a guest needs, so a fork is ready
 to work at once.
 
-Protocol (SEQPACKET, :mod:`wire`): ``{"op": "spawn", "cfg": {...}, "cgroups": [paths]}``
+Protocol (SEQPACKET, :mod:`.wire`): ``{"op": "spawn", "cfg": {...}, "cgroups": [paths]}``
 with the guest end of its control socket attached; the answer is ``{"ok": true, "pid": N}``
 (N is the guest's keeper process) or ``{"error": "..."}``. With ``cfg["go"]`` the keeper
 first waits for ``{"op": "go", "cgroups": [paths]}`` on that control socket: the host makes
@@ -14,101 +14,37 @@ keeper joins what was made. The guest itself reports
 ``ready`` (with PID 1's host pid) on its control socket. ``{"op": "keep", "pid": N}`` marks
 keeper N as kept (``--vm-keep``); the answer is ``{"ok": true}``.
 
-Process chain: zygote -> keeper (host PID namespace, joins the guest's leaf cgroups, see
-:mod:`.cgroups`, then unshares the namespaces, the cgroup namespace among them: its root is
-that leaf; unprivileged, a user namespace first, see :mod:`.userns`) -> PID 1 of the new
-PID namespace. Each link has ``PR_SET_PDEATHSIG=SIGKILL``
-on its parent, and the zygote kills every keeper that is not kept when its own socket
-reaches end-of-file (pytest exited or died), so no guest outlives the process that made it
-unless it was kept. With kept keepers left, the zygote stays (only reaping) until the last
-of them is gone (destroyed from any process: the keeper is in the guest's cgroups), then
-exits. It runs in its own session, so neither a terminal's signals nor a kill of pytest's
-process group take kept guests down; it still sees pytest's death as end-of-file.
+Process chain: zygote -> keeper (:mod:`.guest.keeper`; host PID namespace, joins the guest's
+leaf cgroups, see :mod:`.host.cgroups`, then unshares the namespaces, the cgroup namespace among
+them: its root is that leaf; unprivileged, a user namespace first, see :mod:`.guest.userns`) ->
+PID 1 of the new PID namespace. Each link has ``PR_SET_PDEATHSIG=SIGKILL`` on its parent, and
+the zygote kills every keeper that is not kept when its own socket reaches end-of-file (pytest
+exited or died), so no guest outlives the process that made it unless it was kept. With kept
+keepers left, the zygote stays (only reaping) until the last of them is gone (destroyed from any
+process: the keeper is in the guest's cgroups), then exits. It runs in its own session, so
+neither a terminal's signals nor a kill of pytest's process group take kept guests down; it
+still sees pytest's death as end-of-file.
 
 While PID 1 runs, its keeper is also the reader of the guest's console FIFO and writes what
-arrives into the size-capped ``console.log`` (see :mod:`.console`).
+arrives into the size-capped ``console.log`` (see :mod:`.guest.console`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import select
 import signal
 import socket
 import sys
 import time
-import traceback
-from collections.abc import Mapping
-from typing import Any
 
-from . import _sys, console, guest, oom, rootfs, userns, wire
+from . import syscalls, wire
+from .guest import keeper
 
-__all__ = ["GUEST_NAMESPACES", "main"]
+__all__ = ["main", "serve"]
 
-GUEST_NAMESPACES = (
-    _sys.CLONE_NEWNS
-    | _sys.CLONE_NEWUTS
-    | _sys.CLONE_NEWIPC
-    | _sys.CLONE_NEWNET
-    | _sys.CLONE_NEWPID
-    | _sys.CLONE_NEWCGROUP
-)
-_PR_SET_PDEATHSIG = 1
 _PR_SET_CHILD_SUBREAPER = 36
-
-
-def _keeper(cfg: Mapping[str, Any], cgroups: list[str], ctl_fd: int, zygote: int) -> None:
-    """Runs in the forked child: join cgroups, unshare, fork PID 1, wait for it."""
-    try:
-        _sys.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != zygote:
-            os._exit(1)
-        signal.set_wakeup_fd(-1)
-        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-        rootfs.close_fds_except([ctl_fd])
-        if cfg.get("go"):  # the host made our cgroups while we were forked: their list
-            go = json.loads(os.read(ctl_fd, 65536) or b"{}")
-            if go.get("op") != "go":
-                os._exit(1)
-            cgroups = [str(p) for p in go.get("cgroups", [])]
-        for procs in cgroups:
-            with open(procs, "w", encoding="ascii") as f:
-                f.write("0")
-        cfg = {**cfg, "oom": oom.probe()}  # before any user namespace (see .oom)
-        ids = cfg.get("userns")
-        if ids is not None:  # unprivileged: a user namespace owns the others (see .userns)
-            userns.enter(int(ids[0]), int(ids[1]), cfg.get("nproc"))
-            _sys.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # kept, but a new cred: re-arm
-            if os.getppid() != zygote:
-                os._exit(1)
-        relay = console.Relay(cfg["gdir"]) if cfg.get("console_relay") else None
-        _sys.unshare(GUEST_NAMESPACES)
-        pid1 = os.fork()
-        if pid1 == 0:
-            _sys.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
-            if relay is not None:
-                relay.close()
-            guest.pid1_main(cfg, ctl_fd)
-            os._exit(0)
-        os.close(ctl_fd)
-        if relay is not None:  # the console's reader, until PID 1 exits (see .console)
-            relay.serve(pid1)
-            os._exit(0)
-        while True:
-            try:
-                os.waitpid(pid1, 0)
-                break
-            except ChildProcessError:
-                break
-            except InterruptedError:
-                continue
-    except BaseException:  # noqa: BLE001 - a forked child must never return to the loop
-        with contextlib.suppress(OSError):
-            wire.send(socket.socket(fileno=ctl_fd), {"error": traceback.format_exc()[-4000:]})
-        os._exit(1)
-    os._exit(0)
 
 
 def _reap(children: set[int], kept: set[int]) -> bool:
@@ -192,7 +128,7 @@ def serve(sock: socket.socket) -> None:
                 wire.send(sock, {"error": f"fork failed: {exc}"})
                 continue
             if pid == 0:
-                _keeper(msg["cfg"], list(msg.get("cgroups", [])), fds[0], me)
+                keeper.run(msg["cfg"], list(msg.get("cgroups", [])), fds[0], me)
             os.close(fds[0])
             children.add(pid)
             wire.send(sock, {"ok": True, "pid": pid})
@@ -203,7 +139,7 @@ def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     os.set_inheritable(sock.fileno(), False)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C in pytest must not kill guests early
-    _sys.prctl(_PR_SET_CHILD_SUBREAPER, 1)
+    syscalls.prctl(_PR_SET_CHILD_SUBREAPER, 1)
     serve(sock)
 
 

@@ -113,7 +113,8 @@ def test_timeout_bounds_a_flooding_command_in_time_and_memory(vm: Machine) -> No
 _DRAIN = r"""
 import os, resource, sys, time
 resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
-from pytest_vmenv.emulator import control, wire
+from pytest_vmenv.emulator import wire
+from pytest_vmenv.emulator.host import streams
 mine, guest = wire.socketpair()
 wire.send(guest, {"pid": 2})
 wire.send(guest, {"exit": 0})
@@ -122,7 +123,7 @@ err_r, err_w = os.pipe()
 os.close(err_w)
 in_r, in_w = os.pipe()
 start = time.monotonic()
-code, out, err = control._communicate(mine, in_w, never_empty, err_r, None, 2.0)
+code, out, err = streams.communicate(mine, in_w, never_empty, err_r, None, 2.0)
 print(code, out.kept, round(time.monotonic() - start, 1))
 """
 
@@ -197,7 +198,7 @@ def test_console_log_is_capped_and_keeps_the_newest_output(vm: Machine, state: P
     text = vm.console_log()
     assert text.rstrip().endswith("the-last-line")
     assert "console log rotated" in text
-    from pytest_vmenv.emulator.console import CONSOLE_LIMIT
+    from pytest_vmenv.emulator.guest.console import CONSOLE_LIMIT
 
     assert cap == CONSOLE_LIMIT
 
@@ -245,9 +246,7 @@ def test_get_refuses_files_over_max_size(vm: Machine, tmp_path: Path) -> None:
     assert (tmp_path / "huge").stat().st_size == core.GET_LIMIT + 1
 
 
-def test_a_failed_get_leaves_an_existing_local_file_as_it_was(
-    vm: Machine, tmp_path: Path
-) -> None:
+def test_a_failed_get_leaves_an_existing_local_file_as_it_was(vm: Machine, tmp_path: Path) -> None:
     vm.succeed("head -c 2M /dev/urandom > /var/tmp/two")
     out = tmp_path / "kept"
     out.write_bytes(b"the test's own data")
@@ -274,13 +273,14 @@ def test_get_of_a_file_that_grows_past_max_size_is_stopped(vm: Machine, tmp_path
 
 
 def _frames(*extents: tuple[int, bytes]) -> bytes:
-    from pytest_vmenv.emulator.guestfiles import FRAME
+    from pytest_vmenv.emulator.wire import FRAME
 
     return b"".join(FRAME.pack(off, len(data)) + data for off, data in extents)
 
 
 def test_extent_stream_is_written_with_holes_and_checked(tmp_path: Path) -> None:
-    from pytest_vmenv.emulator.control import TooLarge, _Extents
+    from pytest_vmenv.emulator.host.faults import TooLarge
+    from pytest_vmenv.emulator.host.transfer import Extents as _Extents
 
     path = tmp_path / "out"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)

@@ -23,7 +23,7 @@ import pytest
 
 from pytest_vmenv.backend import MachineRef, Result, Session, Snapshot
 from pytest_vmenv.emulator import EmulatorBackend
-from pytest_vmenv.emulator.rootfs import DOCKER_CAPS
+from pytest_vmenv.emulator.guest.mounts import DOCKER_CAPS
 from pytest_vmenv.errors import BackendError, ConfigError
 from pytest_vmenv.images import ImageCache, Recipe, builder_problem
 from pytest_vmenv.images.cache import remove_tree
@@ -121,7 +121,7 @@ def test_image_is_bookworm_with_the_packages_built_once(
     images: ImageCache, systemd_image: Path
 ) -> None:
     assert systemd_image == state_dir() / "images" / images.key(SYSTEMD) / "rootfs"
-    assert 'VERSION_CODENAME=bookworm' in (systemd_image / "etc/os-release").read_text()
+    assert "VERSION_CODENAME=bookworm" in (systemd_image / "etc/os-release").read_text()
     status = (systemd_image / "var/lib/dpkg/status").read_text()
     for package in ("cron", "systemd-sysv", "dbus"):
         assert f"Package: {package}\nStatus: install ok installed" in status
@@ -213,8 +213,10 @@ def test_agent_and_systemd_keep_the_hardening(backend: EmulatorBackend, guest: M
     )  # fmt: skip
     # the OOM killer takes a command or a service before the agent, as it would before PID 1
     keeper = json.loads(meta.read_text())["keeper"]
-    score = {name: int(Path(f"/proc/{pid}/oom_score_adj").read_text())
-             for name, pid in (("keeper", keeper), ("agent", host_agent), ("systemd", pid1))}
+    score = {
+        name: int(Path(f"/proc/{pid}/oom_score_adj").read_text())
+        for name, pid in (("keeper", keeper), ("agent", host_agent), ("systemd", pid1))
+    }
     cron = ok(backend, guest, "systemctl show -p MainPID --value cron").strip()
     score["cron"] = int(ok(backend, guest, f"cat /proc/{cron}/oom_score_adj"))
     score["command"] = int(ok(backend, guest, "cat /proc/self/oom_score_adj"))

@@ -470,7 +470,7 @@ def _rss_kib(pid: int | str) -> int:
 def test_zygote_carries_only_the_guest_side(backend: EmulatorBackend, g: MachineRef) -> None:
     """Every clone forks the zygote twice; its heap must not hold pytest and the host side
     (a bare interpreter that imported pytest alone is already bigger than it must be)."""
-    zygote = backend._spawner()[0].pid
+    zygote = backend.zygote_pid
     assert zygote is not None
     probe = "import os, pytest; print(os.getpid()); input()"
     with subprocess.Popen(

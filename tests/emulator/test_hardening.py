@@ -34,9 +34,10 @@ import pytest
 
 from pytest_vmenv import paths
 from pytest_vmenv.backend import MachineRef, Result, Session, Snapshot
-from pytest_vmenv.emulator import EmulatorBackend, cgroups, control, images, wire
-from pytest_vmenv.emulator.cgroups import GuestGroups
-from pytest_vmenv.emulator.control import CommandTimedOut
+from pytest_vmenv.emulator import EmulatorBackend, wire
+from pytest_vmenv.emulator.host import cgroups, hostmask, images, streams
+from pytest_vmenv.emulator.host.control import CommandTimedOut
+from pytest_vmenv.emulator.host.guestgroups import GuestGroups
 from pytest_vmenv.errors import BackendError, CommandTimeout, ConfigError, MachineGone
 from pytest_vmenv.spec import MachineSpec
 
@@ -388,7 +389,7 @@ def test_timeout_fires_while_pid1_keeps_talking() -> None:
     start = time.monotonic()
     try:
         with pytest.raises(CommandTimedOut):  # the bug: GuestDied once the flood ends
-            control._communicate(mine, in_w, out_r, err_r, None, 0.3)
+            streams.communicate(mine, in_w, out_r, err_r, None, 0.3)
         assert time.monotonic() - start < 3
     finally:
         proc.kill()
@@ -435,9 +436,9 @@ def test_service_and_user_homes_are_masked(
         "sys:x:3:3::/dev:/bin/false\ngames:x:1500:60::/usr/games:/bin/false\n"
         "odd:x:1501:1501::/:/bin/false\n"
     )
-    monkeypatch.setattr(images, "PASSWD", passwd)
+    monkeypatch.setattr(hostmask, "PASSWD", passwd)
     try:
-        assert images._homes(passwd) == sorted([str(svc)[1:], str(user)[1:]])
+        assert hostmask._homes(passwd) == sorted([str(svc)[1:], str(user)[1:]])
         snap = backend.build_template(MachineSpec(name="homes"), f"homes-{tag}", session)
         ref = backend.clone(snap, MachineSpec(name="homes"), session)
         try:
@@ -805,7 +806,7 @@ def test_host_view_hides_every_state_dir(
             # found through the registry its first use of its state dir wrote it into
             assert [p.name for p in paths.registered()] == [other.name]
             # and a default state dir under an account's home (if its home is not masked)
-            assert f"{str(other)[1:]}/.local/state/pytest-vmenv" in images._state_dirs(passwd)
+            assert f"{str(other)[1:]}/.local/state/pytest-vmenv" in hostmask._state_dirs(passwd)
         finally:
             backend.destroy(ref)
             second.destroy(live)
@@ -908,7 +909,7 @@ def test_guest_paths_resolve_like_the_guest_means_them(how: str) -> None:
     """PID 1's resolver (:mod:`.resolve`), with ``openat2`` and with the component walk used
     where the kernel lacks it, run here on the host's root: symlinks of every kind work,
     links into /proc and loops are refused."""
-    from pytest_vmenv.emulator import resolve
+    from pytest_vmenv.emulator.guest import resolve
 
     if how == "openat2" and not resolve._have_openat2():
         pytest.skip("this kernel has no openat2")
@@ -1394,7 +1395,7 @@ def test_groups_a_guest_made_do_not_block_teardown(
 _PURE_V2 = r"""
 import ctypes, errno, json, os, sys, time
 from pathlib import Path
-from pytest_vmenv.emulator.cgroups import DEFAULT_GROUPS_MAX, Cgroups, Hierarchy
+from pytest_vmenv.emulator.host.cgroups import DEFAULT_GROUPS_MAX, Cgroups, Hierarchy
 libc = ctypes.CDLL(None, use_errno=True)
 
 def check(res, what):
@@ -1606,7 +1607,12 @@ def test_unprivileged_guests_use_delegated_cgroups_else_rlimit_nproc() -> None:
     before = u._procs_of_nobody()
     try:
         probe = runner.run(
-            ["python", "-c", "from pytest_vmenv.emulator import userns; print(userns.probe())"], 60
+            [
+                "python",
+                "-c",
+                "from pytest_vmenv.emulator.host import userns; print(userns.probe())",
+            ],
+            60,
         )
         if probe.stdout.strip() != "None":
             pytest.skip(f"the unprivileged mode is unavailable to nobody here: {probe.stdout}")

@@ -1,4 +1,4 @@
-"""Real-namespace tests of the emulator's private network (:mod:`pytest_vmenv.emulator.network`).
+"""Real-namespace tests of the emulator's private network (:mod:`.host.bridge`).
 
 Guests are stand-ins: small processes that ``unshare(CLONE_NEWNET)`` and wait on stdin. The
 tests prove what a user relies on: two machines on one Lan talk TCP, a machine reaches nothing
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmenv.emulator import network
-from pytest_vmenv.emulator.network import Lan
+from pytest_vmenv.emulator.host import bridge as network
+from pytest_vmenv.emulator.host.bridge import Lan
 from pytest_vmenv.errors import BackendError, ConfigError, MachineGone
 
 pytestmark = pytest.mark.skipif(
@@ -236,7 +236,7 @@ def test_holder_exits_when_its_owner_dies(
         PY,
         "-c",
         "import sys, time; sys.path.insert(0, sys.argv[1]);"
-        "from pytest_vmenv.emulator.network import Lan;"
+        "from pytest_vmenv.emulator.host.bridge import Lan;"
         "print(Lan().holder_pid, flush=True); time.sleep(60)",
         repo,
     )

@@ -30,7 +30,7 @@ import pytest
 
 from pytest_vmenv.backend import Session, Snapshot, owner_alive, owner_token, process_start
 from pytest_vmenv.emulator import EmulatorBackend
-from pytest_vmenv.emulator.cgroups import Cgroups
+from pytest_vmenv.emulator.host.cgroups import Cgroups
 from pytest_vmenv.errors import BackendError, MachineGone
 from pytest_vmenv.spec import MachineSpec
 

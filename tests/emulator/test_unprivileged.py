@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmenv.emulator import userns
+from pytest_vmenv.emulator.host import userns
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or os.geteuid() != 0,
@@ -254,7 +254,7 @@ def _assert_no_mounts(root: Path) -> None:
 
 
 def _need_userns(runner: Runner) -> None:
-    probe = "from pytest_vmenv.emulator import userns; print(userns.probe())"
+    probe = "from pytest_vmenv.emulator.host import userns; print(userns.probe())"
     res = runner.run(["python", "-c", probe], timeout=60)
     if res.stdout.strip() != "None":
         pytest.skip(
@@ -364,7 +364,7 @@ def test_open_up_rmtree_never_follows_symlinks(area: Area, nobody: Runner) -> No
         f"""
         import os
         from pathlib import Path
-        from pytest_vmenv.emulator import userns
+        from pytest_vmenv.emulator.host import userns
         t = Path({str(tree)!r})
         (t / "a" / "b").mkdir(parents=True)
         (t / "a" / "b" / "f").write_text("x")
@@ -520,7 +520,7 @@ def test_probe_names_the_python_nobody_cannot_execute(area: Area, nobody: Runner
         f"""
         import sys
         sys.executable = {str(locked / "python")!r}  # what this process was started as
-        from pytest_vmenv.emulator import userns
+        from pytest_vmenv.emulator.host import userns
         print(userns.probe())
         """
     )

@@ -22,8 +22,8 @@ import pytest
 
 from pytest_vmenv.backend import Cache
 from pytest_vmenv.caches import human_size
-from pytest_vmenv.emulator import caches as emu_caches
-from pytest_vmenv.emulator import images, layers, userns
+from pytest_vmenv.emulator.host import caches as emu_caches
+from pytest_vmenv.emulator.host import images, layers, userns
 from pytest_vmenv.errors import BackendError
 
 pytest_plugins = ["pytester"]
@@ -246,7 +246,7 @@ def test_rm_leaves_what_a_running_build_may_use_and_says_to_try_again(
     build = subprocess.Popen(  # another process, building a template
         [
             sys.executable, "-c",
-            "import sys; from pathlib import Path; from pytest_vmenv.emulator import layers\n"
+            "import sys; from pathlib import Path; from pytest_vmenv.emulator.host import layers\n"
             "with layers.build_lock(Path(sys.argv[1]), 'key-of-a-build'):\n"
             "    print('building', flush=True); sys.stdin.read()",
             str(emu),

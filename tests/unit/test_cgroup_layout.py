@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmenv.emulator import cgroups
-from pytest_vmenv.emulator.cgroups import Hierarchy, hierarchies, v2_base
+from pytest_vmenv.emulator.host import cgroups
+from pytest_vmenv.emulator.host.cgroupfs import Hierarchy, hierarchies, v2_base
 
 HYBRID_CGROUP = """\
 12:name=systemd:/user.slice/session-2.scope
@@ -98,7 +98,7 @@ def test_a_hierarchy_the_guest_gets_no_group_in_is_a_problem(
     """Listed in /proc/self/cgroup but not mounted here: the guest's cgroup namespace there
     is pytest's group, which the backend warns about (as root)."""
     monkeypatch.setattr(cgroups, "hierarchies", lambda: [Hierarchy("", tmp_path, "/")])
-    monkeypatch.setattr(cgroups, "_listed", lambda: ["", "misc", "name=systemd"])
+    monkeypatch.setattr(cgroups, "listed", lambda: ["", "misc", "name=systemd"])
     groups, problems = cgroups.Cgroups(rootless=False).create("g1", None, None, None)
     assert groups.leaves == [tmp_path / "pytest-vmenv" / "g1" / "guest"]
     assert problems == [

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from pytest_vmenv.diagnose import fetches, missing_command, provision_failed
-from pytest_vmenv.emulator.images import resolve_inside
+from pytest_vmenv.emulator.host.imagecheck import resolve_inside
 
 
 @pytest.mark.parametrize(

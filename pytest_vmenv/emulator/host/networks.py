@@ -1,6 +1,6 @@
-"""Wires guests to private LANs (:mod:`.network`) and keeps their ``/etc/hosts`` current.
+"""Wires guests to private LANs (:mod:`.bridge`) and keeps their ``/etc/hosts`` current.
 
-Machines whose ``spec.network`` strings are equal share one :class:`~.network.Lan`, made on
+Machines whose ``spec.network`` strings are equal share one :class:`~.bridge.Lan`, made on
 the first attach and closed when its last member leaves. After every attach, each member's
 ``/etc/hosts`` is rewritten through its PID 1 (so the write is confined to the guest's root)
 to list every member's name and address.
@@ -14,10 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from ..backend import split_network
+from ...backend import split_network
 
 if TYPE_CHECKING:
-    from .host import Guest
+    from .record import Guest
 
 __all__ = ["DEFAULT_CIDR", "Networks"]
 
@@ -39,14 +39,14 @@ class Networks:
 
     def available(self) -> bool:
         try:
-            from . import network  # noqa: F401
+            from . import bridge  # noqa: F401
         except ImportError:
             return False
         return shutil.which("ip", path="/usr/sbin:/sbin:/usr/bin:/bin") is not None
 
     def attach(self, guest: Guest, everyone: list[Guest], state_dir: Path) -> None:
         """Give ``guest`` an address on its network and refresh every member's hosts file."""
-        from .network import Lan
+        from .bridge import Lan
 
         assert guest.network is not None
         with self._lock:

@@ -30,11 +30,11 @@ import time
 from collections.abc import Collection
 from pathlib import Path
 
-from .. import errors
-from ..backend import Cache, Snapshot, owner_alive
-from ..caches import disk_usage
+from ... import errors
+from ...backend import Cache, Snapshot, owner_alive
+from ...caches import disk_usage
 from . import layers, userns
-from .host import read_meta
+from .record import read_meta
 
 __all__ = ["BUILDING", "held_by", "listing", "prune_build_locks", "remove"]
 
@@ -156,47 +156,58 @@ def listing(emu_dir: Path, live: Collection[str], *, locked: bool = False) -> li
 
     ``locked``: the caller holds the caches lock exclusive (so no build is running).
     """
-    layers_dir, images_dir = emu_dir / "layers", emu_dir / "images"
+    layers_dir = emu_dir / "layers"
     snaps = layers.listing(layers_dir)
     users = _users(emu_dir, snaps)
     building = not locked and _building(emu_dir)
-    found: list[Cache] = []
-    labelled = set()
-    for snap in snaps:
-        path = Path(snap.handle)
-        labelled.add(path.name)
-        session = str(snap.data.get("session") or "")
-        reuse = bool(snap.data.get("reuse"))
-        if path.name.startswith(".build-"):
-            kind = "torn build"
-        elif path.name.startswith("snap-"):
-            kind = "snapshot"
-        else:
-            kind = "template"
-        owner = str(snap.data.get("owner") or "")
-        held = _machine_holder(emu_dir, path, users)
-        if not held and session in live:
-            held = f"session {session} is running"
-        if not held and reuse and live:
-            held = "a running session may be reusing it (--vm-reuse)"
-        if not held and kind == "torn build" and owner and owner_alive(owner):
-            held = "its build is running"
-        if not held and building:
-            held = BUILDING
-        found.append(
-            Cache(
-                backend=NAME,
-                kind=kind,
-                id=path.name,
-                size=disk_usage(path),
-                path=str(path),
-                detail=("reusable (--vm-reuse)" if reuse else f"session {session or '?'}")
-                + (f"; machine {snap.name}" if snap.name else ""),
-                created=_created(path, dict(snap.data)),
-                held=held,
-                handle=snap,
-            )
-        )
+    found = [_layer_cache(emu_dir, snap, users, live, building) for snap in snaps]
+    labelled = {Path(snap.handle).name for snap in snaps}
+    found += _unlabelled_layers(layers_dir, users, labelled, building)
+    found += _tarball_images(emu_dir / "images", users, building)
+    return found
+
+
+def _kind(path: Path) -> str:
+    if path.name.startswith(".build-"):
+        return "torn build"
+    return "snapshot" if path.name.startswith("snap-") else "template"
+
+
+def _layer_cache(
+    emu_dir: Path, snap: Snapshot, users: dict[str, str], live: Collection[str], building: bool
+) -> Cache:
+    """A template, snapshot or labelled torn build, and what holds it."""
+    path = Path(snap.handle)
+    kind = _kind(path)
+    session = snap.session
+    held = _machine_holder(emu_dir, path, users)
+    if not held and session in live:
+        held = f"session {session} is running"
+    if not held and snap.reuse and live:
+        held = "a running session may be reusing it (--vm-reuse)"
+    if not held and kind == "torn build" and snap.owner and owner_alive(snap.owner):
+        held = "its build is running"
+    if not held and building:
+        held = BUILDING
+    return Cache(
+        backend=NAME,
+        kind=kind,
+        id=path.name,
+        size=disk_usage(path),
+        path=str(path),
+        detail=("reusable (--vm-reuse)" if snap.reuse else f"session {session or '?'}")
+        + (f"; machine {snap.name}" if snap.name else ""),
+        created=snap.created or _created(path),
+        held=held,
+        handle=snap,
+    )
+
+
+def _unlabelled_layers(
+    layers_dir: Path, users: dict[str, str], labelled: set[str], building: bool
+) -> list[Cache]:
+    """Host masks, and torn builds that died before their labels were written."""
+    found = []
     for path in _dirs(layers_dir):
         if path.name.startswith("mask-"):
             held = _user_of(path, users) or (BUILDING if building else "")
@@ -206,12 +217,17 @@ def listing(emu_dir: Path, live: Collection[str], *, locked: bool = False) -> li
             if not held and time.time() - _created(path) < _FRESH:
                 held = "just created (a build may be labelling it)"
             found.append(_plain(path, "torn build", "an unlabelled build left behind", held))
+    return found
+
+
+def _tarball_images(images_dir: Path, users: dict[str, str], building: bool) -> list[Cache]:
+    """Unpacked tarball images, and unpacks that did not finish."""
+    found = []
     for path in _dirs(images_dir):
         if path.name.startswith("."):
             continue
-        complete = path / "complete"
         try:
-            source = complete.read_text().strip()
+            source = (path / "complete").read_text().strip()
         except OSError:
             source = ""
         held = _user_of(path, users) or (BUILDING if building else "")

@@ -2,7 +2,7 @@
 
 A guest writes its console as much as it likes; the host's disk must not pay for it. So
 ``/dev/console`` is a FIFO (``<guestdir>/console.fifo``, bound there by PID 1) and the
-guest's keeper (see :mod:`.zygote`), which lives outside the guest's PID namespace and
+guest's keeper (see :mod:`.keeper`), which lives outside the guest's PID namespace and
 waits for its PID 1 anyway, copies what arrives into ``console.log``. When that file
 reaches :data:`CONSOLE_LIMIT` it becomes ``console.log.1`` (replacing the previous one) and
 a new ``console.log`` starts with a line saying so: the host keeps at most twice the limit,

@@ -17,7 +17,7 @@ sees). These are answered with EPERM. As in Docker's default profile, and for th
   could no longer serve the host.
   Inside the guest's PID namespace only pid 1 names it.
 
-* **a systemd guest's agent is left alone** (``program(agent=2)``, see :mod:`.guest`): the
+* **a systemd guest's agent is left alone** (``program(agent=2)``, see :mod:`.pid1`): the
   process that serves the host beside systemd is pid 2, not PID 1, so the kernel's
   protection of an init does not cover it. Signals aimed at it (``kill``, ``tkill``,
   ``tgkill``, ``rt_sigqueueinfo``, ``rt_tgsigqueueinfo``), a pidfd of it (``pidfd_open``,
@@ -40,7 +40,7 @@ import os
 import platform
 import struct
 
-from . import _sys
+from .. import syscalls
 
 __all__ = ["BLOCKED", "SUPPORTED", "install", "program"]
 
@@ -172,7 +172,7 @@ def install(agent: int | None = None) -> bool:
     raw = b"".join(struct.pack("HBBI", *insn) for insn in program(agent))
     buf = ctypes.create_string_buffer(raw, len(raw))
     prog = _Fprog(len(raw) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    res = _sys.libc().prctl(
+    res = syscalls.libc().prctl(
         ctypes.c_int(_PR_SET_SECCOMP),
         ctypes.c_ulong(_SECCOMP_MODE_FILTER),
         ctypes.byref(prog),

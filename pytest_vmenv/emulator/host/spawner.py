@@ -1,4 +1,4 @@
-"""The host's handle on the zygote process (:mod:`.zygote`): start, restart, spawn, keep.
+"""The host's handle on the zygote process (:mod:`..zygote`): start, restart, spawn, keep.
 
 The zygote is started lazily, once per backend instance. If it dies in the middle of a
 session (killed, OOM), the guests it forked die with it (``PR_SET_PDEATHSIG``) and the next
@@ -7,12 +7,13 @@ seconds (tenacity), so a zygote that cannot start fails the clone with a clear e
 looping.
 
 The zygote gets only the locale, ``PATH`` and ``PYTHON*`` variables of our environment, and
-imports only the modules guests run (:mod:`.zygote` and what it imports): the packages'
-``__init__`` modules, which pull in the host side and pytest, are not run in it. Every clone
+imports only the modules guests run (:mod:`..zygote` and what it imports): the packages'
+``__init__`` modules, which pull in the host side and pytest, are not run in it (the
+``guest`` package's is: it imports nothing). Every clone
 forks the zygote twice (keeper, PID 1), and a fork's cost (page tables, copy-on-write faults
 in the children) grows with the zygote's heap.
 
-A zygote that holds kept guests outlives :meth:`Zygote.close` (see :mod:`.zygote`); its
+A zygote that holds kept guests outlives :meth:`Zygote.close` (see :mod:`..zygote`); its
 :class:`subprocess.Popen` is parked in a module list and reaped later, so no warning about a
 running child is raised and no zombie is left while this process lives on.
 """
@@ -30,13 +31,13 @@ from typing import Any
 
 import tenacity
 
-from . import wire
+from .. import wire
 
 __all__ = ["RESTARTS", "RESTART_WINDOW", "Zygote", "ZygoteGone"]
 
 RESTARTS = 3
 RESTART_WINDOW = 10.0
-_PKG_PARENT = str(Path(__file__).resolve().parents[2])
+_PKG_PARENT = str(Path(__file__).resolve().parents[3])
 _DETACHED: list[subprocess.Popen[bytes]] = []
 # argv: the control fd, the package's dir. The two packages become bare namespaces (their
 # __init__ not run), then the zygote is imported; gc.freeze: the children's collections never
@@ -74,8 +75,6 @@ class Zygote:
         self._sock: socket.socket | None = None
         self._proc: subprocess.Popen[bytes] | None = None
         self._kept: set[int] = set()
-        self._started = False
-        self.restarts = 0  # how often a dead zygote was replaced
 
     @property
     def pid(self) -> int | None:
@@ -136,9 +135,6 @@ class Zygote:
             if self._sock is None:
                 if not start:
                     raise ZygoteGone("the emulator's zygote process is gone")
-                if self._started:
-                    self.restarts += 1
-                self._started = True
                 sock = self._start()
             else:
                 sock = self._sock
@@ -173,7 +169,7 @@ class Zygote:
         """Fork a guest; returns its keeper's pid. Restarts a dead zygote (bounded).
 
         ``meanwhile`` runs once, while the zygote forks: the host makes the guest's cgroups
-        then, and a keeper spawned with ``cfg["go"]`` waits for them (see :mod:`.zygote`).
+        then, and a keeper spawned with ``cfg["go"]`` waits for them (see :mod:`..zygote`).
         """
         pending = [meanwhile]
 

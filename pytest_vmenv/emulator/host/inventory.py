@@ -10,8 +10,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from ..backend import MachineRef
-from .host import pid_alive, read_meta
+from ...backend import MachineRef
+from .pids import pid_alive
+from .record import read_meta
 
 __all__ = ["refs", "ref_of", "stacks_in_use", "state_of"]
 

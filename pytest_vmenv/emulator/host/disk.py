@@ -33,7 +33,7 @@ import struct
 import subprocess
 from pathlib import Path
 
-from . import _sys
+from .. import syscalls
 
 __all__ = ["MIN_SIZE", "attach", "detach", "unavailable", "upper_dir"]
 
@@ -191,7 +191,9 @@ def attach(gdir: Path, size: int, cache: Path) -> tuple[Path, Path]:
         mnt.mkdir(mode=0o700, exist_ok=True)
         dev, fd = _loop_attach(image)
         try:
-            _sys.mount(dev, str(mnt), "ext4", _sys.MS_NOSUID | _sys.MS_NODEV, _MOUNT_OPTIONS)
+            syscalls.mount(
+                dev, str(mnt), "ext4", syscalls.MS_NOSUID | syscalls.MS_NODEV, _MOUNT_OPTIONS
+            )
         finally:
             os.close(fd)  # unmounted or never mounted: autoclear unbinds the device
         shutil.rmtree(mnt / "lost+found", ignore_errors=True)
@@ -205,7 +207,7 @@ def detach(gdir: Path) -> None:
     mnt = mountpoint(gdir)
     while os.path.ismount(mnt):
         try:
-            _sys.umount2(str(mnt), _sys.MNT_DETACH)
+            syscalls.umount2(str(mnt), syscalls.MNT_DETACH)
         except OSError as exc:
             if exc.errno in (errno.EINVAL, errno.ENOENT):
                 return

@@ -31,15 +31,15 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .. import errors
-from ..backend import Snapshot
-from ..diagnose import provision_failed
+from ... import errors
+from ...backend import Snapshot
+from ...diagnose import provision_failed
 from . import disk, userns
 from .control import CommandTimedOut
 
 if TYPE_CHECKING:
-    from ..spec import MachineSpec
-    from .host import Guest
+    from ...spec import MachineSpec
+    from .record import Guest
 
 __all__ = [
     "CACHES_LOCK",
@@ -114,15 +114,19 @@ def build_lock(emu_dir: Path, key: str) -> Iterator[Path]:
 
 
 def _snapshot(layer: Path, meta: dict[str, Any]) -> Snapshot:
-    data = {k: meta.get(k) for k in ("session", "owner", "created", "reuse")}
-    data["layers"] = list(meta.get("layers", []))
-    data["complete"] = (layer / "complete").exists()
+    labels = {k: meta.get(k) for k in ("session", "owner", "created", "reuse")}
+    complete = (layer / "complete").exists()
     return Snapshot(
         backend=NAME,
         name=str(meta.get("name", layer.name)),
         handle=str(layer),
         key=str(meta.get("key", "")),
-        data=data,
+        data={**labels, "layers": list(meta.get("layers", [])), "complete": complete},
+        session=str(labels["session"] or ""),
+        owner=str(labels["owner"] or ""),
+        created=float(labels["created"] or 0.0),
+        reuse=bool(labels["reuse"]),
+        complete=complete,
     )
 
 

@@ -15,7 +15,7 @@ keeper's death takes PID 1 with it too). So the keeper and PID 1 score below eve
   can only be raised, so commands run at +1000 instead (the kernel then picks them before any
   process at ``base``, whatever their sizes), and PID 1 and the keeper stay at ``base``.
 
-:func:`probe` runs in the keeper, :class:`Shield` in PID 1 (see :mod:`.guest`).
+:func:`probe` runs in the keeper, :class:`Shield` in PID 1 (see :mod:`.keeper`, :mod:`.server`).
 """
 
 from __future__ import annotations

@@ -28,7 +28,7 @@ from collections.abc import Mapping, Sequence
 from types import FrameType
 from typing import Any
 
-from . import wire
+from .. import wire
 from .control import Conn, GuestDied
 
 __all__ = ["run_shell"]
@@ -120,48 +120,70 @@ def _relay(ctl: Any, master: int, stdin: int, stdout: int) -> int:
 
 
 def _loop(ctl: Any, master: int, stdin: int, stdout: int, is_tty: bool) -> int:
-    poll = select.poll()
-    poll.register(ctl.fileno(), select.POLLIN)
-    poll.register(master, select.POLLIN)
-    poll.register(stdin, select.POLLIN)
-    stdin_open = master_open = True
-    code: int | None = None
-    while code is None:
+    relay = _Relay(ctl, master, stdin, stdout, is_tty)
+    while relay.code is None:
         try:
-            events = poll.poll()
+            events = relay.poll.poll()
         except InterruptedError:
             continue
         for fd, _ev in events:
-            if fd == ctl.fileno():
-                msg, extra = wire.recv(ctl)
-                for x in extra:
-                    os.close(x)
-                if msg is None:
-                    raise GuestDied(errno.EPIPE, "the guest died while the shell ran")
-                if "exit" in msg:
-                    code = int(msg["exit"])
-            elif fd == master and master_open:
-                try:
-                    chunk = os.read(master, 1 << 16)
-                except OSError:  # EIO: every slave fd is closed
-                    chunk = b""
-                if chunk:
-                    _write_all(stdout, chunk)
-                else:
-                    poll.unregister(master)
-                    master_open = False
-            elif fd == stdin and stdin_open:
-                chunk = os.read(stdin, 1 << 16)
-                if chunk:
-                    _write_all(master, chunk)
-                else:
-                    poll.unregister(stdin)
-                    stdin_open = False
-                    if not is_tty:
-                        _write_all(master, b"\x04")  # end of input for the shell
-    if master_open:  # what the shell wrote just before it exited
+            relay.on(fd)
+    if relay.master_open:  # what the shell wrote just before it exited
         fcntl.fcntl(master, fcntl.F_SETFL, fcntl.fcntl(master, fcntl.F_GETFL) | os.O_NONBLOCK)
         with contextlib.suppress(OSError):
             while chunk := os.read(master, 1 << 16):
                 _write_all(stdout, chunk)
-    return code
+    return relay.code
+
+
+class _Relay:
+    """Copies between the caller's terminal and the pty until PID 1 reports the exit."""
+
+    def __init__(self, ctl: Any, master: int, stdin: int, stdout: int, is_tty: bool) -> None:
+        self.ctl, self.master, self.stdin, self.stdout, self.is_tty = (
+            ctl, master, stdin, stdout, is_tty,
+        )  # fmt: skip
+        self.poll = select.poll()
+        self.poll.register(ctl.fileno(), select.POLLIN)
+        self.poll.register(master, select.POLLIN)
+        self.poll.register(stdin, select.POLLIN)
+        self.stdin_open = self.master_open = True
+        self.code: int | None = None
+
+    def on(self, fd: int) -> None:
+        if fd == self.ctl.fileno():
+            self._message()
+        elif fd == self.master and self.master_open:
+            self._output()
+        elif fd == self.stdin and self.stdin_open:
+            self._input()
+
+    def _message(self) -> None:
+        msg, extra = wire.recv(self.ctl)
+        for x in extra:
+            os.close(x)
+        if msg is None:
+            raise GuestDied(errno.EPIPE, "the guest died while the shell ran")
+        if "exit" in msg:
+            self.code = int(msg["exit"])
+
+    def _output(self) -> None:
+        try:
+            chunk = os.read(self.master, 1 << 16)
+        except OSError:  # EIO: every slave fd is closed
+            chunk = b""
+        if chunk:
+            _write_all(self.stdout, chunk)
+        else:
+            self.poll.unregister(self.master)
+            self.master_open = False
+
+    def _input(self) -> None:
+        chunk = os.read(self.stdin, 1 << 16)
+        if chunk:
+            _write_all(self.master, chunk)
+            return
+        self.poll.unregister(self.stdin)
+        self.stdin_open = False
+        if not self.is_tty:
+            _write_all(self.master, b"\x04")  # end of input for the shell

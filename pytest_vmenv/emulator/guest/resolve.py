@@ -22,7 +22,7 @@ import errno
 import os
 import stat
 
-from . import _sys
+from .. import syscalls
 
 __all__ = ["open_in_root"]
 
@@ -54,7 +54,7 @@ def _openat2(dirfd: int, path: str, flags: int, mode: int) -> int:
     creates = flags & (os.O_CREAT | getattr(os, "O_TMPFILE", 0))
     how = _OpenHow(flags, mode if creates else 0, _RESOLVE_IN_ROOT | _RESOLVE_NO_MAGICLINKS)
     ctypes.set_errno(0)
-    res = _sys.libc().syscall(
+    res = syscalls.libc().syscall(
         ctypes.c_long(_SYS_OPENAT2),
         ctypes.c_int(dirfd),
         os.fsencode(path),
@@ -89,7 +89,7 @@ def open_in_root(path: str, flags: int, mode: int = 0o644) -> int:
 
 def _on_proc(dirfd: int) -> bool:
     buf = _Statfs()
-    if _sys.libc().fstatfs(ctypes.c_int(dirfd), ctypes.byref(buf)) != 0:
+    if syscalls.libc().fstatfs(ctypes.c_int(dirfd), ctypes.byref(buf)) != 0:
         return True  # cannot tell: treat as procfs
     return int(buf.f_type) == _PROC_SUPER_MAGIC
 
@@ -107,20 +107,15 @@ def _walk(path: str, flags: int, mode: int = 0o644) -> int:
                     os.close(stack.pop())
                 continue
             here = stack[-1]
-            last = not parts
-            try:
-                if last:
-                    return os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=here)
-                fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=here)
-            except OSError as exc:
-                if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(here, name):
-                    raise
-                fd = -1
-            if fd >= 0 and not stat.S_ISLNK(os.fstat(fd).st_mode):
-                stack.append(fd)
-                continue
-            if fd >= 0:
-                os.close(fd)
+            if not parts:
+                fd = _open_last(here, name, flags, mode)
+                if fd >= 0:
+                    return fd
+            else:
+                fd = _open_dir(here, name)
+                if fd >= 0:
+                    stack.append(fd)
+                    continue
             links += 1
             if links > _MAX_LINKS or _on_proc(here):
                 raise OSError(errno.ELOOP, "refused: a symlink loop, or a link in /proc", path)
@@ -133,6 +128,30 @@ def _walk(path: str, flags: int, mode: int = 0o644) -> int:
     finally:
         for fd in stack:
             os.close(fd)
+
+
+def _open_last(here: int, name: str, flags: int, mode: int) -> int:
+    """The last component, opened; -1 when it is a symlink (to be followed)."""
+    try:
+        return os.open(name, flags | os.O_NOFOLLOW, mode, dir_fd=here)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(here, name):
+            raise
+    return -1
+
+
+def _open_dir(here: int, name: str) -> int:
+    """A component on the way, as an ``O_PATH`` descriptor; -1 when it is a symlink."""
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=here)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR) or not _is_link(here, name):
+            raise
+        return -1
+    if stat.S_ISLNK(os.fstat(fd).st_mode):
+        os.close(fd)
+        return -1
+    return fd
 
 
 def _is_link(dirfd: int, name: str) -> bool:

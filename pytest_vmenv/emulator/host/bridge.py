@@ -50,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from ..errors import BackendError, ConfigError, MachineGone
+from ...errors import BackendError, ConfigError, MachineGone
 
 __all__ = ["Lan"]
 

@@ -14,6 +14,7 @@ import fcntl
 import os
 import socket
 import struct
+from collections.abc import Sequence
 
 __all__ = [
     "CLONE_NEWCGROUP",
@@ -31,6 +32,7 @@ __all__ = [
     "MS_RDONLY",
     "MS_REC",
     "MS_REMOUNT",
+    "close_fds_except",
     "drop_capabilities",
     "link_up",
     "mount",
@@ -165,3 +167,12 @@ def link_up(name: str) -> None:
         res = fcntl.ioctl(s.fileno(), _SIOCGIFFLAGS, req)
         flags = struct.unpack("16sH14x", res)[1] | _IFF_UP
         fcntl.ioctl(s.fileno(), _SIOCSIFFLAGS, struct.pack("16sH14x", name.encode(), flags))
+
+
+def close_fds_except(keep: Sequence[int]) -> None:
+    """Close every descriptor above 2 that is not in ``keep``."""
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 65536)

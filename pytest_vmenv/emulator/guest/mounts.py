@@ -16,15 +16,16 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
 
-from . import _sys, seccomp
+from .. import syscalls
+from . import seccomp
 
 __all__ = ["AGENT_PID", "DOCKER_CAPS", "HOST_BASE", "build_root"]
 
 AGENT_PID = 2
-"""A systemd guest's agent: PID 1's first child (see :mod:`.guest`), protected by the filter."""
+"""A systemd guest's agent: PID 1's first child (see :mod:`.pid1`), protected by the filter."""
 
 HOST_BASE = "@host"
 """Stack entry meaning "a read-only view of the host's /" (mounted per guest)."""
@@ -60,8 +61,8 @@ _MASKED_DIRS = (
     "sys/devices/virtual/powercap",
 )
 _READONLY = ("proc/sys", "proc/bus", "proc/fs", "proc/irq")
-_NOSUID_NODEV_NOEXEC = _sys.MS_NOSUID | _sys.MS_NODEV | _sys.MS_NOEXEC
-_RO_NODEV = _sys.MS_RDONLY | _sys.MS_NODEV
+_NOSUID_NODEV_NOEXEC = syscalls.MS_NOSUID | syscalls.MS_NODEV | syscalls.MS_NOEXEC
+_RO_NODEV = syscalls.MS_RDONLY | syscalls.MS_NODEV
 
 
 def _real_dir(path: str) -> None:
@@ -82,8 +83,10 @@ def _mount_stack(cfg: Mapping[str, Any], root: str) -> None:
         if entry == HOST_BASE:
             # overlay refuses lowerdir=/ alone and layers nested in it (ELOOP); a read-only
             # overlay of / plus an empty tmpfs is a distinct filesystem to stack over.
-            _sys.mount("tmpfs", f"{gdir}/empty", "tmpfs", _RO_NODEV, "size=4k,mode=755")
-            _sys.mount("overlay", f"{gdir}/base", "overlay", _RO_NODEV, f"lowerdir=/:{gdir}/empty")
+            syscalls.mount("tmpfs", f"{gdir}/empty", "tmpfs", _RO_NODEV, "size=4k,mode=755")
+            syscalls.mount(
+                "overlay", f"{gdir}/base", "overlay", _RO_NODEV, f"lowerdir=/:{gdir}/empty"
+            )
             lowers.append(f"{gdir}/base")
         else:
             lowers.append(entry)
@@ -95,71 +98,75 @@ def _mount_stack(cfg: Mapping[str, Any], root: str) -> None:
     # nodev: device nodes in a layer (or in the host's / outside /dev) cannot be opened;
     # overlay's own whiteouts (0/0 char devices in the upper dir) are unaffected. Not
     # nosuid: sudo and friends must work in the guest.
-    _sys.mount("overlay", root, "overlay", _sys.MS_NODEV, options)
+    syscalls.mount("overlay", root, "overlay", syscalls.MS_NODEV, options)
 
 
 def _mount_dev(root: str, console: str, userns: bool) -> None:
     dev = f"{root}/dev"
     _real_dir(dev)
-    _sys.mount("tmpfs", dev, "tmpfs", _sys.MS_NOSUID | _sys.MS_NOEXEC, "mode=755,size=65536k")
+    syscalls.mount(
+        "tmpfs", dev, "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NOEXEC, "mode=755,size=65536k"
+    )
     for name, (major, minor) in _DEVICES.items():
         if userns:  # no mknod in a user namespace: bind the host's node (still the host's /)
             with open(f"{dev}/{name}", "wb"):
                 pass
-            _sys.mount(f"/dev/{name}", f"{dev}/{name}", None, _sys.MS_BIND)
+            syscalls.mount(f"/dev/{name}", f"{dev}/{name}", None, syscalls.MS_BIND)
             continue
         os.mknod(f"{dev}/{name}", 0o666 | stat.S_IFCHR, os.makedev(major, minor))
         os.chmod(f"{dev}/{name}", 0o666)
     os.mkdir(f"{dev}/pts", 0o755)
-    _sys.mount(
+    syscalls.mount(
         "devpts",
         f"{dev}/pts",
         "devpts",
-        _sys.MS_NOSUID | _sys.MS_NOEXEC,
+        syscalls.MS_NOSUID | syscalls.MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=0620",
     )
     os.symlink("pts/ptmx", f"{dev}/ptmx")
     os.mkdir(f"{dev}/shm", 0o1777)
-    _sys.mount("shm", f"{dev}/shm", "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
+    syscalls.mount("shm", f"{dev}/shm", "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=65536k")
     for i, name in enumerate(("stdin", "stdout", "stderr")):
         os.symlink(f"/proc/self/fd/{i}", f"{dev}/{name}")
     os.symlink("/proc/self/fd", f"{dev}/fd")
     os.symlink("/proc/kcore", f"{dev}/core")
     with open(f"{dev}/console", "wb"):
         pass
-    _sys.mount(console, f"{dev}/console", None, _sys.MS_BIND)
+    syscalls.mount(console, f"{dev}/console", None, syscalls.MS_BIND)
 
 
 def _mount_proc_sys(root: str, userns: bool) -> None:
     _real_dir(f"{root}/proc")
-    _sys.mount("proc", f"{root}/proc", "proc", _NOSUID_NODEV_NOEXEC)
+    syscalls.mount("proc", f"{root}/proc", "proc", _NOSUID_NODEV_NOEXEC)
     _real_dir(f"{root}/sys")
     try:
-        _sys.mount("sysfs", f"{root}/sys", "sysfs", _NOSUID_NODEV_NOEXEC | _sys.MS_RDONLY)
+        syscalls.mount("sysfs", f"{root}/sys", "sysfs", _NOSUID_NODEV_NOEXEC | syscalls.MS_RDONLY)
     except OSError as exc:
         if not userns:
             raise
         # never the host's /sys: an empty read-only /sys is the safe fallback
         os.write(1, f"vmenv: sysfs refused in the user namespace ({exc}); /sys empty\n".encode())
-        _sys.mount("tmpfs", f"{root}/sys", "tmpfs", _NOSUID_NODEV_NOEXEC | _sys.MS_RDONLY, "size=0")
+        syscalls.mount(
+            "tmpfs", f"{root}/sys", "tmpfs", _NOSUID_NODEV_NOEXEC | syscalls.MS_RDONLY, "size=0"
+        )
     for rel in _READONLY:
         path = f"{root}/{rel}"
         if os.path.isdir(path):
-            _sys.mount(path, path, None, _sys.MS_BIND | _sys.MS_REC)
-            _sys.mount(
+            syscalls.mount(path, path, None, syscalls.MS_BIND | syscalls.MS_REC)
+            syscalls.mount(
                 path,
                 path,
                 None,
-                _sys.MS_BIND | _sys.MS_REMOUNT | _sys.MS_RDONLY | _NOSUID_NODEV_NOEXEC,
+                syscalls.MS_BIND | syscalls.MS_REMOUNT | syscalls.MS_RDONLY | _NOSUID_NODEV_NOEXEC,
             )
     for name in _MASKED_FILES:
         path = f"{root}/proc/{name}"
         if os.path.exists(path):
-            _sys.mount(f"{root}/dev/null", path, None, _sys.MS_BIND)
+            syscalls.mount(f"{root}/dev/null", path, None, syscalls.MS_BIND)
     for rel in _MASKED_DIRS:
         path = f"{root}/{rel}"
         if os.path.isdir(path):
-            _sys.mount("tmpfs", path, "tmpfs", _sys.MS_RDONLY, "size=0")
+            syscalls.mount("tmpfs", path, "tmpfs", syscalls.MS_RDONLY, "size=0")
 
 
 def _mount_systemd(root: str) -> None:
@@ -168,14 +175,16 @@ def _mount_systemd(root: str) -> None:
     ``/sys/fs/cgroup`` (the cgroup namespace's root: nothing above it is visible), and
     ``console-getty.service`` masked (``/dev/console`` is a log file, not a terminal)."""
     _real_dir(f"{root}/run")
-    _sys.mount("tmpfs", f"{root}/run", "tmpfs", _sys.MS_NOSUID | _sys.MS_NODEV, "mode=755,size=10%")
+    syscalls.mount(
+        "tmpfs", f"{root}/run", "tmpfs", syscalls.MS_NOSUID | syscalls.MS_NODEV, "mode=755,size=10%"
+    )
     os.mkdir(f"{root}/run/lock", 0o1777)
-    _sys.mount(
+    syscalls.mount(
         "tmpfs", f"{root}/run/lock", "tmpfs", _NOSUID_NODEV_NOEXEC, "mode=1777,size=5242880"
     )
     os.makedirs(f"{root}/run/systemd/system", 0o755)
     os.symlink("/dev/null", f"{root}/run/systemd/system/console-getty.service")
-    _sys.mount("cgroup2", f"{root}/sys/fs/cgroup", "cgroup2", _NOSUID_NODEV_NOEXEC)
+    syscalls.mount("cgroup2", f"{root}/sys/fs/cgroup", "cgroup2", _NOSUID_NODEV_NOEXEC)
 
 
 def build_root(cfg: Mapping[str, Any]) -> None:
@@ -192,7 +201,7 @@ def build_root(cfg: Mapping[str, Any]) -> None:
     (``"systemd"``: also the mounts systemd needs, see :func:`_mount_systemd`, and the
     filter's protection of its agent, see :mod:`.seccomp`).
     """
-    _sys.mount("none", "/", None, _sys.MS_REC | _sys.MS_PRIVATE)
+    syscalls.mount("none", "/", None, syscalls.MS_REC | syscalls.MS_PRIVATE)
     root = f"{cfg['gdir']}/root"
     _mount_stack(cfg, root)
     userns = cfg.get("userns") is not None
@@ -204,22 +213,13 @@ def build_root(cfg: Mapping[str, Any]) -> None:
         path = f"{root}/{rel}"
         if not os.path.lexists(path):
             os.mkdir(path, 0o1777 if rel == "tmp" else 0o755)
-    _sys.sethostname(cfg["hostname"])
-    _sys.link_up("lo")
+    syscalls.sethostname(cfg["hostname"])
+    syscalls.link_up("lo")
     os.chdir(root)
-    _sys.pivot_root(".", ".")
-    _sys.umount2(".", _sys.MNT_DETACH)
+    syscalls.pivot_root(".", ".")
+    syscalls.umount2(".", syscalls.MNT_DETACH)
     os.chdir("/")
     agent = AGENT_PID if cfg.get("init") == "systemd" else None
     seccomp.install(agent)  # while CAP_SYS_ADMIN is still held: no no_new_privs, so sudo works
     shielded = bool((cfg.get("oom") or {}).get("shielded"))
-    _sys.drop_capabilities(DOCKER_CAPS, frozenset({CAP_SYS_RESOURCE} if shielded else ()))
-
-
-def close_fds_except(keep: Sequence[int]) -> None:
-    """Close every descriptor above 2 that is not in ``keep``."""
-    low = 3
-    for fd in sorted(k for k in keep if k >= 3):
-        os.closerange(low, fd)
-        low = fd + 1
-    os.closerange(low, 65536)
+    syscalls.drop_capabilities(DOCKER_CAPS, frozenset({CAP_SYS_RESOURCE} if shielded else ()))

@@ -16,7 +16,7 @@ mode, all owned by that user namespace. What changes in the guest:
 * only root (uid 0) exists: ``user=`` another account fails with a clear message;
 * cgroups only where the user has delegated ones (groups it owns, see :mod:`.cgroups`):
   there ``memory``/``cpus``/``pids`` are applied as for root; elsewhere ``memory``/``cpus``
-  are not (warned once, :class:`.LimitNotApplied`), destroy kills through PID 1 (the kernel
+  are not (warned once, :class:`.support.LimitNotApplied`), destroy kills through PID 1 (the kernel
   kills its PID namespace with it), and a live snapshot stops the guest's processes with
   SIGSTOP from its PID 1 instead of the cgroup freezer;
 * ``RLIMIT_NPROC`` is ``pids_max`` (:data:`.cgroups.DEFAULT_PIDS_MAX` by default), set by
@@ -34,29 +34,21 @@ mode, all owned by that user namespace. What changes in the guest:
 
 from __future__ import annotations
 
-import contextlib
 import os
-import resource
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
-from .. import errors
-from . import _sys
+from ... import errors
 
 __all__ = [
     "HOST_REASON",
     "NETWORK_REASON",
-    "enter",
     "limit_problems",
     "probe",
     "rmtree",
     "rootless",
-    "setgroups_denied",
-    "stop_all",
     "sysctl_reason",
     "unsearchable",
 ]
@@ -264,31 +256,6 @@ def check() -> None:
         raise errors.BackendUnavailable("emulator", reason)
 
 
-def enter(uid: int, gid: int, nproc: int | None = None) -> None:
-    """In the keeper: a new user namespace where ``uid``/``gid`` are root (single mapping).
-
-    ``nproc`` is then this process's ``RLIMIT_NPROC`` (soft and hard), inherited by PID 1 and
-    every command: the kernel counts it per user *and* user namespace, so it bounds the
-    guest's processes and threads, not the user's others on the host (see the module
-    docstring).
-    """
-    _sys.unshare(_sys.CLONE_NEWUSER)
-    for name, text in (
-        ("setgroups", "deny"),
-        ("uid_map", f"0 {uid} 1\n"),
-        ("gid_map", f"0 {gid} 1\n"),
-    ):
-        with open(f"/proc/self/{name}", "w", encoding="ascii") as f:
-            f.write(text)
-    if nproc is not None:
-        resource.setrlimit(resource.RLIMIT_NPROC, (nproc, nproc))
-
-
-def setgroups_denied() -> bool:
-    """Whether this process is in a user namespace with ``setgroups`` denied."""
-    return _read(Path("/proc/self/setgroups")) == "deny"
-
-
 def limit_problems(memory: int | None, cpus: int | None) -> list[str]:
     """The limits an unprivileged guest runs without, as one LimitNotApplied problem."""
     names = [n for n, v in (("memory", memory), ("cpus", cpus)) if v is not None]
@@ -302,42 +269,12 @@ def limit_problems(memory: int | None, cpus: int | None) -> list[str]:
     ]
 
 
-def stop_all(stop: bool, timeout: float = 5.0) -> None:
-    """In PID 1: SIGSTOP (or SIGCONT) every other process of the guest; wait until stopped."""
-    if not stop:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(-1, signal.SIGCONT)
-        return
-    deadline = time.monotonic() + timeout
-    while True:
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(-1, signal.SIGSTOP)  # every process of the PID namespace but PID 1
-        running = [pid for pid in _pids() if _state(pid) not in ("T", "t", "Z", "X", "")]
-        if not running:
-            return
-        if time.monotonic() > deadline:
-            os.kill(-1, signal.SIGCONT)
-            raise TimeoutError(f"processes {running[:5]} did not stop within {timeout:g}s")
-        time.sleep(0.002)
-
-
-def _pids() -> list[int]:
-    return [int(n) for n in os.listdir("/proc") if n.isdigit() and n != "1"]
-
-
-def _state(pid: int) -> str:
-    try:
-        with open(f"/proc/{pid}/stat", encoding="ascii", errors="replace") as f:
-            return f.read().rpartition(")")[2].split()[0]
-    except (OSError, IndexError):
-        return ""
-
-
 def rmtree(path: Path) -> None:
     """Remove a tree of ours; as non-root, first open up dirs a guest made unwritable.
 
     Never follows a symlink: dirs are opened ``O_PATH | O_NOFOLLOW`` and chmod-ed through
-    ``/proc/self/fd``. Leaves what still cannot be removed (callers ignore errors as before).
+    ``/proc/self/fd``. Leaves what still cannot be removed (callers ignore it, as
+    :func:`shutil.rmtree` with ``ignore_errors`` would).
     """
     shutil.rmtree(path, ignore_errors=True)
     if os.geteuid() == 0 or not os.path.lexists(path):

@@ -5,7 +5,7 @@ Every file is opened non-blocking and must be a regular file (:func:`_open_regul
 the guest planted (at a transfer's path, or as ``/etc/passwd``) is refused instead of
 freezing PID 1. Paths resolve inside the guest's root and never through a magic link such
 as ``/proc/self/fd/1`` (:mod:`.resolve`). Transfer data comes and goes through a pipe from
-the host (see :meth:`.control.Conn.transfer`), so PID 1 never holds a host file.
+the host (see :meth:`..host.control.Conn.transfer`), so PID 1 never holds a host file.
 
 A ``get`` with ``"extents": true`` sends the file as frames, each a header :data:`FRAME`
 (offset, length) and that many bytes: only the data the filesystem reports
@@ -21,16 +21,14 @@ import contextlib
 import errno
 import os
 import stat
-import struct
 from collections.abc import Mapping
 from typing import Any
 
+from ..wire import FRAME
 from .resolve import open_in_root
 
-__all__ = ["FRAME", "file_op", "login_argv", "lookup_user", "which"]
+__all__ = ["file_op", "login_argv", "lookup_user", "which"]
 
-FRAME = struct.Struct("<QQ")
-"""The header of one extent of a ``get``: its offset and its length in bytes."""
 _CHUNK = 1 << 20
 
 

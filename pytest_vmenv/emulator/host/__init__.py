@@ -1,0 +1,1 @@
+"""The emulator's host side: everything that runs in the pytest process (see :mod:`..`)."""
