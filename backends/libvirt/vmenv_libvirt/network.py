@@ -26,6 +26,7 @@ import libvirt  # type: ignore[import-untyped]
 from pytest_vmenv import errors
 from pytest_vmenv.backend import split_network
 
+from .config import Paths
 from .connection import NAME, Hypervisor, is_gone
 from .domains import read_labels, render
 
@@ -65,12 +66,17 @@ def _host_routes() -> list[ipaddress.IPv4Network]:
 class Networks:
     """The environment networks of one backend instance (see the module docstring)."""
 
-    def __init__(self, hv: Hypervisor, run_dir: Path) -> None:
+    def __init__(self, hv: Hypervisor, paths: Paths) -> None:
         self.hv = hv
-        self.lock_path = run_dir / "networks.lock"
+        self.paths = paths
+
+    @property
+    def lock_path(self) -> Path:
+        return self.paths.root / "networks.lock"
 
     @staticmethod
     def name_of(netid: str, session: str) -> str:
+        """The libvirt network's name: a hash of ``session`` and the network id."""
         digest = hashlib.sha256(f"{session}\0{netid}".encode()).hexdigest()[:10]
         return f"vmenv-{digest}"
 
