@@ -6,13 +6,16 @@ string or a list: the scale-out path), ``accel`` (``auto``/``kvm``/``tcg``), ``r
 ``state_dir``; a bad value is a ``ConfigError`` that names it. :class:`Paths` resolves the
 state dir on first use (so that making a backend touches no disk) and lays out
 ``<state>/libvirt/``: ``consoles/`` (one log per domain), ``templates/`` (records),
-``pool/`` (the storage pool's volumes) and ``images/`` (the tiny images).
+``pool/`` (the storage pool's volumes) and ``images/`` (the tiny images). :func:`locked`
+serialises processes on one of its files.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,7 +24,7 @@ from pytest_vmenv import errors
 
 from .connection import NAME
 
-__all__ = ["ACCELS", "LibvirtConfig", "Paths"]
+__all__ = ["ACCELS", "LibvirtConfig", "Paths", "locked"]
 
 ACCELS = ("auto", "kvm", "tcg")
 
@@ -102,3 +105,14 @@ class Paths:
                 return f.read().decode("utf-8", "replace")
         except OSError:
             return ""
+
+
+@contextlib.contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the file ``path`` (made if missing; released on exit or death)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)

@@ -20,18 +20,16 @@ TCG where a systemd image takes a minute.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import re
 import shutil
 import stat
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from .config import locked
 from .debs import TinyBuildError, download, extract, run
 from .tinyroot import AGENT, READY_MARKER, SSH, Variant, write_rootfs
 from .tree import SafeTree, cpio_newc
@@ -102,16 +100,6 @@ class TinyImage:
         return cls(d, d / "vmlinuz", d / "initrd.img", d / "rootfs.qcow2")
 
 
-@contextmanager
-def _flock(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
-
-
 def _initramfs(kernel_root: Path, busybox: bytes) -> bytes:
     mods = list((kernel_root / "lib" / "modules").glob("*/kernel"))
     if not mods:
@@ -179,7 +167,7 @@ def ensure_tiny(images_dir: Path, ssh: bool = False) -> TinyImage:
     final = images_dir / variant.dirname
     if (final / "meta.json").exists():
         return TinyImage.at(final)
-    with _flock(images_dir / f"{variant.dirname}.lock"):
+    with locked(images_dir / f"{variant.dirname}.lock"):
         if (final / "meta.json").exists():
             return TinyImage.at(final)
         start = time.monotonic()
