@@ -23,11 +23,13 @@ A backend is constructed as ``cls(options)`` with its table from
 
 from __future__ import annotations
 
-import os
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+
+from .owners import boot_id, owner_alive, owner_token, process_start
+from .results import GET_LIMIT, OUTPUT_LIMIT, Output, Result
 
 if TYPE_CHECKING:
     from .spec import MachineSpec
@@ -36,10 +38,12 @@ __all__ = [
     "GET_LIMIT",
     "OUTPUT_LIMIT",
     "Backend",
+    "BuiltinImages",
     "Cache",
     "CacheKeeper",
     "Capabilities",
     "Closer",
+    "Configured",
     "MachineRef",
     "Output",
     "Result",
@@ -50,8 +54,10 @@ __all__ = [
     "SpecCheck",
     "Summarizer",
     "TemplateLister",
+    "boot_id",
     "owner_alive",
     "owner_token",
+    "process_start",
     "split_network",
 ]
 
@@ -69,43 +75,6 @@ class Capabilities:
     network: bool = False
     limits: bool = False
     console_log: bool = False
-
-
-def boot_id() -> str:
-    """This host's boot id: an owner token from before a reboot is dead whatever its pid."""
-    try:
-        with open("/proc/sys/kernel/random/boot_id") as f:
-            return f.read().strip()
-    except OSError:
-        return "unknown-boot"
-
-
-def process_start(pid: int) -> str:
-    """The start time of ``pid`` in clock ticks since boot ("" if it does not exist).
-
-    A pid plus its start time names one process for ever: a reused pid has another start.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            stat = f.read()
-    except OSError:
-        return ""
-    return stat.rsplit(b")", 1)[1].split()[19].decode()
-
-
-def owner_token(pid: int | None = None) -> str:
-    """``BOOTID:PID:START`` of ``pid`` (default: this process): who owns a resource."""
-    pid = os.getpid() if pid is None else pid
-    return f"{boot_id()}:{pid}:{process_start(pid)}"
-
-
-def owner_alive(token: str) -> bool:
-    """Whether the process named by an :func:`owner_token` still runs (on this boot)."""
-    boot, _, rest = token.partition(":")
-    pid, _, start = rest.partition(":")
-    if boot != boot_id() or not pid.isdigit():
-        return False
-    return process_start(int(pid)) == start != ""
 
 
 @dataclass(frozen=True)
@@ -162,110 +131,25 @@ class MachineRef:
     kept: bool = False  # detached with keep(): outlives its session until gc
 
 
-OUTPUT_LIMIT = 16 * 1024 * 1024
-"""Bytes of each output stream (stdout, stderr) a ``run`` keeps in memory by default."""
-
-GET_LIMIT = 1024 * 1024 * 1024
-"""Largest file ``get``/``read_bytes`` copy out of a machine by default (its logical size)."""
-
-
-class Output:
-    """One output stream of a command as it is read: at most ``limit`` bytes are kept.
-
-    Bytes past ``limit`` are counted in :attr:`dropped` and thrown away, so a command that
-    floods its output costs bounded memory however long it runs. Chunks are kept as read and
-    joined once, by :meth:`value`.
-    """
-
-    __slots__ = ("_chunks", "dropped", "kept", "limit")
-
-    def __init__(self, limit: int = OUTPUT_LIMIT) -> None:
-        self.limit = max(0, limit)
-        self.kept = 0
-        self.dropped = 0
-        self._chunks: list[bytes] = []
-
-    def write(self, data: bytes) -> None:
-        room = self.limit - self.kept
-        if len(data) <= room:
-            if data:
-                self._chunks.append(data)
-                self.kept += len(data)
-            return
-        if room > 0:
-            self._chunks.append(data[:room])
-            self.kept += room
-        self.dropped += len(data) - max(room, 0)
-
-    def value(self) -> bytes:
-        """What was kept (the first ``limit`` bytes), joined once."""
-        if len(self._chunks) != 1:
-            self._chunks = [b"".join(self._chunks)]
-        return self._chunks[0]
-
-
 @dataclass(frozen=True)
-class Result:
-    """What a command did. ``stdout``/``stderr`` are text (UTF-8, undecodable bytes replaced);
-    ``stdout_bytes``/``stderr_bytes`` are exactly what the command wrote, up to a cap.
+class Cache:
+    """Something kept on disk between sessions, as ``vmenv images`` lists it.
 
-    Each stream is kept up to ``max_output`` bytes (a keyword of ``run``; default
-    :data:`OUTPUT_LIMIT`, 16 MiB). A command that writes more has its first ``max_output``
-    bytes here, the count of the bytes past them in ``stdout_dropped``/``stderr_dropped``, and
-    ``truncated`` is True. Output that big belongs in a file: redirect it in the machine and
-    ``get`` it.
+    ``id`` is what ``vmenv images rm ID`` takes (unique within ``backend``); ``size`` is bytes
+    on this host's disk (None: not stored here, e.g. a vSphere template); ``held`` says why it
+    must stay ("" when nothing live uses it and it may go); ``handle`` is the backend's own
+    object for it (a :class:`Snapshot` for a template).
     """
 
-    exit_code: int
-    stdout: str
-    stderr: str
-    duration: float
-    stdout_bytes: bytes = b""
-    stderr_bytes: bytes = b""
-    stdout_dropped: int = 0
-    stderr_dropped: int = 0
-
-    @classmethod
-    def from_bytes(
-        cls,
-        exit_code: int,
-        stdout: bytes,
-        stderr: bytes,
-        duration: float,
-        *,
-        stdout_dropped: int = 0,
-        stderr_dropped: int = 0,
-    ) -> Result:
-        return cls(
-            exit_code,
-            stdout.decode("utf-8", "replace"),
-            stderr.decode("utf-8", "replace"),
-            duration,
-            stdout,
-            stderr,
-            stdout_dropped,
-            stderr_dropped,
-        )
-
-    @classmethod
-    def from_output(cls, exit_code: int, stdout: Output, stderr: Output, duration: float) -> Result:
-        return cls.from_bytes(
-            exit_code,
-            stdout.value(),
-            stderr.value(),
-            duration,
-            stdout_dropped=stdout.dropped,
-            stderr_dropped=stderr.dropped,
-        )
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
-
-    @property
-    def truncated(self) -> bool:
-        """Whether the command wrote more than was kept (see ``stdout_dropped``)."""
-        return self.stdout_dropped > 0 or self.stderr_dropped > 0
+    backend: str
+    kind: str
+    id: str
+    size: int | None
+    path: str = ""
+    detail: str = ""
+    created: float = 0.0
+    held: str = ""
+    handle: Any = field(default=None, compare=False)
 
 
 def split_network(value: str) -> tuple[str, str | None, str]:
@@ -279,6 +163,9 @@ def split_network(value: str) -> tuple[str, str | None, str]:
     if "/" in base and base.replace(".", "").replace("/", "").isdigit():
         return base, base, instance
     return base, None, instance
+
+
+# -- the protocol: what every backend has, then each optional feature -----------------------
 
 
 @runtime_checkable
@@ -366,27 +253,6 @@ class SpecCheck(Protocol):
         """One line for ``vmenv backends``: what this backend cannot make here, or None."""
 
 
-@dataclass(frozen=True)
-class Cache:
-    """Something kept on disk between sessions, as ``vmenv images`` lists it.
-
-    ``id`` is what ``vmenv images rm ID`` takes (unique within ``backend``); ``size`` is bytes
-    on this host's disk (None: not stored here, e.g. a vSphere template); ``held`` says why it
-    must stay ("" when nothing live uses it and it may go); ``handle`` is the backend's own
-    object for it (a :class:`Snapshot` for a template).
-    """
-
-    backend: str
-    kind: str
-    id: str
-    size: int | None
-    path: str = ""
-    detail: str = ""
-    created: float = 0.0
-    held: str = ""
-    handle: Any = field(default=None, compare=False)
-
-
 @runtime_checkable
 class CacheKeeper(Protocol):
     """Optional: a backend that lists and removes everything it keeps between sessions
@@ -412,8 +278,8 @@ class TemplateLister(Protocol):
 class Shell(Protocol):
     """Optional: an interactive shell in a machine, for ``vmenv shell NAME``."""
 
-    def shell(self, ref: MachineRef, argv: Sequence[str]) -> int:
-        """Run ``argv`` in the machine on this terminal; its exit status."""
+    def shell(self, ref: MachineRef, argv: Sequence[str] | None = None, /) -> int:
+        """Run ``argv`` (None: a login shell) in the machine on this terminal; its status."""
 
 
 @runtime_checkable
@@ -432,6 +298,22 @@ class SessionEnder(Protocol):
     """
 
     def end_session(self, session_id: str) -> None: ...
+
+
+@runtime_checkable
+class Configured(Protocol):
+    """Optional: ``options``, the table the backend was made with. The ledger records it
+    (secrets left out), so that a sweep in another process can make the backend again."""
+
+    options: Mapping[str, Any]
+
+
+@runtime_checkable
+class BuiltinImages(Protocol):
+    """Optional, on the backend class: the image names it makes without an ``[images]``
+    entry (the emulator's ``host``, libvirt's ``tiny``)."""
+
+    builtin_images: Sequence[str]
 
 
 @runtime_checkable

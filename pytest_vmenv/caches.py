@@ -19,6 +19,7 @@ import os
 import shutil
 import stat
 from collections.abc import Collection, Iterable
+from dataclasses import replace
 from pathlib import Path
 
 from .backend import Backend, Cache, Snapshot
@@ -36,7 +37,23 @@ __all__ = [
     "scratch_caches",
     "scratch_held",
     "template_caches",
+    "with_labels",
 ]
+
+
+def with_labels(snap: Snapshot) -> Snapshot:
+    """``snap`` with its typed ``session``/``owner``/``created``/``reuse``/``complete``
+    filled from ``snap.data`` where a backend still keeps them there."""
+    data = snap.data
+    return replace(
+        snap,
+        session=snap.session or str(data.get("session") or ""),
+        owner=snap.owner or str(data.get("owner") or ""),
+        created=snap.created or float(data.get("created") or 0),
+        reuse=snap.reuse or bool(data.get("reuse")),
+        complete=snap.complete and bool(data.get("complete", True)),
+    )
+
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
 
@@ -212,9 +229,8 @@ def template_caches(
 ) -> list[Cache]:
     """The templates of a backend that lists nothing but ``templates()``."""
     found = []
-    for snap in snaps:
-        session = str(snap.data.get("session") or "")
-        reuse = bool(snap.data.get("reuse"))
+    for snap in map(with_labels, snaps):
+        session, reuse = snap.session, snap.reuse
         held = ""
         if session in live:
             held = f"session {session} is running"
@@ -224,13 +240,13 @@ def template_caches(
         found.append(
             Cache(
                 backend=backend.name,
-                kind="template" if snap.data.get("complete", True) else "torn build",
+                kind="template" if snap.complete else "torn build",
                 id=snap.key or snap.handle,
                 size=disk_usage(path) if path and os.path.exists(path) else None,
                 path=path,
                 detail=("reusable (--vm-reuse)" if reuse else f"session {session or '?'}")
                 + (f"; machine {snap.name}" if snap.name else ""),
-                created=float(snap.data.get("created") or 0),
+                created=snap.created,
                 held=held,
                 handle=snap,
             )

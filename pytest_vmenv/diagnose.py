@@ -17,7 +17,7 @@ import re
 import shlex
 from collections.abc import Sequence
 
-from .errors import ProvisionError
+from .errors import ProvisionError, command_text
 
 __all__ = ["fetches", "missing_command", "not_found", "offline_error", "provision_failed"]
 
@@ -52,10 +52,6 @@ NO_OUTBOUND = (
     'with it; with image="host", install it on the host), or copy the files in from a '
     "test or fixture with vm.put(...)"
 )
-
-
-def _show(command: str | Sequence[str]) -> str:
-    return command if isinstance(command, str) else shlex.join(command)
 
 
 def _words(command: str | Sequence[str]) -> list[list[str]]:
@@ -156,13 +152,12 @@ def provision_failed(
     step's own word for it too (:func:`offline_error`): a fetch that failed for another
     reason (no such package) is not blamed on the network.
     """
-    shown = _show(step)
+    shown = command_text(step)
     missing = missing_command(exit_code, stderr)
     if missing is not None:
         head = (
             f"{backend}: provision step {shown!r} of {machine!r} failed: {not_found(missing)}; "
-            "install it in the image"
-            + ("" if "/" in missing else ", or call it by its full path")
+            "install it in the image" + ("" if "/" in missing else ", or call it by its full path")
         )
     else:
         head = f"{backend}: provision step {shown!r} of {machine!r} exited with {exit_code}"

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import shlex
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -47,6 +48,7 @@ __all__ = [
     "ProvisionError",
     "TemplateInUse",
     "VmenvError",
+    "command_text",
     "failed",
     "gone",
 ]
@@ -111,12 +113,9 @@ def _tail(data: str, lines: int = 20) -> str:
     return "\n".join("    " + p for p in parts) if parts else "    (empty)"
 
 
-def _show(command: str | Sequence[str]) -> str:
-    if isinstance(command, str):
-        return command
-    import shlex
-
-    return shlex.join(command)
+def command_text(command: str | Sequence[str]) -> str:
+    """A command as a user wrote it: a shell string as is, an argv quoted for a shell."""
+    return command if isinstance(command, str) else shlex.join(command)
 
 
 class CommandTimeout(VmenvError):
@@ -125,7 +124,7 @@ class CommandTimeout(VmenvError):
     def __init__(self, machine: str, command: str | Sequence[str], timeout: float) -> None:
         super().__init__(
             f"command on {machine!r} timed out after {timeout:g}s (process group killed): "
-            f"{_show(command)}"
+            f"{command_text(command)}"
         )
         self.machine = machine
         self.command = command
@@ -177,7 +176,7 @@ class CommandFailed(VmenvError, AssertionError):
     ) -> None:
         super().__init__(
             f"command on {machine!r} exited with {exit_code}, expected {expected}: "
-            f"{_show(command)}\n"
+            f"{command_text(command)}\n"
             f"  stdout:\n{_tail(stdout)}\n"
             f"  stderr:\n{_tail(stderr)}"
         )
@@ -275,10 +274,7 @@ class Boundary:
                     return mapped
         return None
 
-    def _raise(self, exc: BaseException, what: str, args: Sequence[object]) -> None:
-        from .backend import MachineRef
-
-        ref = next((a for a in args if isinstance(a, MachineRef)), None)
+    def _raise(self, exc: BaseException, what: str, ref: _Machine | None) -> None:
         mapped = self.translate(exc, Call(self.backend, what, ref))
         if mapped is None:
             return
@@ -292,7 +288,10 @@ class Boundary:
             try:
                 return func(*args, **kwargs)
             except Exception as exc:
-                self._raise(exc, func.__name__, args)
+                from .backend import MachineRef
+
+                ref = next((a for a in args if isinstance(a, MachineRef)), None)
+                self._raise(exc, func.__name__, ref)
                 raise
 
         return wrapper  # type: ignore[return-value]
@@ -303,5 +302,5 @@ class Boundary:
         try:
             yield
         except Exception as exc:
-            self._raise(exc, what, (ref,) if ref is not None else ())
+            self._raise(exc, what, ref)
             raise

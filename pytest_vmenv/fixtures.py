@@ -4,20 +4,15 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
 
 from .backend import Backend
 from .errors import BackendUnavailable, VmenvError
-from .keys import plugin_key
 from .machine import Machine
-from .spec import MachineSpec
+from .session_plugin import VmenvPlugin, plugin_key
 from .tracebacks import clean_setup, hide, trimmed
-
-if TYPE_CHECKING:
-    from .plugin import VmenvPlugin
 
 __all__ = [
     "VmFactory",
@@ -30,10 +25,6 @@ __all__ = [
     "vmenv_backend",
     "vms",
 ]
-
-
-def with_scope(spec: MachineSpec, scope: str) -> MachineSpec:
-    return replace(spec, scope=scope)
 
 
 class VmFactory:
@@ -55,7 +46,12 @@ class VmFactory:
             raise trimmed(exc)  # noqa: B904 - trimmed() decides what chain to show
 
     def destroy(self, machine: Machine) -> None:
-        machine.backend.destroy(machine.ref)
+        """Destroy ``machine`` now, through the orchestrator (its ledger record goes too)."""
+        __tracebackhide__ = hide
+        try:
+            self._plugin.orchestrator.destroy(machine)
+        except VmenvError as exc:
+            raise trimmed(exc)  # noqa: B904 - trimmed() decides what chain to show
 
 
 @pytest.fixture(scope="session")
@@ -71,7 +67,7 @@ def vms(request: pytest.FixtureRequest) -> Iterator[dict[str, Machine]]:
     A machine that cannot be made fails the test's setup with the plugin's message (the
     step, its output, the console tail), not a traceback through the plugin.
     """
-    plugin: VmenvPlugin = request.config.stash[plugin_key]
+    plugin = request.config.stash[plugin_key]
     yield clean_setup(lambda: plugin.machines_for(request.node))
 
 
@@ -106,7 +102,7 @@ def module_vms(request: pytest.FixtureRequest) -> dict[str, Machine]:
             module_vm.wait_for_port(8000)
             return module_vm
     """
-    plugin: VmenvPlugin = request.config.stash[plugin_key]
+    plugin = request.config.stash[plugin_key]
     return clean_setup(lambda: plugin.scope_machines(request, "module"))
 
 
@@ -120,7 +116,7 @@ def module_vm(module_vms: dict[str, Machine], request: pytest.FixtureRequest) ->
 def session_vms(request: pytest.FixtureRequest) -> dict[str, Machine]:
     """The machines of ``scope="session"`` marks, by name, for session-scoped fixtures
     (one set per xdist worker, as for the tests)."""
-    plugin: VmenvPlugin = request.config.stash[plugin_key]
+    plugin = request.config.stash[plugin_key]
     return clean_setup(lambda: plugin.scope_machines(request, "session"))
 
 
@@ -133,7 +129,7 @@ def session_vm(session_vms: dict[str, Machine], request: pytest.FixtureRequest) 
 @pytest.fixture(scope="session")
 def vmenv_backend(pytestconfig: pytest.Config) -> Backend:
     """The active default backend object (``--vm-backend``, vmenv.toml, else emulator)."""
-    plugin: VmenvPlugin = pytestconfig.stash[plugin_key]
+    plugin = pytestconfig.stash[plugin_key]
     name = plugin.parser.default_backend
     try:
         return plugin.orchestrator.backend(name)

@@ -1,19 +1,16 @@
-"""Stash keys shared by the plugin's modules (and by tests that inspect a run)."""
+"""Stash keys for what the plugin keeps on each test (and what tests of a run may inspect)."""
 
 from __future__ import annotations
-
-from typing import TYPE_CHECKING
 
 import pytest
 
 from .machine import Machine
 from .spec import MachineSpec
 
-if TYPE_CHECKING:
-    from .plugin import VmenvPlugin
-
-__all__ = ["machines_key", "plugin_key", "specs_key"]
+__all__ = ["machines_key", "specs_key"]
 
 specs_key = pytest.StashKey[list[MachineSpec]]()
+"""The machines a selected test declares, parsed at collection time."""
+
 machines_key = pytest.StashKey[dict[str, Machine]]()
-plugin_key: pytest.StashKey[VmenvPlugin] = pytest.StashKey()
+"""The machines a test got, by name, once it asked for them."""

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shlex
 import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -12,9 +11,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
-from .backend import GET_LIMIT, OUTPUT_LIMIT, Backend, MachineRef, Result, Snapshot
-from .errors import CommandFailed, CommandTimeout, VmenvError
+from .backend import Backend, MachineRef, Snapshot
+from .errors import CommandFailed, CommandTimeout, VmenvError, command_text
 from .paths import state_dir
+from .poll import poll_until
+from .results import GET_LIMIT, OUTPUT_LIMIT, Result
 from .tracebacks import hide, trimmed
 
 if TYPE_CHECKING:
@@ -50,10 +51,6 @@ def _argv(command: Command) -> list[str]:
     if isinstance(command, str):
         return ["/bin/sh", "-c", command]
     return [str(a) for a in command]
-
-
-def _show(command: Command) -> str:
-    return command if isinstance(command, str) else shlex.join(command)
 
 
 class Machine:
@@ -104,6 +101,7 @@ class Machine:
         ``Result.truncated`` is True and ``stdout_dropped``/``stderr_dropped`` count the rest.
         """
         data = input.encode() if isinstance(input, str) else input
+        shown = command_text(command)
         start = time.monotonic()
         try:
             result = self.backend.execute(
@@ -111,31 +109,55 @@ class Machine:
                 max_output=max_output,
             )  # fmt: skip
         except CommandTimeout as exc:
-            self.history.append(CommandRecord(_show(command), None, time.monotonic() - start))
+            self.history.append(CommandRecord(shown, None, time.monotonic() - start))
             raise trimmed(exc)  # noqa: B904 - trimmed() decides what chain to show
         except VmenvError as exc:
             raise trimmed(exc)  # noqa: B904
-        self.history.append(CommandRecord(_show(command), result.exit_code, result.duration))
+        self.history.append(CommandRecord(shown, result.exit_code, result.duration))
         if result.truncated:
             log.warning(
                 "%s: %s wrote more than max_output=%d bytes per stream; kept the first "
                 "(dropped: stdout %d, stderr %d bytes). Redirect it to a file and get() it, "
                 "or pass a larger max_output=",
-                self.name, _show(command), max_output, result.stdout_dropped,
+                self.name, shown, max_output, result.stdout_dropped,
                 result.stderr_dropped,
             )  # fmt: skip
         return result
 
-    def succeed(self, command: Command, **kwargs: object) -> str:
-        """Run ``command``, require exit status 0, return its stdout."""
-        result = self.run(command, **kwargs)  # type: ignore[arg-type]
+    def succeed(
+        self,
+        command: Command,
+        *,
+        input: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        user: str | None = None,
+        max_output: int = OUTPUT_LIMIT,
+    ) -> str:
+        """Run ``command`` (keywords as for :meth:`run`), require exit status 0, return its
+        stdout."""
+        result = self.run(
+            command, input=input, env=env, timeout=timeout, user=user, max_output=max_output
+        )
         if result.exit_code != 0:
             raise CommandFailed(self.name, command, result.exit_code, result.stdout, result.stderr)
         return result.stdout
 
-    def fail(self, command: Command, **kwargs: object) -> str:
-        """Run ``command``, require a non-zero exit status, return its stdout."""
-        result = self.run(command, **kwargs)  # type: ignore[arg-type]
+    def fail(
+        self,
+        command: Command,
+        *,
+        input: bytes | str | None = None,
+        env: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+        user: str | None = None,
+        max_output: int = OUTPUT_LIMIT,
+    ) -> str:
+        """Run ``command`` (keywords as for :meth:`run`), require a non-zero exit status,
+        return its stdout."""
+        result = self.run(
+            command, input=input, env=env, timeout=timeout, user=user, max_output=max_output
+        )
         if result.exit_code == 0:
             raise CommandFailed(
                 self.name, command, 0, result.stdout, result.stderr, expected="a non-zero status"
@@ -147,32 +169,38 @@ class Machine:
     ) -> str:
         """Retry ``command`` until it exits 0; on the last try raise with its output."""
         deadline = time.monotonic() + timeout
-        while True:
-            left = deadline - time.monotonic()
-            result = self.run(command, timeout=max(left, 1.0))
+
+        def probe(last_try: bool) -> str | None:
+            result = self.run(command, timeout=max(deadline - time.monotonic(), 1.0))
             if result.exit_code == 0:
                 return result.stdout
-            if time.monotonic() + interval >= deadline:
+            if last_try or time.monotonic() + interval >= deadline:
                 raise CommandFailed(
                     self.name, command, result.exit_code, result.stdout, result.stderr,
                     expected=f"exit status 0 within {timeout:g}s",
                 )  # fmt: skip
-            time.sleep(interval)
-            interval = min(interval * 1.5, 1.0)
+            return None
+
+        return poll_until(probe, timeout=timeout, what=command_text(command), interval=interval)
 
     def wait_until_fails(self, command: Command, timeout: float = 30) -> str:
         """Retry ``command`` until it exits non-zero."""
         deadline = time.monotonic() + timeout
-        while True:
+
+        def probe(last_try: bool) -> str | None:
             result = self.run(command, timeout=max(deadline - time.monotonic(), 1.0))
             if result.exit_code != 0:
                 return result.stdout
-            if time.monotonic() >= deadline:
+            if last_try or time.monotonic() >= deadline:
                 raise CommandFailed(
                     self.name, command, 0, result.stdout, result.stderr,
                     expected=f"a non-zero status within {timeout:g}s",
                 )  # fmt: skip
-            time.sleep(0.2)
+            return None
+
+        return poll_until(
+            probe, timeout=timeout, what=command_text(command), interval=0.2, max_interval=0.2
+        )
 
     def listening_ports(self) -> set[int]:
         """TCP ports in LISTEN state inside the machine (read from /proc/net/tcp{,6})."""
@@ -194,16 +222,18 @@ class Machine:
         Reads the kernel's socket tables through the backend's file channel, so it needs no
         tool (``nc``, ``ss``) inside the image.
         """
-        deadline = time.monotonic() + timeout
-        delay = 0.02
-        while port not in self.listening_ports():
-            if time.monotonic() >= deadline:
+
+        def probe(last_try: bool) -> bool | None:
+            if port in self.listening_ports():
+                return True
+            if last_try:
                 raise CommandFailed(
                     self.name, f"wait_for_port({port})", 1, "", "",
                     expected=f"a listener on TCP port {port} within {timeout:g}s",
                 )  # fmt: skip
-            time.sleep(delay)
-            delay = min(delay * 2, 0.5)
+            return None
+
+        poll_until(probe, timeout=timeout, what=f"TCP port {port}", interval=0.02, max_interval=0.5)
 
     def put(self, local: str | os.PathLike[str], remote: str) -> None:
         """Copy the local file ``local`` to ``remote`` inside the machine."""

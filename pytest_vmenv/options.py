@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
@@ -15,72 +16,98 @@ KEEP = ("never", "failed", "always")
 UNAVAILABLE = ("skip", "fail")
 
 
+_FLAGS: tuple[tuple[str, dict[str, Any]], ...] = (
+    (
+        "--vm-backend",
+        {
+            "metavar": "NAME",
+            "help": "backend for machines that name none "
+            "[env VMENV_BACKEND, ini vmenv_backend; default: vmenv.toml's, else emulator]",
+        },
+    ),
+    (
+        "--vm-config",
+        {
+            "metavar": "PATH",
+            "help": "configuration file [env VMENV_CONFIG, "
+            "ini vmenv_config; default: vmenv.toml, else pyproject.toml [tool.vmenv]]",
+        },
+    ),
+    (
+        "--vm-debug",
+        {
+            "action": "store_const",
+            "const": "1",
+            "help": "show the plugin's own traceback frames in failure reports (also -vv) "
+            "[env VMENV_DEBUG, ini vmenv_debug]",
+        },
+    ),
+    (
+        "--vm-keep",
+        {
+            "choices": KEEP,
+            "help": "keep machines after their tests: never, "
+            "failed (of failed tests) or always [env VMENV_KEEP, ini vmenv_keep; "
+            "default never]",
+        },
+    ),
+    (
+        "--vm-parallel",
+        {
+            "metavar": "N",
+            "type": int,
+            "help": "templates built at once "
+            "[env VMENV_PARALLEL, ini vmenv_parallel; default: number of CPUs]",
+        },
+    ),
+    (
+        "--vm-reuse",
+        {
+            "action": "store_const",
+            "const": "1",
+            "help": "keep templates across sessions and reuse them "
+            "[env VMENV_REUSE, ini vmenv_reuse]",
+        },
+    ),
+    (
+        "--vm-unavailable",
+        {
+            "choices": UNAVAILABLE,
+            "help": "what to do with tests whose "
+            "machines cannot be made here (the backend cannot run, or cannot make that "
+            "machine) [env VMENV_UNAVAILABLE, ini vmenv_unavailable; default fail]",
+        },
+    ),
+    (
+        "--vm-var",
+        {
+            "metavar": "KEY=VALUE",
+            "action": "append",
+            "help": "a variable for "
+            "vmenv.toml templates ({{ vars.KEY }}); repeatable [env VMENV_VAR "
+            "'K=V K2=V2', ini vmenv_var]",
+        },
+    ),
+)
+"""Every ``--vm-*`` flag with its ``addoption`` keywords."""
+
+_INI = (
+    ("backend", "default backend"),
+    ("config", "configuration file"),
+    ("debug", "show the plugin's traceback frames in reports (true/false)"),
+    ("keep", "never, failed or always"),
+    ("parallel", "templates built at once"),
+    ("reuse", "reuse templates across sessions (true/false)"),
+    ("unavailable", "skip or fail"),
+)
+"""The ``vmenv_*`` ini keys of the flags (``vmenv_var`` is a line list, added apart)."""
+
+
 def add_options(parser: pytest.Parser) -> None:
     group = parser.getgroup("vmenv", "declarative test machines (pytest-vmenv)")
-    group.addoption(
-        "--vm-backend",
-        metavar="NAME",
-        help="backend for machines that name none "
-        "[env VMENV_BACKEND, ini vmenv_backend; default: vmenv.toml's, else emulator]",
-    )
-    group.addoption(
-        "--vm-config",
-        metavar="PATH",
-        help="configuration file [env VMENV_CONFIG, "
-        "ini vmenv_config; default: vmenv.toml, else pyproject.toml [tool.vmenv]]",
-    )
-    group.addoption(
-        "--vm-debug",
-        action="store_const",
-        const="1",
-        help="show the plugin's own traceback frames in failure reports (also -vv) "
-        "[env VMENV_DEBUG, ini vmenv_debug]",
-    )
-    group.addoption(
-        "--vm-keep",
-        choices=KEEP,
-        help="keep machines after their tests: never, "
-        "failed (of failed tests) or always [env VMENV_KEEP, ini vmenv_keep; "
-        "default never]",
-    )
-    group.addoption(
-        "--vm-parallel",
-        metavar="N",
-        type=int,
-        help="templates built at once "
-        "[env VMENV_PARALLEL, ini vmenv_parallel; default: number of CPUs]",
-    )
-    group.addoption(
-        "--vm-reuse",
-        action="store_const",
-        const="1",
-        help="keep templates across sessions and reuse them [env VMENV_REUSE, ini vmenv_reuse]",
-    )
-    group.addoption(
-        "--vm-unavailable",
-        choices=UNAVAILABLE,
-        help="what to do with tests whose "
-        "machines cannot be made here (the backend cannot run, or cannot make that machine) "
-        "[env VMENV_UNAVAILABLE, ini vmenv_unavailable; "
-        "default fail]",
-    )
-    group.addoption(
-        "--vm-var",
-        metavar="KEY=VALUE",
-        action="append",
-        help="a variable for "
-        "vmenv.toml templates ({{ vars.KEY }}); repeatable [env VMENV_VAR "
-        "'K=V K2=V2', ini vmenv_var]",
-    )
-    for name, help_ in (
-        ("backend", "default backend"),
-        ("config", "configuration file"),
-        ("debug", "show the plugin's traceback frames in reports (true/false)"),
-        ("keep", "never, failed or always"),
-        ("parallel", "templates built at once"),
-        ("reuse", "reuse templates across sessions (true/false)"),
-        ("unavailable", "skip or fail"),
-    ):
+    for flag, keywords in _FLAGS:
+        group.addoption(flag, **keywords)
+    for name, help_ in _INI:
         parser.addini(f"vmenv_{name}", help_, default=None)
     parser.addini("vmenv_var", "KEY=VALUE lines for vmenv.toml templates", type="linelist")
 

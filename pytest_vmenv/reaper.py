@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from .backend import Backend, Session, Snapshot, owner_alive
-from .caches import remove_scratch, scratch_caches
+from .backend import Backend, Closer, Session, SessionEnder, Snapshot, TemplateLister
+from .caches import remove_scratch, scratch_caches, with_labels
 from .errors import TemplateInUse
 from .ledger import (
     OwnerRecord,
@@ -39,6 +39,8 @@ from .ledger import (
     session_templates,
     sessions,
 )
+from .owners import owner_alive
+from .poll import poll_until
 from .registry import Registry
 
 __all__ = ["SweepReport", "Watchdog", "backends_from_ledger", "close_session", "sweep"]
@@ -59,6 +61,67 @@ def _live_sessions(state_dir: Path) -> set[str]:
     return {r.session for r in owners(state_dir) if r.alive}
 
 
+class _Sweep:
+    """One sweep's rules: whose resources may go (see :func:`sweep`) and what it did."""
+
+    def __init__(
+        self, state_dir: Path, only_owner: str | None, include_kept: bool, older_than: float | None
+    ) -> None:
+        self.state_dir = state_dir
+        self.only_owner = only_owner
+        self.include_kept = include_kept
+        self.older_than = older_than
+        self.now = time.time()
+        self.live = _live_sessions(state_dir)
+        self.report = SweepReport()
+        self.removed_handles: set[str] = set()
+        self.held_handles: set[str] = set()
+
+    def old_enough(self, created: float) -> bool:
+        return self.older_than is None or self.now - created >= self.older_than
+
+    def wanted(self, owner: str, created: float) -> bool:
+        if self.only_owner is not None and owner != self.only_owner:
+            return False
+        return bool(owner) and not owner_alive(owner) and self.old_enough(created)
+
+    def machines(self, backend: Backend) -> None:
+        """Destroy the machines of dead owners on ``backend``."""
+        try:
+            refs = list(backend.owned(None))
+        except Exception as exc:  # noqa: BLE001 - one broken backend must not stop the sweep
+            self.report.errors.append(f"{backend.name}: cannot list machines: {exc}")
+            return
+        for ref in refs:
+            if not self.wanted(ref.owner, ref.created) or (ref.kept and not self.include_kept):
+                continue
+            try:
+                backend.destroy(ref)
+                self.report.removed.append(f"{backend.name} machine {ref.name} ({ref.id})")
+            except Exception as exc:  # noqa: BLE001
+                self.report.errors.append(f"{backend.name} machine {ref.name} ({ref.id}): {exc}")
+
+    def templates(self, backend: Backend) -> None:
+        """Remove the non-reused templates of ``backend`` whose session has no live owner."""
+        if not isinstance(backend, TemplateLister):
+            return
+        for snap in map(with_labels, backend.templates()):
+            if snap.reuse or not snap.session or snap.session in self.live:
+                continue
+            if self.wanted(snap.owner, snap.created):
+                outcome = _remove_template(backend, snap, self.report)
+                held = outcome == "left"
+                (self.held_handles if held else self.removed_handles).add(snap.handle)
+
+    def owners(self, names: set[str]) -> None:
+        """Clear the ledger entries of dead owners whose backends (all in ``names``) were swept."""
+        for record in owners(self.state_dir):
+            if record.alive or (self.only_owner is not None and record.owner != self.only_owner):
+                continue
+            if self.old_enough(record.created) and set(record.backends) <= names:
+                remove_owner(record)
+
+
 def sweep(
     backends: Iterable[Backend],
     state_dir: Path,
@@ -74,55 +137,25 @@ def sweep(
     and no machine is built on it any more.
     """
     backends = list(backends)
-    by_name = {b.name: b for b in backends}
-    report = SweepReport()
-    now = time.time()
-    live = _live_sessions(state_dir)
-    removed_handles: set[str] = set()
-    held_handles: set[str] = set()
-
-    def old_enough(created: float) -> bool:
-        return older_than is None or now - created >= older_than
-
-    def wanted(owner: str, created: float) -> bool:
-        if only_owner is not None and owner != only_owner:
-            return False
-        return bool(owner) and not owner_alive(owner) and old_enough(created)
-
+    run = _Sweep(state_dir, only_owner, include_kept, older_than)
     for backend in backends:
-        try:
-            refs = list(backend.owned(None))
-        except Exception as exc:  # noqa: BLE001 - one broken backend must not stop the sweep
-            report.errors.append(f"{backend.name}: cannot list machines: {exc}")
-            continue
-        for ref in refs:
-            if not wanted(ref.owner, ref.created) or (ref.kept and not include_kept):
-                continue
-            try:
-                backend.destroy(ref)
-                report.removed.append(f"{backend.name} machine {ref.name} ({ref.id})")
-            except Exception as exc:  # noqa: BLE001
-                report.errors.append(f"{backend.name} machine {ref.name} ({ref.id}): {exc}")
-        list_templates = getattr(backend, "templates", None)
-        for snap in list_templates() if callable(list_templates) else ():
-            session = str(snap.data.get("session", ""))
-            if snap.data.get("reuse") or not session or session in live:
-                continue
-            if wanted(str(snap.data.get("owner", "")), float(snap.data.get("created", 0))):
-                outcome = _remove_template(backend, snap, report)
-                (held_handles if outcome == "left" else removed_handles).add(snap.handle)
-    for record in owners(state_dir):
-        if record.alive or (only_owner is not None and record.owner != only_owner):
-            continue
-        if old_enough(record.created) and set(record.backends) <= set(by_name):
-            remove_owner(record)
+        run.machines(backend)
+        run.templates(backend)
+    run.owners({b.name for b in backends})
     for session in sessions(state_dir):
-        if session in live or owners(state_dir, session):
+        if session in run.live or owners(state_dir, session):
             continue  # a process of it lives, or a dead one's records could not be cleared yet
-        close_session(backends, state_dir, session, report, skip=removed_handles, held=held_handles)
+        close_session(
+            backends,
+            state_dir,
+            session,
+            run.report,
+            skip=run.removed_handles,
+            held=run.held_handles,
+        )
     if only_owner is None:
-        _sweep_scratch(state_dir, report, older_than=older_than)
-    return report
+        _sweep_scratch(state_dir, run.report, older_than=older_than)
+    return run.report
 
 
 def _sweep_scratch(
@@ -177,6 +210,9 @@ def close_session(
                 handle=str(data["handle"]),
                 key=str(data.get("key", "")),
                 data=data.get("data", {}),
+                session=session,
+                owner=str(data.get("owner") or ""),
+                created=float(data.get("created") or 0),
             )
             if _remove_template(backend, snap, report) != "removed":
                 continue
@@ -184,10 +220,9 @@ def close_session(
     _sweep_scratch(state_dir, report, session=session)
     remove_session_dir(state_dir, session)
     for backend in by_name.values():
-        end = getattr(backend, "end_session", None)
-        if callable(end):
+        if isinstance(backend, SessionEnder):
             try:
-                end(session)
+                backend.end_session(session)
             except Exception as exc:  # noqa: BLE001
                 report.errors.append(f"{backend.name}: end of session {session}: {exc}")
 
@@ -229,11 +264,11 @@ def backends_from_ledger(
 
 
 def close_backends(backends: Iterable[Backend]) -> None:
+    """Let each backend release what this process holds (optional ``close``); never raises."""
     for backend in backends:
-        close = getattr(backend, "close", None)
-        if callable(close):
+        if isinstance(backend, Closer):
             with contextlib.suppress(Exception):
-                close()
+                backend.close()
 
 
 class Watchdog:
@@ -281,9 +316,14 @@ def _watch(fd: int, owner: str, state_dir: Path, wait: Callable[[], None] | None
         received += chunk
     if received.startswith(b"bye"):
         return 0
-    deadline = time.monotonic() + 10
-    while owner_alive(owner) and time.monotonic() < deadline:
-        time.sleep(0.05)  # the pipe closes a moment before the process is fully gone
+    # the pipe closes a moment before the process is fully gone
+    poll_until(
+        lambda last_try: True if last_try or not owner_alive(owner) else None,
+        timeout=10,
+        what=f"the end of {owner}",
+        interval=0.05,
+        max_interval=0.05,
+    )
     records = [r for r in owners(state_dir) if r.owner == owner]
     backends = backends_from_ledger(state_dir, Registry(), records)
     try:

@@ -9,32 +9,17 @@ failure becomes :class:`BackendUnavailable` with an install hint.
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from importlib.metadata import EntryPoint, entry_points
 from typing import Any
 
+from .backend import BuiltinImages
 from .errors import BackendUnavailable, ConfigError
+from .shipped import SHIPPED, install_hint, not_installed
 
 __all__ = ["GROUP", "SHIPPED", "Registry", "not_installed"]
 
 GROUP = "pytest_vmenv.backends"
-SHIPPED = ("emulator", "libvirt", "vsphere")  # the backends this project ships
-_HINTS = {
-    "libvirt": "pip install pytest-vmenv-libvirt",
-    "kvm": "pip install pytest-vmenv-libvirt",
-    "vsphere": "pip install pytest-vmenv-vsphere",
-}
-
-
-def not_installed(name: str, installed: Iterable[str]) -> str:
-    """The end of every message that rejects a backend name: "is not installed (how to
-    install it, for the backends this project ships). Choose one of: <what is installed>"."""
-    hint = ""
-    if name in _HINTS:
-        alias = " (the libvirt backend)" if name == "kvm" else ""
-        hint = f"{alias}; install it with: {_HINTS[name]}"
-    choices = ", ".join(sorted(installed)) or "(none)"
-    return f"is not installed{hint}. Choose one of: {choices}"
 
 
 class Registry(Mapping[str, Sequence[str]]):
@@ -59,7 +44,7 @@ class Registry(Mapping[str, Sequence[str]]):
             cls = self.load(name)
         except BackendUnavailable:
             return ()
-        return tuple(getattr(cls, "builtin_images", ()))
+        return tuple(cls.builtin_images) if isinstance(cls, BuiltinImages) else ()
 
     def load(self, name: str) -> type[Any]:
         """Import and return the backend class registered as ``name``."""
@@ -72,7 +57,7 @@ class Registry(Mapping[str, Sequence[str]]):
             try:
                 cls: type[Any] = ep.load()
             except ImportError as exc:
-                hint = _HINTS.get(name, f"install the distribution that provides {ep.value}")
+                hint = install_hint(name) or f"install the distribution that provides {ep.value}"
                 raise BackendUnavailable(
                     name, f"cannot import {ep.value}: {exc} ({hint})"
                 ) from None

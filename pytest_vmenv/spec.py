@@ -11,7 +11,7 @@ from typing import Any
 from .config import VmenvConfig
 from .errors import ConfigError
 from .images import BASES, INITS, check_packages
-from .registry import not_installed
+from .shipped import not_installed
 
 __all__ = ["ISOLATIONS", "SCOPES", "MachineSpec", "SpecParser", "parse_size"]
 
@@ -96,26 +96,17 @@ class SpecParser:
                 f"{where}: unknown field {unknown[0]!r}. Choose one of: {', '.join(_FIELDS)}"
             )
         get = fields.get
-        name = get("name", "vm")
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ConfigError(
-                f"{where}: name={name!r} is not a machine name. Use letters, digits and '-' "
-                "(a hostname label, at most 63 characters)"
-            )
+        name = _name(get("name", "vm"), where)
         backend = get("backend") or self.default_backend
         if backend not in self.backends:
             raise ConfigError(
                 f"{where}: backend={backend!r} {not_installed(backend, self.backends)}"
             )
         image, image_config = self._image(get("image", "host"), backend, where)
-        cpus = get("cpus", 1)
-        if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
-            raise ConfigError(f"{where}: cpus={cpus!r} must be a whole number >= 1, e.g. cpus=2")
+        cpus = _cpus(get("cpus", 1), where)
         memory = parse_size(get("memory", "512M"), where, "memory")
         disk = None if get("disk") is None else parse_size(get("disk"), where, "disk")
-        network = get("network")
-        if network is not None and (not isinstance(network, str) or not network or "#" in network):
-            raise ConfigError(f'{where}: network={network!r} must be a name like "lan" or a CIDR')
+        network = _network(get("network"), where)
         packages = check_packages(get("packages", ()), f"{where}: packages")
         if packages and "base" not in image_config:
             raise ConfigError(
@@ -123,39 +114,14 @@ class SpecParser:
                 f"archive, and image {image!r} is not one: use image={_base_hint()} or an "
                 '[images.NAME] entry with base = "debian-12" in vmenv.toml'
             )
-        init = get("init")
-        if init is not None and init not in INITS:
-            raise ConfigError(
-                f"{where}: init={init!r}. Choose one of: {', '.join(INITS)} (or leave it unset "
-                "for the image's default: systemd on a built Debian image, else none)"
-            )
-        provision = _provision(get("provision", ()), where)
-        ready = get("ready")
-        if ready is not None and not isinstance(ready, str):
-            raise ConfigError(f'{where}: ready={ready!r} must be a command or "port:N"')
-        if isinstance(ready, str) and ready.startswith("port:") and not ready[5:].isdigit():
-            raise ConfigError(f"{where}: ready={ready!r}: the port must be a number, e.g. port:22")
-        timeout = get("timeout", 300)
-        if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
-            raise ConfigError(f"{where}: timeout={timeout!r} must be a positive number of seconds")
-        scope = get("scope", "function")
-        if scope not in SCOPES:
-            raise ConfigError(f"{where}: scope={scope!r}. Choose one of: {', '.join(SCOPES)}")
-        isolation = get("isolation", "clone")
-        if isolation not in ISOLATIONS:
-            raise ConfigError(
-                f"{where}: isolation={isolation!r}. Choose one of: {', '.join(ISOLATIONS)}"
-            )
-        labels = get("labels") or {}
-        if not isinstance(labels, Mapping) or not all(
-            isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
-        ):
-            raise ConfigError(f"{where}: labels={labels!r} must map strings to strings")
         return MachineSpec(
             name=name, image=image, backend=backend, cpus=cpus, memory=memory, disk=disk,
-            network=network, packages=packages, init=init, provision=provision, ready=ready,
-            timeout=float(timeout),
-            scope=scope, isolation=isolation, labels=dict(labels), image_config=image_config,
+            network=network, packages=packages, init=_init(get("init"), where),
+            provision=_provision(get("provision", ()), where), ready=_ready(get("ready"), where),
+            timeout=_timeout(get("timeout", 300), where),
+            scope=_choice(get("scope", "function"), SCOPES, "scope", where),
+            isolation=_choice(get("isolation", "clone"), ISOLATIONS, "isolation", where),
+            labels=_labels(get("labels") or {}, where), image_config=image_config,
         )  # fmt: skip
 
     def environment(self, env_name: str, where: str) -> list[MachineSpec]:
@@ -225,6 +191,64 @@ class SpecParser:
             f"{where}: unknown image {image!r} for backend {backend!r}. Choose one of: "
             f"{', '.join(choices)}, or an existing path to a rootfs directory or tarball"
         )
+
+
+def _name(name: object, where: str) -> str:
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ConfigError(
+            f"{where}: name={name!r} is not a machine name. Use letters, digits and '-' "
+            "(a hostname label, at most 63 characters)"
+        )
+    return name
+
+
+def _cpus(cpus: object, where: str) -> int:
+    if isinstance(cpus, bool) or not isinstance(cpus, int) or cpus < 1:
+        raise ConfigError(f"{where}: cpus={cpus!r} must be a whole number >= 1, e.g. cpus=2")
+    return cpus
+
+
+def _network(network: object, where: str) -> str | None:
+    if network is not None and (not isinstance(network, str) or not network or "#" in network):
+        raise ConfigError(f'{where}: network={network!r} must be a name like "lan" or a CIDR')
+    return network
+
+
+def _init(init: object, where: str) -> str | None:
+    if init is not None and init not in INITS:
+        raise ConfigError(
+            f"{where}: init={init!r}. Choose one of: {', '.join(INITS)} (or leave it unset "
+            "for the image's default: systemd on a built Debian image, else none)"
+        )
+    return None if init is None else str(init)
+
+
+def _ready(ready: object, where: str) -> str | None:
+    if ready is not None and not isinstance(ready, str):
+        raise ConfigError(f'{where}: ready={ready!r} must be a command or "port:N"')
+    if isinstance(ready, str) and ready.startswith("port:") and not ready[5:].isdigit():
+        raise ConfigError(f"{where}: ready={ready!r}: the port must be a number, e.g. port:22")
+    return ready
+
+
+def _timeout(timeout: object, where: str) -> float:
+    if isinstance(timeout, bool) or not isinstance(timeout, int | float) or timeout <= 0:
+        raise ConfigError(f"{where}: timeout={timeout!r} must be a positive number of seconds")
+    return float(timeout)
+
+
+def _choice(value: object, choices: Sequence[str], field_name: str, where: str) -> str:
+    if value not in choices:
+        raise ConfigError(f"{where}: {field_name}={value!r}. Choose one of: {', '.join(choices)}")
+    return str(value)
+
+
+def _labels(labels: object, where: str) -> dict[str, str]:
+    if not isinstance(labels, Mapping) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in labels.items()
+    ):
+        raise ConfigError(f"{where}: labels={labels!r} must map strings to strings")
+    return dict(labels)
 
 
 def _base_hint() -> str:

@@ -10,15 +10,16 @@ writes the summary, so each worker sends its ``Summary`` home as plain data in
 from __future__ import annotations
 
 import statistics
+import threading
+import time
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any, TypeVar
 
-if TYPE_CHECKING:
-    from .orchestrator import Orchestrator
+__all__ = ["WORKEROUTPUT_KEY", "Summary", "Timing", "Timings", "timing_lines"]
 
-__all__ = ["WORKEROUTPUT_KEY", "Summary", "Timing", "timing_lines"]
+_T = TypeVar("_T")
 
 WORKEROUTPUT_KEY = "vmenv_summary"
 
@@ -31,6 +32,26 @@ class Timing:
     backend: str
     machine: str
     seconds: float
+
+
+class Timings:
+    """The phases timed in one process, appended to from any thread."""
+
+    def __init__(self) -> None:
+        self.timings: list[Timing] = []
+        self._lock = threading.Lock()
+
+    def record(self, phase: str, backend: str, machine: str, seconds: float) -> None:
+        with self._lock:
+            self.timings.append(Timing(phase, backend, machine, seconds))
+
+    def timed(self, phase: str, backend: str, machine: str, fn: Callable[[], _T]) -> _T:
+        """``fn()``, its duration recorded (also when it raises)."""
+        start = time.monotonic()
+        try:
+            return fn()
+        finally:
+            self.record(phase, backend, machine, time.monotonic() - start)
 
 
 def timing_lines(timings: Iterable[Timing]) -> list[str]:
@@ -68,20 +89,6 @@ class Summary:
     kept: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     timings: list[Timing] = field(default_factory=list)
-
-    @classmethod
-    def of(cls, orchestrator: Orchestrator, errors: Iterable[str] = ()) -> Summary:
-        """What a closed orchestrator did (``errors``: what its ``close()`` returned)."""
-        return cls(
-            notes=list(orchestrator.notes),
-            swept=list(orchestrator.swept),
-            kept=[
-                f"{m.name} ({m.backend.name}, {m.ref.id}): vmenv shell {m.ref.id}"
-                for m in orchestrator.kept
-            ],
-            errors=list(errors),
-            timings=list(orchestrator.timings),
-        )
 
     def to_data(self) -> dict[str, Any]:
         """Plain lists and strings: what execnet can carry from a worker to the controller."""

@@ -26,6 +26,7 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import BinaryIO
 
 from ..errors import ConfigError, ProvisionError
 from .progress import BuildEvent, publish
@@ -127,6 +128,62 @@ def _kill(proc: subprocess.Popen[bytes]) -> None:
     proc.wait()
 
 
+class _Output:
+    """What mmdebstrap's output says, line by line: its current step, and the packages the
+    archive does not have."""
+
+    def __init__(self, image: str, key: str) -> None:
+        self.image = image
+        self.key = key
+        self.step = "starting mmdebstrap"
+        self.missing: list[str] = []
+        self._pending = b""
+
+    def tick(self, elapsed: float) -> None:
+        """Still at the same step after ``elapsed`` seconds."""
+        publish(BuildEvent(self.image, self.key, "building", self.step, elapsed, tick=True))
+
+    def feed(self, chunk: bytes, elapsed: float) -> None:
+        *lines, self._pending = (self._pending + chunk).split(b"\n")
+        for raw in lines:
+            text = raw.decode("utf-8", "replace").strip()
+            found = _MISSING.match(text)
+            if found:
+                self.missing.append(found.group(1) or found.group(2))
+            match = _STEP.match(text)
+            if match and _step(match.group(1)) != self.step:
+                self.step = _step(match.group(1))
+                publish(BuildEvent(self.image, self.key, "building", self.step, elapsed))
+
+
+def _follow(proc: subprocess.Popen[bytes], log: BinaryIO, output: _Output, started: float) -> int:
+    """Copy ``proc``'s output to ``log`` and ``output`` until it ends; its exit status.
+
+    A tick is published every second without output; past ``BUILD_TIMEOUT`` it raises."""
+    assert proc.stdout is not None
+    with selectors.DefaultSelector() as sel:
+        sel.register(proc.stdout, selectors.EVENT_READ)
+        while True:
+            elapsed = time.monotonic() - started
+            if elapsed > BUILD_TIMEOUT:
+                raise ProvisionError(
+                    f"building image {output.image} took longer than {BUILD_TIMEOUT:g}s; killed"
+                )
+            if not sel.select(timeout=1.0):
+                publish(
+                    BuildEvent(
+                        output.image, output.key, "building", output.step, elapsed, tick=True
+                    )
+                )
+                continue
+            chunk = os.read(proc.stdout.fileno(), 65536)
+            if not chunk:
+                return proc.wait()
+            log.write(chunk)
+            log.flush()
+            output.feed(chunk, elapsed)
+
+
 def build_tree(
     recipe: Recipe, key: str, mirrors: Sequence[str], target: Path, log_path: Path
 ) -> None:
@@ -141,8 +198,8 @@ def build_tree(
     tmp = target.parent / "tmp"
     tmp.mkdir(exist_ok=True)
     env = {**os.environ, "LC_ALL": "C.UTF-8", "TMPDIR": str(tmp)}
-    step = "starting mmdebstrap"
-    publish(BuildEvent(image, key, "building", step, 0.0))
+    output = _Output(image, key)
+    publish(BuildEvent(image, key, "building", output.step, 0.0))
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
             mmdebstrap_argv(recipe, mirrors, target),
@@ -154,42 +211,15 @@ def build_tree(
             start_new_session=True,
         )
         assert proc.stdout is not None
-        missing: list[str] = []
-        pending = b""
         try:
-            with selectors.DefaultSelector() as sel:
-                sel.register(proc.stdout, selectors.EVENT_READ)
-                while True:
-                    elapsed = time.monotonic() - started
-                    if elapsed > BUILD_TIMEOUT:
-                        raise ProvisionError(
-                            f"building image {image} took longer than {BUILD_TIMEOUT:g}s; killed"
-                        )
-                    if not sel.select(timeout=1.0):
-                        publish(BuildEvent(image, key, "building", step, elapsed, tick=True))
-                        continue
-                    chunk = os.read(proc.stdout.fileno(), 65536)
-                    if not chunk:
-                        break
-                    log.write(chunk)
-                    log.flush()
-                    *lines, pending = (pending + chunk).split(b"\n")
-                    for raw in lines:
-                        text = raw.decode("utf-8", "replace").strip()
-                        found = _MISSING.match(text)
-                        if found:
-                            missing.append(found.group(1) or found.group(2))
-                        match = _STEP.match(text)
-                        if match and _step(match.group(1)) != step:
-                            step = _step(match.group(1))
-                            publish(BuildEvent(image, key, "building", step, elapsed))
-            code = proc.wait()
+            code = _follow(proc, log, output, started)
         except BaseException:
             _kill(proc)
             publish(BuildEvent(image, key, "failed", "interrupted", time.monotonic() - started))
             raise
         finally:
             proc.stdout.close()
+    missing = output.missing
     elapsed = time.monotonic() - started
     if code == 0:
         return

@@ -31,8 +31,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..backend import owner_alive, owner_token
 from ..errors import BackendError, ConfigError, ProvisionError
+from ..owners import owner_alive, owner_token
+from ..poll import poll_until
 from .build import BUILD_TIMEOUT, build_tree, builder_problem
 from .progress import BuildEvent, publish
 from .recipe import Recipe
@@ -167,34 +168,43 @@ class ImageCache:
         """Hold the key's lock; yields True if the image appeared while we waited."""
         fd = self._lock_fd(key)
         started = time.monotonic()
-        waited = False
+        waits = 0
+
+        def probe(last_try: bool) -> str | None:
+            """ "locked", "built" (by another process while we waited), or None."""
+            nonlocal waits
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return "locked"
+            except BlockingIOError:
+                pass
+            elapsed = time.monotonic() - started
+            if (final / "rootfs").is_dir():
+                return "built"
+            if last_try:
+                raise BackendError(
+                    f"waited {elapsed:.0f}s for another process to build image "
+                    f"{recipe.describe()} ({final}); giving up"
+                )
+            publish(
+                BuildEvent(
+                    recipe.describe(), key, "waiting", "another process is building it",
+                    elapsed, tick=waits > 0,
+                )
+            )  # fmt: skip
+            waits += 1
+            return None
+
         try:
-            while True:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                    break
-                except BlockingIOError:
-                    pass
-                elapsed = time.monotonic() - started
-                if (final / "rootfs").is_dir():
-                    self._waited(recipe, key, elapsed)
-                    yield True
-                    return
-                if elapsed > BUILD_TIMEOUT:
-                    raise BackendError(
-                        f"waited {elapsed:.0f}s for another process to build image "
-                        f"{recipe.describe()} ({final}); giving up"
-                    )
-                publish(
-                    BuildEvent(
-                        recipe.describe(), key, "waiting", "another process is building it",
-                        elapsed, tick=waited,
-                    )
-                )  # fmt: skip
-                waited = True
-                time.sleep(1.0)
+            outcome = poll_until(
+                probe, timeout=BUILD_TIMEOUT, what=f"the lock of image {key}", interval=1.0
+            )
+            if outcome == "built":
+                self._waited(recipe, key, time.monotonic() - started)
+                yield True
+                return
             done = (final / "rootfs").is_dir()
-            if done and waited:
+            if done and waits:
                 self._waited(recipe, key, time.monotonic() - started)
             yield done
         finally:

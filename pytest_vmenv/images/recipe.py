@@ -14,12 +14,9 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from ..errors import ConfigError
-
-if TYPE_CHECKING:
-    from ..spec import MachineSpec
 
 __all__ = [
     "BASES",
@@ -103,7 +100,18 @@ class Recipe:
         return {"base": self.base, "packages": list(self.packages), "init": self.init}
 
 
-def recipe_of(spec: MachineSpec) -> Recipe | None:
+class _ImageFields(Protocol):
+    """What :func:`recipe_of` reads of a :class:`~pytest_vmenv.spec.MachineSpec`."""
+
+    @property
+    def image_config(self) -> Mapping[str, Any]: ...
+    @property
+    def packages(self) -> Sequence[str]: ...
+    @property
+    def init(self) -> str | None: ...
+
+
+def recipe_of(spec: _ImageFields) -> Recipe | None:
     """The recipe a machine's image is built from, or None (a ready-made rootfs, ``host``).
 
     ``spec.image_config`` carries ``base`` (and the entry's ``packages``) for a recipe image;

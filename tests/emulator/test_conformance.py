@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import sys
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -22,18 +23,26 @@ pytestmark = pytest.mark.skipif(
 
 
 class TestEmulatorConformance(BackendConformance):
+    state = Path("/var/lib/pytest-vmenv-test") / f"conformance-{uuid.uuid4().hex[:8]}"
+
     @pytest.fixture(scope="class")
-    def backend(self) -> Iterator[EmulatorBackend]:
-        state = Path("/var/lib/pytest-vmenv-test") / f"conformance-{uuid.uuid4().hex[:8]}"
+    @classmethod
+    def backend(cls) -> Iterator[EmulatorBackend]:
         mp = pytest.MonkeyPatch()
-        mp.setenv("VMENV_STATE_DIR", str(state))
-        backend = EmulatorBackend(state_dir=state)
+        mp.setenv("VMENV_STATE_DIR", str(cls.state))
+        backend = EmulatorBackend(state_dir=cls.state)
         backend.check()
         yield backend
         backend.close()
         mp.undo()
-        shutil.rmtree(state, ignore_errors=True)
+        shutil.rmtree(cls.state, ignore_errors=True)
 
     @pytest.fixture(scope="class")
-    def base_spec(self) -> MachineSpec:
+    @classmethod
+    def backend_factory(cls) -> Callable[[], EmulatorBackend]:
+        return functools.partial(EmulatorBackend, state_dir=cls.state)
+
+    @pytest.fixture(scope="class")
+    @classmethod
+    def base_spec(cls) -> MachineSpec:
         return MachineSpec(image="host")

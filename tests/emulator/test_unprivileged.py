@@ -287,6 +287,7 @@ def test_conformance_as_nobody(area: Area, nobody: Runner) -> None:
     suite.write_text(
         textwrap.dedent(
             f"""
+            import functools
             from pathlib import Path
 
             import pytest
@@ -294,19 +295,34 @@ def test_conformance_as_nobody(area: Area, nobody: Runner) -> None:
             from pytest_vmenv.spec import MachineSpec
             from pytest_vmenv.testing import BackendConformance
 
+            STATE = Path({str(area.state)!r})
+
             class TestUnprivileged(BackendConformance):
                 @pytest.fixture(scope="class")
-                def backend(self):
-                    backend = EmulatorBackend(state_dir=Path({str(area.state)!r}))
+                @classmethod
+                def backend(cls):
+                    backend = EmulatorBackend(state_dir=STATE)
                     backend.check()
                     yield backend
                     backend.close()
 
                 @pytest.fixture(scope="class")
-                def base_spec(self):
+                @classmethod
+                def backend_factory(cls):
+                    return functools.partial(EmulatorBackend, state_dir=STATE)
+
+                @pytest.fixture(scope="class")
+                @classmethod
+                def base_spec(cls):
                     return MachineSpec(
                         image={str(area.rootfs)!r}, image_config={{"rootfs": {str(area.rootfs)!r}}}
                     )
+
+                @pytest.fixture(scope="class")
+                @classmethod
+                def other_user(cls):
+                    'None: an unprivileged guest maps only uid 0.'
+                    return None
             """
         )
     )

@@ -186,6 +186,32 @@ def test_vm_factory(pytester: pytest.Pytester) -> None:
     result.assert_outcomes(passed=1)
 
 
+def test_vm_factory_destroy_goes_through_the_ledger(pytester: pytest.Pytester) -> None:
+    """A machine destroyed by hand is gone at once, and so is its ledger record (a sweep after
+    a crash must not look for it), and the session's end does not destroy it again."""
+    before = _live_guest_ids()
+    result = _run(
+        pytester,
+        """
+        from pytest_vmenv.plugin import plugin_key
+
+        def _intents(config):
+            ledger = config.stash[plugin_key].orchestrator.ledger.dir
+            return sorted(p.name for p in ledger.glob("*.json") if p.name != "owner.json")
+
+        def test_destroy(vm_factory, pytestconfig):
+            a = vm_factory.create(name="a")
+            assert len(_intents(pytestconfig)) == 1
+            vm_factory.destroy(a)
+            assert _intents(pytestconfig) == []
+        """,
+        "-rA",
+    )
+    result.assert_outcomes(passed=1)
+    assert "teardown failures" not in result.stdout.str()
+    assert _live_guest_ids() - before == set()
+
+
 UNAVAILABLE_CONFTEST = """
 from pytest_vmenv.errors import BackendUnavailable
 

@@ -112,12 +112,12 @@ def test_plain_tests_unaffected(pytester: pytest.Pytester) -> None:
 _ONLY_CORE = """
 import importlib.metadata
 
-import pytest_vmenv.plugin
+import pytest_vmenv.session_plugin
 from pytest_vmenv.registry import GROUP, Registry
 
 # this run sees the core alone, as after `pip install pytest-vmenv`
 _core = [ep for ep in importlib.metadata.entry_points(group=GROUP) if ep.name == "emulator"]
-pytest_vmenv.plugin.Registry = lambda: Registry(_core)
+pytest_vmenv.session_plugin.Registry = lambda: Registry(_core)
 """
 
 

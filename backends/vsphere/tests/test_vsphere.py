@@ -305,11 +305,20 @@ def test_revert_to_template_without_base_snapshot_says_how(
 def test_templates_are_reused_and_listed(lab_backend: LabBackend) -> None:
     spec = replace(base_spec("tpl"), provision=("echo built > /var/tmp/built",))
     key = "vs-reuse-" + os.urandom(3).hex()
-    first = lab_backend.build_template(spec, key, _session("a"))
+    built_by = _session("a")
+    first = lab_backend.build_template(spec, key, built_by)
+    assert (first.session, first.owner, first.reuse, first.complete) == (
+        built_by.id, built_by.owner, False, True,
+    )  # fmt: skip
     try:
         again = lab_backend.build_template(spec, key, _session("b"))  # another session
         assert again.handle == first.handle
         assert key in {t.key for t in lab_backend.templates()}
+        (listed,) = [t for t in lab_backend.templates() if t.key == key]
+        assert (listed.session, listed.owner, listed.reuse, listed.complete) == (
+            built_by.id, built_by.owner, False, True,
+        )  # fmt: skip
+        assert abs(listed.created - first.created) < 60
         assert not [r for r in lab_backend.owned() if r.id == first.handle.partition("/")[0]]
     finally:
         lab_backend.remove_template(first)

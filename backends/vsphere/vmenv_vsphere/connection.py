@@ -5,7 +5,8 @@ each log in once, however many backend objects they make. ``Connection.call(fn)`
 and, when the session has expired or was terminated server-side (``NotAuthenticated``), logs
 in again on the same stub (so every managed object already held keeps working) and retries,
 a bounded number of times (tenacity). :meth:`Connection.wait` polls a task up to a deadline
-and maps its fault to :mod:`pytest_vmenv.errors` with the fault's own message.
+and maps its fault to :mod:`pytest_vmenv.errors` with the fault's own message. A backend
+object holds its use of the shared login as a :class:`Link`, which logs in on first use.
 
 Certificates are verified (the system store, or ``ca_file``). ``insecure`` turns that off,
 with one warning per process. The password is passed straight from its :class:`Secret` to
@@ -20,60 +21,26 @@ import logging
 import os
 import ssl
 import threading
-import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pyVim.connect import Disconnect, SmartConnect
-from pyVmomi import vim, vmodl
+from pyVmomi import vim
 from tenacity import Retrying, retry_if_exception_type, stop_after_attempt, wait_fixed
 
 from pytest_vmenv import errors
+from pytest_vmenv.poll import poll_until
 
 from .config import VsphereConfig
+from .faults import BOUNDARY, NAME, Server
 
-__all__ = ["Connection", "connect", "fault_message", "map_fault", "unreachable"]
+__all__ = ["Connection", "Link", "connect", "release"]
 
 log = logging.getLogger("vmenv.vsphere")
 _T = TypeVar("_T")
 _LOCK = threading.Lock()
 _CONNECTIONS: dict[tuple[int, str, str], Connection] = {}
 _WARNED_INSECURE: set[str] = set()
-
-
-def fault_message(fault: BaseException | Any) -> str:
-    """The human part of a vSphere fault (``msg``, else its type name)."""
-    msg = getattr(fault, "msg", None) or getattr(fault, "localizedMessage", None)
-    name = type(fault).__name__.rsplit(".", 1)[-1]
-    return f"{name}: {msg}" if msg else name
-
-
-def map_fault(fault: BaseException | Any, what: str) -> errors.VmenvError:
-    """A vSphere fault as the design's error: gone objects are :class:`MachineGone`."""
-    text = f"vsphere: {what}: {fault_message(fault)}"
-    if isinstance(fault, vmodl.fault.ManagedObjectNotFound | vim.fault.NotFound):
-        return errors.MachineGone(text)
-    if isinstance(fault, vim.fault.InvalidLogin | vim.fault.NoPermission):
-        return errors.BackendUnavailable("vsphere", text.removeprefix("vsphere: "))
-    return errors.BackendError(text)
-
-
-def unreachable(config: VsphereConfig, exc: OSError) -> str:
-    """One line for a server that cannot be reached at all (nothing listens, no route, DNS).
-
-    The URL and where it came from, so a stale ``GOVC_URL`` (a simulator that was stopped)
-    is recognised at once instead of as a socket traceback.
-    """
-    if isinstance(exc, ConnectionRefusedError):
-        why = "connection refused (nothing listens there: is the server running?)"
-    elif isinstance(exc, TimeoutError):
-        why = "the connection timed out"
-    else:
-        why = exc.strerror or str(exc) or type(exc).__name__
-    return (
-        f"cannot reach vSphere at {config.url}: {why}; the address comes from "
-        "[backends.vsphere] host or GOVC_URL"
-    )
 
 
 class Connection:
@@ -103,8 +70,7 @@ class Connection:
     def login(self) -> None:
         """Log in (first use) or again on the same stub (after ``NotAuthenticated``)."""
         cfg = self.config
-        where = f"{cfg.user or '(no user)'}@{cfg.host}:{cfg.port}"
-        try:
+        with BOUNDARY.guard("log in", Server(cfg)):
             if self.si is None:
                 self.si = SmartConnect(
                     host=cfg.host, port=cfg.port, user=cfg.user, pwd=cfg.password.reveal(),
@@ -112,23 +78,7 @@ class Connection:
                 )  # fmt: skip
             else:
                 self.si.content.sessionManager.Login(cfg.user, cfg.password.reveal(), None)
-        except vim.fault.InvalidLogin:
-            raise errors.BackendUnavailable(
-                "vsphere", f"login as {where} failed: incorrect user name or password"
-            ) from None
-        except ssl.SSLError as exc:
-            raise errors.BackendUnavailable(
-                "vsphere",
-                f"TLS to {cfg.host}:{cfg.port} failed: {exc.reason or exc} (set ca_file to the "
-                "server's CA bundle, or insecure = true to skip verification)",
-            ) from None
-        except OSError as exc:
-            raise errors.BackendUnavailable("vsphere", unreachable(cfg, exc)) from None
-        except vmodl.MethodFault as exc:
-            raise errors.BackendUnavailable(
-                "vsphere", f"cannot log in as {where}: {fault_message(exc)}"
-            ) from None
-        log.debug("vsphere: logged in as %s", where)
+        log.debug("vsphere: logged in as %s", Server(cfg).name)
 
     def call(self, fn: Callable[[], _T]) -> _T:
         """Run ``fn``; on ``NotAuthenticated`` log in again and retry (at most twice)."""
@@ -164,23 +114,29 @@ class Connection:
         return self.si.content
 
     def wait(self, task: Any, what: str, timeout: float | None = None) -> Any:
-        """Wait for ``task`` at most ``timeout`` (default ``task_timeout``) seconds."""
-        deadline = time.monotonic() + (timeout or self.config.task_timeout)
-        delay = 0.02
-        while True:
+        """Wait for ``task`` at most ``timeout`` (default ``task_timeout``) seconds.
+
+        A task that fails raises its fault's mapped error (:data:`.faults.BOUNDARY`); one
+        still running at the deadline a :class:`BackendError` naming it and its state.
+        """
+        limit = timeout or self.config.task_timeout
+
+        def done(last_try: bool) -> tuple[Any] | None:
             info = task.info
             if info.state == vim.TaskInfo.State.success:
-                return info.result
+                return (info.result,)
             if info.state == vim.TaskInfo.State.error:
-                raise map_fault(info.error, what)
-            if time.monotonic() + delay > deadline:
+                with BOUNDARY.guard(what):
+                    raise info.error
+            if last_try:
                 raise errors.BackendError(
-                    f"vsphere: {what}: the task did not finish within "
-                    f"{timeout or self.config.task_timeout:g}s (task {task._moId} still "
-                    f"{info.state}; see the vSphere client's Recent Tasks)"
+                    f"vsphere: {what}: the task did not finish within {limit:g}s (task "
+                    f"{task._moId} still {info.state}; see the vSphere client's Recent Tasks)"
                 )
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+            return None
+
+        (result,) = poll_until(done, timeout=limit, what=what, interval=0.02, max_interval=1.0)
+        return result
 
     def close(self) -> None:
         si, self.si = self.si, None
@@ -210,3 +166,42 @@ def release(conn: Connection) -> None:
             if value is conn:
                 del _CONNECTIONS[key]
     conn.close()
+
+
+class Link:
+    """One backend object's use of the process's :class:`Connection`, made on first use.
+
+    Constructing a backend contacts nothing; the first call that needs the server logs in
+    (or joins this process's login), and :meth:`close` lets go of it again.
+    """
+
+    def __init__(self, config: VsphereConfig) -> None:
+        self.config = config
+        self._lock = threading.Lock()
+        self._conn: Connection | None = None
+
+    @property
+    def conn(self) -> Connection:
+        with self._lock:
+            if self._conn is None:
+                if not self.config.host:
+                    raise errors.BackendUnavailable(
+                        NAME, "no server configured: set host in [tool.vmenv.backends.vsphere] "
+                        "or GOVC_URL",
+                    )  # fmt: skip
+                self._conn = connect(self.config)
+            return self._conn
+
+    def call(self, fn: Callable[[], _T]) -> _T:
+        """``fn()`` on the logged-in connection (see :meth:`Connection.call`)."""
+        return self.conn.call(fn)
+
+    def wait(self, task: Any, what: str) -> Any:
+        """The result of ``task``, waited for under the connection's bounds."""
+        return self.conn.wait(task, what)
+
+    def close(self) -> None:
+        with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None:
+            release(conn)

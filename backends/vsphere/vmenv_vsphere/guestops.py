@@ -27,7 +27,7 @@ StartProgramInGuest (``kill -KILL -PGID``), its wrapper is stopped with
 
 The guest password is a :class:`~.config.Secret`; a ``NamePasswordAuthentication`` is built
 inline for each call and never kept, logged or put in a message. Faults become
-:mod:`pytest_vmenv.errors` with what to do about them (:func:`guest_fault`).
+:mod:`pytest_vmenv.errors` with what to do about them (:data:`.faults.BOUNDARY`).
 """
 
 from __future__ import annotations
@@ -42,15 +42,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
-from pyVmomi import vim, vmodl
+from pyVmomi import vim
 
 from pytest_vmenv import errors
 from pytest_vmenv.backend import GET_LIMIT, OUTPUT_LIMIT, Output, Result
 
 from .config import Secret
-from .connection import Connection, fault_message, map_fault
+from .connection import Connection
+from .faults import BOUNDARY, Guest
 
-__all__ = ["KILL", "WRAPPER", "GuestOpsChannel", "guest_fault"]
+__all__ = ["KILL", "WRAPPER", "GuestOpsChannel"]
 
 log = logging.getLogger("vmenv.vsphere")
 _T = TypeVar("_T")
@@ -65,52 +66,6 @@ KILL = r"""for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15 16 17 18 19 20; do
 done
 p=$(cat "$1/pid") || exit 1
 kill -KILL "-$p" 2>/dev/null || { sleep 0.2; kill -KILL "-$p"; }"""
-_REFUSED = (
-    vim.fault.GuestComponentsOutOfDate,
-    vim.fault.OperationDisabledByGuest,
-    vim.fault.OperationNotSupportedByGuest,
-    vim.fault.GuestAuthenticationChallenge,
-)
-_UNSUPPORTED = (vmodl.fault.MethodNotFound, vmodl.fault.NotImplemented, vmodl.fault.NotSupported)
-
-
-def guest_fault(fault: Any, what: str, machine: str, user: str) -> errors.VmenvError:
-    """A guest-operations fault as the design's error, saying what would fix it."""
-    head = f"vsphere: {machine}: {what}"
-    if isinstance(fault, _UNSUPPORTED):
-        return errors.BackendError(
-            f"{head}: guest operations are not supported by this server ({fault_message(fault)}); "
-            "configure ssh_key or ssh_password to run commands over SSH instead"
-        )
-    if isinstance(fault, vim.fault.InvalidGuestLogin):
-        return errors.BackendError(
-            f"{head}: the guest rejected the login as {user!r}: incorrect user name or password "
-            "(check guest_user and guest_password in [tool.vmenv.backends.vsphere])"
-        )
-    if isinstance(fault, vim.fault.GuestOperationsUnavailable | vim.fault.InvalidPowerState):
-        return errors.BackendError(
-            f"{head}: VMware Tools in the guest is not running or not answering "
-            f"({fault_message(fault)}); is open-vm-tools installed and started in the template?"
-        )
-    if isinstance(fault, vim.fault.GuestPermissionDenied):
-        return errors.BackendError(
-            f"{head}: guest user {user!r} is not allowed to do this ({fault_message(fault)})"
-        )
-    if isinstance(fault, _REFUSED):
-        return errors.BackendError(
-            f"{head}: the guest's VMware Tools refuses guest operations ({fault_message(fault)}): "
-            "update or enable open-vm-tools, or configure SSH"
-        )
-    if isinstance(fault, vim.fault.TooManyGuestLogons):
-        return errors.BackendError(f"{head}: too many guest logons; retry later")
-    if isinstance(fault, vim.fault.NoPermission):
-        return errors.BackendError(
-            f"{head}: the vSphere user lacks the privileges Virtual machine > Guest operations > "
-            f"Query, Modify and Program execution ({fault_message(fault)})"
-        )
-    if isinstance(fault, vim.fault.FileNotFound):
-        return errors.BackendError(f"{head}: no such file in the guest ({fault_message(fault)})")
-    return map_fault(fault, f"{machine}: {what}")
 
 
 def _command(argv: Sequence[str], env: Mapping[str, str] | None, user: str | None,
@@ -158,10 +113,9 @@ class GuestOpsChannel:
 
     def _api(self, what: str, fn: Callable[[Any, Any], _T]) -> _T:
         """``fn(guestOperationsManager, vm)`` with re-login; faults mapped (``what`` failed)."""
-        try:
+        target = Guest(self.machine, str(getattr(self._vm, "_moId", "")), self.user)
+        with BOUNDARY.guard(what, target):
             return self._conn.call(lambda: fn(self._conn.content.guestOperationsManager, self._vm))
-        except vmodl.MethodFault as exc:
-            raise guest_fault(exc, what, self.machine, self.user) from None
 
     def _start(self, argv: Sequence[str]) -> int:
         spec = vim.vm.guest.ProcessManager.ProgramSpec(

@@ -13,19 +13,35 @@ over a container view, however large the inventory.
 from __future__ import annotations
 
 import json
+import time
+import uuid
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from pyVmomi import vim, vmodl
 
+from pytest_vmenv.backend import Session
 from pytest_vmenv.errors import ConfigError
 
 from .config import VsphereConfig
 
-__all__ = ["PREFIX", "Labelled", "Placement", "extra_config", "labelled", "placement"]
+__all__ = [
+    "BASE_SNAPSHOT",
+    "PREFIX",
+    "Labelled",
+    "Placement",
+    "extra_config",
+    "labelled",
+    "labels",
+    "find_snapshot",
+    "find_vm",
+    "placement",
+]
 
 PREFIX = "guestinfo.vmenv."
+BASE_SNAPSHOT = "vmenv-base"
+"""The snapshot of an image's template when its config names none (and of a clone's base)."""
 _PROPS = ["name", "config.extraConfig", "runtime.powerState", "guest.ipAddress"]
 
 
@@ -48,6 +64,17 @@ def extra_config(values: Mapping[str, str]) -> list[Any]:
 def metadata(name: str, instance: str) -> str:
     """``guestinfo.metadata`` for cloud-init: the guest's hostname and instance id."""
     return json.dumps({"local-hostname": name, "instance-id": instance})
+
+
+def labels(session: Session, name: str, parent: Any, **extra: str) -> dict[str, str]:
+    """The ``extraConfig`` labels of a VM made for machine ``name`` from ``parent``."""
+    values = {
+        "session": session.id, "owner": session.owner, "created": f"{time.time():.3f}",
+        "name": name, "parent": parent._moId, **extra,
+    }  # fmt: skip
+    out = {PREFIX + k: v for k, v in values.items()}
+    out["guestinfo.metadata"] = metadata(name, uuid.uuid4().hex)
+    return out
 
 
 def labelled(content: Any) -> Iterator[Labelled]:

@@ -16,7 +16,7 @@ from typing import Any
 
 from pyVmomi import vim, vmodl
 
-from pytest_vmenv.errors import ConfigError
+from pytest_vmenv.errors import ConfigError, VmenvError
 
 from .connection import Connection
 from .inventory import Placement, extra_config
@@ -25,9 +25,13 @@ __all__ = [
     "check_name",
     "clone_vm",
     "destroy_vm",
+    "events",
+    "exists",
     "power_off",
     "power_on",
     "props",
+    "resize",
+    "snapshot",
     "vm_by_id",
 ]
 
@@ -64,6 +68,30 @@ def props(conn: Connection, obj: Any, paths: Sequence[str]) -> dict[str, Any]:
     return {p.name: p.val for p in result.objects[0].propSet}
 
 
+def exists(conn: Connection, vm: Any) -> bool:
+    """Whether ``vm`` is still in the inventory."""
+    try:
+        props(conn, vm, ["name"])
+    except vmodl.fault.ManagedObjectNotFound:
+        return False
+    return True
+
+
+def events(conn: Connection, vm: Any) -> str:
+    """The VM's recent vCenter events: the nearest thing to a console vSphere offers.
+
+    Best effort, for a timeout's message: what cannot be read is said in one line.
+    """
+    try:
+        spec = vim.event.EventFilterSpec(
+            entity=vim.event.EventFilterSpec.ByEntity(entity=vm, recursion="self")
+        )
+        got = conn.call(lambda: conn.content.eventManager.QueryEvents(spec))
+        return "\n".join(f"{e.createdTime:%H:%M:%S} {e.fullFormattedMessage}" for e in got[-50:])
+    except (vmodl.MethodFault, OSError, VmenvError) as exc:
+        return f"(no events: {exc})"
+
+
 def _nic_change(conn: Connection, source: Any, dc: Any, network: str) -> list[Any]:
     """Device change putting the source's first NIC on port group ``network``."""
     target = next((n for n in dc.network if n.name == network), None)
@@ -90,16 +118,14 @@ def clone_vm(
     source: Any,
     snapshot: Any,
     name: str,
-    folder: Any,
     place: Placement,
     *,
     labels: Mapping[str, str],
     annotation: str,
     network: str | None = None,
-    power_on: bool = True,
     instant: bool = False,
 ) -> Any:
-    """A linked clone of ``source`` at ``snapshot`` into ``folder``; returns the VM.
+    """A powered-off linked clone of ``source`` at ``snapshot`` into ``place``; the VM.
 
     ``instant``: try ``InstantClone_Task`` (needs a running source) and fall back to a
     linked clone where the server does not support it.
@@ -124,9 +150,10 @@ def clone_vm(
     if network:
         config.deviceChange = _nic_change(conn, source, place.datacenter, network)
     spec = vim.vm.CloneSpec(
-        location=relocate, snapshot=snapshot, powerOn=power_on, template=False, config=config
+        location=relocate, snapshot=snapshot, powerOn=False, template=False, config=config
     )
-    return conn.wait(source.CloneVM_Task(folder=folder, name=name, spec=spec), f"clone {name}")
+    task = source.CloneVM_Task(folder=place.folder, name=name, spec=spec)
+    return conn.wait(task, f"clone {name}")
 
 
 def resize(conn: Connection, vm: Any, have: tuple[int, int], cpus: int, memory_mb: int) -> None:
@@ -139,6 +166,12 @@ def resize(conn: Connection, vm: Any, have: tuple[int, int], cpus: int, memory_m
         return
     spec = vim.vm.ConfigSpec(numCPUs=cpus, memoryMB=memory_mb)
     conn.wait(vm.ReconfigVM_Task(spec), f"set {cpus} CPUs and {memory_mb} MB")
+
+
+def snapshot(conn: Connection, vm: Any, name: str, description: str, what: str) -> Any:
+    """A disk-only snapshot of ``vm`` (no memory, no quiescing: fast and Tools-free)."""
+    task = vm.CreateSnapshot_Task(name, description, False, False)
+    return conn.wait(task, f"snapshot {what}")
 
 
 def power_on(conn: Connection, vm: Any, what: str) -> None:

@@ -1,0 +1,91 @@
+"""``vmenv images build NAME``: build a Debian image ahead (for CI caches)."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from ..config import load_config
+from ..errors import ConfigError, VmenvError
+from ..images import (
+    BASES,
+    BuildEvent,
+    ImageCache,
+    LinePrinter,
+    Recipe,
+    builder_problem,
+    check_packages,
+    subscribe,
+)
+
+__all__ = ["images_build"]
+
+
+def _recipe(name: str, packages: str, init: str) -> Recipe:
+    """The recipe ``vmenv images build NAME`` builds: a built-in base or [images.NAME]."""
+    config = load_config(Path.cwd())
+    entry = config.images.get(name)
+    if entry is not None:
+        base = entry.get("base")
+        if not isinstance(base, str):
+            raise ConfigError(
+                f"{config.where}: images.{name} is not a recipe (no base = ...); only images "
+                "built from the Debian archive are built ahead"
+            )
+        listed = list(entry.get("packages") or ())
+    elif name in BASES:
+        base, listed = name, []
+    else:
+        recipes = [n for n, e in config.images.items() if "base" in e]
+        raise ConfigError(
+            f"no image {name!r} to build. Choose one of: {', '.join([*BASES, *recipes])} "
+            f"(built-in, or [images.NAME] with base = ... in {config.where})"
+        )
+    extra = check_packages([p for p in packages.split(",") if p], "--packages")
+    return Recipe(base, (*listed, *extra), init)
+
+
+def images_build(args: argparse.Namespace, state: Path) -> int:
+    if len(args.keys) != 1:
+        print("vmenv images build: give one image NAME (e.g. debian-12)", file=sys.stderr)
+        return 2
+    try:
+        recipe = _recipe(args.keys[0], args.packages, args.init)
+    except ConfigError as exc:
+        print(f"vmenv images build: {exc}", file=sys.stderr)
+        return 2
+    cache = ImageCache(state)
+    try:
+        found = cache.lookup(recipe)
+        if found is None:
+            problem = builder_problem()
+            if problem is not None:
+                print(f"vmenv images build: {problem}", file=sys.stderr)
+                return 1
+            status = _status_line if sys.stderr.isatty() else None
+            unsubscribe = subscribe(LinePrinter(_stderr_line, status))
+            try:
+                found = cache.ensure(recipe)
+            finally:
+                unsubscribe()
+        else:
+            print(f"image {recipe.describe()} is built already", file=sys.stderr)
+    except VmenvError as exc:
+        print(f"vmenv images build: {exc}", file=sys.stderr)
+        return 1
+    print(f"images/{found.parent.name}  {found}")
+    return 0
+
+
+def _stderr_line(text: str) -> None:
+    end = "\n" if not sys.stderr.isatty() else "\x1b[K\n"
+    sys.stderr.write(("\r" if sys.stderr.isatty() else "") + text + end)
+    sys.stderr.flush()
+
+
+def _status_line(event: BuildEvent) -> None:
+    width = shutil.get_terminal_size().columns - 1  # a wrapped line cannot be rewritten
+    sys.stderr.write("\r" + event.status(width) + "\x1b[K")
+    sys.stderr.flush()
