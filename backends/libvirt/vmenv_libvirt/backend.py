@@ -145,7 +145,7 @@ class LibvirtBackend:
         return self.parts.records.listed()
 
     @BOUNDARY
-    def shell(self, ref: MachineRef, argv: Sequence[str]) -> int:
+    def shell(self, ref: MachineRef, argv: Sequence[str] | None = None, /) -> int:
         """Run ``argv`` (none: an ``id; uname -a`` report) and print its output.
 
         The agent has no terminal, so this is a command runner, not an interactive shell.
