@@ -31,8 +31,7 @@ from pathlib import Path
 import libvirt
 import libvirt_qemu
 from vmenv_libvirt import LibvirtBackend
-from vmenv_libvirt.base import READY_SNAPSHOT
-from vmenv_libvirt.domains import labels_xml, render_domain
+from vmenv_libvirt.domains import READY_SNAPSHOT, labels_xml, render_domain
 
 from pytest_vmenv.backend import Session
 from pytest_vmenv.paths import state_dir
@@ -60,7 +59,7 @@ def make_base(path: Path, virtual: int, data: int) -> None:
 
 
 def bench_overlays(backend: LibvirtBackend, rounds: int) -> float:
-    bases = backend.lv_dir / "bench"
+    bases = backend.parts.paths.root / "bench"
     bases.mkdir(exist_ok=True)
     small, big = bases / "base-100M.qcow2", bases / "base-4G.qcow2"
     make_base(small, 100 * 1024**2, 64 * 1024**2)
@@ -69,9 +68,9 @@ def bench_overlays(backend: LibvirtBackend, rounds: int) -> float:
     def one(base: Path) -> float:
         name = f"bench-{uuid.uuid4().hex[:8]}.qcow2"
         start = time.perf_counter()
-        path = backend.pool.create_overlay(name, base)
+        path = backend.parts.pool.create_overlay(name, base)
         took = time.perf_counter() - start
-        backend.pool.delete(path)
+        backend.parts.pool.delete(path)
         return took
 
     one(small), one(big)  # warm the pool
@@ -85,7 +84,7 @@ def raw_clone_cycle(backend: LibvirtBackend, record: dict[str, object]) -> float
     conn = libvirt.open(backend.uris[0])
     start = time.perf_counter()
     dom_name = f"raw-{uuid.uuid4().hex[:8]}"
-    pool = conn.storagePoolLookupByName(backend.pool.name)
+    pool = conn.storagePoolLookupByName(backend.parts.pool.name)
     vol = pool.createXML(
         f"<volume><name>{dom_name}.qcow2</name><capacity>{256 * 1024**2}</capacity>"
         "<target><format type='qcow2'/></target><backingStore>"
@@ -98,14 +97,14 @@ def raw_clone_cycle(backend: LibvirtBackend, record: dict[str, object]) -> float
         None,
         name=dom_name,
         uuid=str(uuid.uuid4()),
-        accel=backend.verdict().accel,
+        accel=backend.parts.accel.verdict().accel,
         memory=SPEC.memory,
         cpus=1,
         kernel=boot["kernel"],
         initrd=boot["initrd"],
         cmdline=boot["cmdline"] + " vmenv.hostname=raw",
         disk=vol.path(),
-        console=str(backend.console_path(dom_name)),
+        console=str(backend.parts.paths.console(dom_name)),
         metadata=labels_xml({"role": "bench"}),
     )
     dom = conn.defineXML(xml)
@@ -135,7 +134,7 @@ def raw_clone_cycle(backend: LibvirtBackend, record: dict[str, object]) -> float
     dom.destroy()
     dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA)
     vol.delete(0)
-    backend.console_path(dom_name).unlink(missing_ok=True)
+    backend.parts.paths.console(dom_name).unlink(missing_ok=True)
     took = time.perf_counter() - start
     conn.close()
     return took

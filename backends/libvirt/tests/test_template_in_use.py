@@ -55,11 +55,11 @@ def define(
 def a_template(backend: LibvirtBackend) -> tuple[Snapshot, Path]:
     """A complete template record of a dead session and its disk in the plugin's pool."""
     key = "key-" + secrets.token_hex(4)
-    disk = backend.lv_dir / "pool" / f"tpl-{key}.qcow2"
+    disk = backend.parts.paths.root / "pool" / f"tpl-{key}.qcow2"
     disk.write_bytes(b"QFI\xfb" + bytes(60))
-    backend.save_record(key, {"key": key, "name": "web", "disk": str(disk), "ram": "",
-                              "session": "s1", "owner": "", "created": 0.0, "reuse": False,
-                              "complete": True})  # fmt: skip
+    backend.parts.records.save(key, {"key": key, "name": "web", "disk": str(disk), "ram": "",
+                                     "session": "s1", "owner": "", "created": 0.0,
+                                     "reuse": False, "complete": True})  # fmt: skip
     (template,) = [t for t in backend.templates() if t.key == key]
     return template, disk
 
@@ -76,10 +76,10 @@ def test_a_template_a_kept_clone_is_built_on_is_left_until_the_clone_is_gone(
         with pytest.raises(TemplateInUse) as info:
             backend.remove_template(template)
         assert info.value.holder == f"machine web (vmenv-web-{key}) on {URI} is built on it"
-        assert disk.exists() and backend.load_record(key) is not None
+        assert disk.exists() and backend.parts.records.load(key) is not None
         clone.undefine()
         backend.remove_template(template)
-        assert not disk.exists() and backend.load_record(key) is None
+        assert not disk.exists() and backend.parts.records.load(key) is None
         backend.remove_template(template)  # already gone: fine
     finally:
         backend.close()
@@ -130,8 +130,10 @@ def test_gc_leaves_the_template_of_a_kept_clone_and_gc_all_removes_both(
     backend = LibvirtBackend({"uri": URI, "state_dir": str(state)})
     template, disk = a_template(backend)
     dead = f"{owner_token().partition(':')[0]}:{2**22 + 1}:0"  # no such process
-    backend.save_record(template.key, {**backend.load_record(template.key), "owner": dead})
-    clone_disk = backend.lv_dir / "pool" / f"vmenv-web-{template.key}.qcow2"
+    backend.parts.records.save(
+        template.key, {**backend.parts.records.load(template.key), "owner": dead}
+    )
+    clone_disk = backend.parts.paths.root / "pool" / f"vmenv-web-{template.key}.qcow2"
     clone_disk.write_bytes(b"QFI\xfb" + bytes(60))
     backend.close()
     name = f"vmenv-web-{template.key}"

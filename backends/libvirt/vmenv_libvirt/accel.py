@@ -6,6 +6,7 @@ image's kernel + initramfs with ``vmenv.probe=1`` as a KVM domain; the initramfs
 :data:`~.tiny.PROBE_MARKER` and powers off at once. Marker within :data:`PROBE_SECONDS`:
 KVM; else TCG (``<domain type='qemu'>``). The verdict and its reason are cached in
 ``<state>/libvirt/accel.json`` keyed by the host's boot id, so one boot probes once.
+:class:`Accelerator` holds one backend's verdict, decided on first use.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import threading
 import time
 import uuid
 from dataclasses import dataclass
@@ -21,12 +23,14 @@ from pathlib import Path
 import libvirt  # type: ignore[import-untyped]
 
 from pytest_vmenv.backend import boot_id
+from pytest_vmenv.poll import poll_until
 
+from .config import Paths
 from .connection import Hypervisor
 from .domains import render_domain
-from .tiny import PROBE_MARKER, TinyImage
+from .tiny import PROBE_MARKER, TinyImage, ensure_tiny
 
-__all__ = ["PROBE_SECONDS", "Verdict", "decide"]
+__all__ = ["PROBE_SECONDS", "Accelerator", "Verdict", "decide"]
 
 PROBE_SECONDS = 8.0
 
@@ -72,20 +76,24 @@ def _probe(hv: Hypervisor, tiny: TinyImage, run_dir: Path) -> Verdict:
         hv.call(lambda c: c.createXML(xml, 0))
     except libvirt.libvirtError as exc:
         return Verdict("tcg", f"KVM domain failed to start: {exc}")
-    try:
-        while time.monotonic() - start < PROBE_SECONDS:
-            try:
-                if PROBE_MARKER in console.read_text(errors="replace"):
-                    return Verdict(
-                        "kvm", f"a KVM probe guest booted in {time.monotonic() - start:.1f}s"
-                    )
-            except FileNotFoundError:
-                pass
-            time.sleep(0.05)
+
+    def booted(last_try: bool) -> Verdict | None:
+        with contextlib.suppress(FileNotFoundError):
+            if PROBE_MARKER in console.read_text(errors="replace"):
+                took = time.monotonic() - start
+                return Verdict("kvm", f"a KVM probe guest booted in {took:.1f}s")
+        if not last_try:
+            return None
         return Verdict(
             "tcg",
             f"/dev/kvm opens but a KVM probe guest did not reach its initramfs within "
             f"{PROBE_SECONDS:g}s (nested or PVM virtualisation that hangs guest kernels)",
+        )
+
+    try:
+        left = PROBE_SECONDS - (time.monotonic() - start)
+        return poll_until(
+            booted, timeout=left, what="the KVM probe", interval=0.05, max_interval=0.05
         )
     finally:
         with contextlib.suppress(libvirt.libvirtError):
@@ -126,3 +134,30 @@ def decide(setting: str, hv: Hypervisor, tiny: TinyImage | None, run_dir: Path) 
     )
     os.replace(tmp, cache)
     return verdict
+
+
+class Accelerator:
+    """One backend's accelerator: ``setting`` ("auto", "kvm" or "tcg"), decided on first use
+    (``auto`` builds the tiny image for its probe kernel); thread-safe."""
+
+    def __init__(self, setting: str, hv: Hypervisor, paths: Paths) -> None:
+        self.setting = setting
+        self.hv = hv
+        self.paths = paths
+        self._lock = threading.Lock()
+        self._verdict: Verdict | None = None
+
+    def verdict(self) -> Verdict:
+        """KVM or TCG, and why (probed once per host boot)."""
+        with self._lock:
+            if self._verdict is None:
+                tiny = ensure_tiny(self.paths.images) if self.setting == "auto" else None
+                self._verdict = decide(self.setting, self.hv, tiny, self.paths.root)
+            return self._verdict
+
+    def summary(self) -> list[str]:
+        """Lines for a terminal summary: which accelerator and why (none before a decision)."""
+        if self._verdict is None:
+            return []
+        v = self._verdict
+        return [f"libvirt: {v.accel.upper()} ({v.reason}{'; cached' if v.cached else ''})"]

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import json
+import math
 import os
 import secrets
 import shlex
@@ -33,6 +34,7 @@ from typing import Any
 from pytest_vmenv.backend import GET_LIMIT, OUTPUT_LIMIT, Result
 from pytest_vmenv.channel import Delivery, RunDir, Sized, Stdin, Wrapper
 from pytest_vmenv.errors import FileTooLarge
+from pytest_vmenv.poll import poll_until
 
 __all__ = ["Agent", "AgentError", "CommandTimedOut", "WRAPPER"]
 
@@ -56,6 +58,10 @@ class CommandTimedOut(Exception):
     """The command ran past its timeout; its process group was killed."""
 
 
+class _Pending(Exception):
+    """A command still runs at its deadline (:meth:`Agent.wait` says None)."""
+
+
 Send = Callable[[str, int], str]
 
 
@@ -69,7 +75,13 @@ class Agent:
         msg: dict[str, Any] = {"execute": command}
         if arguments:
             msg["arguments"] = arguments
-        reply = json.loads(self._send(json.dumps(msg), timeout))
+        text = self._send(json.dumps(msg), timeout)
+        try:
+            reply = json.loads(text)
+        except ValueError:
+            raise AgentError(f"{command}: the agent's reply is no JSON: {text[:200]!r}") from None
+        if not isinstance(reply, dict):
+            raise AgentError(f"{command}: the agent's reply is no JSON object: {text[:200]!r}")
         if "error" in reply:
             raise AgentError(str(reply["error"].get("desc", reply["error"])))
         return reply.get("return")
@@ -93,15 +105,17 @@ class Agent:
 
     def wait(self, pid: int, deadline: float | None) -> dict[str, Any] | None:
         """The exec status once ``pid`` exited, or None at ``deadline`` (monotonic)."""
-        delay = 0.002
-        while True:
+
+        def exited(last_try: bool) -> dict[str, Any] | None:
             status: dict[str, Any] = self.call("guest-exec-status", pid=pid)
-            if status.get("exited"):
-                return status
-            if deadline is not None and time.monotonic() >= deadline:
-                return None
-            time.sleep(delay)
-            delay = min(delay * 1.5, 0.05)
+            return status if status.get("exited") else None
+
+        left = math.inf if deadline is None else deadline - time.monotonic()
+        try:
+            return poll_until(exited, timeout=left, what=f"guest-exec {pid}", interval=0.002,
+                              max_interval=0.05, error=_Pending)  # fmt: skip
+        except _Pending:
+            return None
 
     def run_simple(self, script: str, timeout: float = 30.0) -> tuple[int, bytes]:
         """``/bin/sh -c script`` without the wrapper (for housekeeping); (exit code, stdout)."""

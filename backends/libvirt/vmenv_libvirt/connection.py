@@ -1,4 +1,4 @@
-"""The libvirt connection(s): keepalive, bounded re-connect, and the error boundary.
+"""The libvirt connection(s): keepalive and bounded re-connect.
 
 Contract: :meth:`Hypervisor.call` runs ``fn(conn)`` on a live connection. When the connection
 drops (libvirtd restarted, a socket closed under us), it re-opens it and runs ``fn`` again,
@@ -7,21 +7,16 @@ objects up by name on the ``conn`` it is given (a ``virDomain`` dies with its co
 What counts as a dropped connection is :func:`is_transient`: decided from libvirt's error
 code *and* domain, because drivers report their own failures with the same codes (the network
 driver's "Unable to find 'dnsmasq' binary" is a ``VIR_ERR_SYSTEM_ERROR``). Every other libvirt
-error fails at once, with libvirt's own message. :func:`boundary` is the one place where
-``libvirt.libvirtError`` and ``OSError`` become :mod:`pytest_vmenv.errors`.
-
-A list of URIs is the scale-out path: :meth:`Hypervisor.roomiest` picks the host with the most
-free memory for the next clone.
+error fails at once, with libvirt's own message (mapped by :data:`.faults.BOUNDARY`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
-import functools
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import libvirt  # type: ignore[import-untyped]
 from tenacity import (
@@ -33,16 +28,11 @@ from tenacity import (
 )
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import MachineRef
 
-from .agent import AgentError
-from .tiny import TinyBuildError
-
-__all__ = ["NAME", "Hypervisor", "boundary", "is_gone", "is_transient", "silence"]
+__all__ = ["NAME", "Hypervisor", "is_gone", "is_transient", "silence"]
 
 NAME = "libvirt"
 _T = TypeVar("_T")
-_F = TypeVar("_F", bound=Callable[..., Any])
 # The transport's error domains and the codes it reports a lost or refused connection with
 _TRANSPORT = {libvirt.VIR_FROM_RPC, libvirt.VIR_FROM_REMOTE}
 _TRANSPORT_CODES = {
@@ -121,7 +111,6 @@ class Hypervisor:
         self.window = window
         self._conns: dict[str, libvirt.virConnect] = {}
         self._lock = threading.Lock()
-        self.reconnects = 0
 
     def conn(self, uri: str | None = None) -> libvirt.virConnect:
         """A live connection to ``uri`` (default: the first), opened now if needed."""
@@ -135,7 +124,6 @@ class Hypervisor:
                 except libvirt.libvirtError:
                     pass
                 self._drop(uri)
-                self.reconnects += 1
             _start_event_loop()
             conn = libvirt.open(uri)
             with contextlib.suppress(libvirt.libvirtError):
@@ -177,44 +165,18 @@ class Hypervisor:
                 return fn(self.conn(target))
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def roomiest(self) -> str:
-        """The URI with the most free memory (the first one if there is only one)."""
-        if len(self.uris) == 1:
-            return self.uris[0]
-        return max(self.uris, key=lambda u: self.call(lambda c: c.getFreeMemory(), u))
+    def check(self) -> None:
+        """Raise ``BackendUnavailable`` (with how to start it) unless libvirtd answers."""
+        try:
+            self.call(lambda c: c.getLibVersion())
+        except libvirt.libvirtError as exc:
+            raise errors.BackendUnavailable(
+                NAME,
+                f"cannot connect to {self.uris[0]}: {exc}. Start libvirtd (without systemd: "
+                "`.ci/libvirt.sh start`, or `virtlogd -d; libvirtd -d`)",
+            ) from None
 
     def close(self) -> None:
         with self._lock:
             for uri in list(self._conns):
                 self._drop(uri)
-
-
-def boundary(func: _F) -> _F:
-    """Map libvirt's and the OS's exceptions into :mod:`pytest_vmenv.errors`."""
-
-    @functools.wraps(func)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return func(*args, **kwargs)
-        except errors.VmenvError:
-            raise
-        except libvirt.libvirtError as exc:
-            ref = next((a for a in args if isinstance(a, MachineRef)), None)
-            if ref is not None and is_gone(exc):
-                raise errors.MachineGone(
-                    f"{NAME}: machine {ref.name!r} ({ref.id}) is gone: {exc}"
-                ) from exc
-            if is_transient(exc):
-                raise errors.BackendError(
-                    f"{NAME}: {func.__name__}: the connection to libvirtd failed and did not "
-                    f"come back in time: {exc}. Is libvirtd running (.ci/libvirt.sh start)?"
-                ) from exc
-            raise errors.BackendError(f"{NAME}: {func.__name__} failed: {exc}") from exc
-        except AgentError as exc:
-            raise errors.BackendError(f"{NAME}: {func.__name__}: guest agent: {exc}") from exc
-        except TinyBuildError as exc:
-            raise errors.BackendError(f"{NAME}: building the tiny image: {exc}") from exc
-        except (OSError, ValueError, KeyError) as exc:
-            raise errors.BackendError(f"{NAME}: {func.__name__} failed: {exc}") from exc
-
-    return wrapper  # type: ignore[return-value]

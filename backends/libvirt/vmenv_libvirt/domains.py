@@ -12,12 +12,15 @@ Contract:
 * :class:`Pool` is a ``dir`` storage pool under the state dir, one per state dir (its name
   carries a hash of the path). Overlays are created through the storage API with a
   ``<backingStore>``; removal is idempotent.
+* :data:`READY_SNAPSHOT` is the internal snapshot with RAM a fast clone starts from
+  (:func:`snapshot_xml` describes one to ``snapshotCreateXML``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
+import time
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,9 +30,26 @@ from xml.sax.saxutils import escape
 import jinja2
 import libvirt  # type: ignore[import-untyped]
 
+from pytest_vmenv.backend import Session
+
+from .config import Paths
 from .connection import Hypervisor, is_gone
 
-__all__ = ["NS", "Pool", "labels_xml", "read_labels", "render_domain"]
+__all__ = [
+    "NS",
+    "READY_SNAPSHOT",
+    "REVERT_RUNNING",
+    "Pool",
+    "labels_xml",
+    "machine_labels",
+    "read_labels",
+    "render_domain",
+    "set_labels",
+    "snapshot_xml",
+]
+
+READY_SNAPSHOT = "vmenv-ready"
+REVERT_RUNNING = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
 
 NS = "https://github.com/pytest-vmenv/libvirt/1"
 _LABEL_KEYS = (
@@ -88,6 +108,24 @@ def render_domain(custom: Path | None, **variables: Any) -> str:
     return render("domain.xml.j2", **safe)
 
 
+def snapshot_xml(name: str) -> str:
+    """A ``<domainsnapshot>`` named ``name`` that keeps the RAM (internal snapshot)."""
+    return f"<domainsnapshot><name>{name}</name><memory snapshot='internal'/></domainsnapshot>"
+
+
+def machine_labels(session: Session, name: str, role: str, **extra: object) -> dict[str, object]:
+    """The labels of a new domain of ``session``: machine ``name`` in ``role``, and ``extra``."""
+    return {
+        "session": session.id,
+        "owner": session.owner,
+        "created": f"{time.time():.3f}",
+        "kept": "0",
+        "name": name,
+        "role": role,
+        **extra,
+    }
+
+
 def labels_xml(labels: Mapping[str, object], declare: bool = True) -> str:
     """The ``<vmenv:machine>`` metadata element for ``labels``.
 
@@ -118,6 +156,7 @@ def read_labels(dom: libvirt.virDomain) -> dict[str, str] | None:
 
 
 def set_labels(dom: libvirt.virDomain, labels: Mapping[str, object]) -> None:
+    """Replace ``dom``'s labels (in its persistent definition, and live while it runs)."""
     flags = libvirt.VIR_DOMAIN_AFFECT_CONFIG
     if dom.isActive():
         flags |= libvirt.VIR_DOMAIN_AFFECT_LIVE
@@ -127,15 +166,20 @@ def set_labels(dom: libvirt.virDomain, labels: Mapping[str, object]) -> None:
 
 
 class Pool:
-    """The plugin's ``dir`` storage pool at ``path`` (created and started on first use)."""
+    """The plugin's ``dir`` storage pool at ``paths.pool`` (created and started on first use)."""
 
-    def __init__(self, hv: Hypervisor, path: Path) -> None:
+    def __init__(self, hv: Hypervisor, paths: Paths) -> None:
         self.hv = hv
-        self.path = path
-        digest = hashlib.sha256(str(path).encode()).hexdigest()[:10]
-        self.name = f"vmenv-{digest}"
-        self._ready = False
+        self.paths = paths
         self._lock = threading.Lock()
+
+    @property
+    def path(self) -> Path:
+        return self.paths.pool
+
+    @property
+    def name(self) -> str:
+        return f"vmenv-{hashlib.sha256(str(self.path).encode()).hexdigest()[:10]}"
 
     def _pool(self, conn: libvirt.virConnect) -> libvirt.virStoragePool:
         with self._lock:

@@ -12,13 +12,9 @@ domain of ours uses it. Nothing else of the host's networking is touched.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import ipaddress
-import os
 import re
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import libvirt  # type: ignore[import-untyped]
@@ -26,22 +22,13 @@ import libvirt  # type: ignore[import-untyped]
 from pytest_vmenv import errors
 from pytest_vmenv.backend import split_network
 
+from .config import Paths, locked
 from .connection import NAME, Hypervisor, is_gone
 from .domains import read_labels, render
 
 __all__ = ["Networks"]
 
 _POOL = ipaddress.IPv4Network("10.200.0.0/13")
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)
 
 
 def _host_routes() -> list[ipaddress.IPv4Network]:
@@ -65,12 +52,17 @@ def _host_routes() -> list[ipaddress.IPv4Network]:
 class Networks:
     """The environment networks of one backend instance (see the module docstring)."""
 
-    def __init__(self, hv: Hypervisor, run_dir: Path) -> None:
+    def __init__(self, hv: Hypervisor, paths: Paths) -> None:
         self.hv = hv
-        self.lock_path = run_dir / "networks.lock"
+        self.paths = paths
+
+    @property
+    def lock_path(self) -> Path:
+        return self.paths.root / "networks.lock"
 
     @staticmethod
     def name_of(netid: str, session: str) -> str:
+        """The libvirt network's name: a hash of ``session`` and the network id."""
         digest = hashlib.sha256(f"{session}\0{netid}".encode()).hexdigest()[:10]
         return f"vmenv-{digest}"
 
@@ -78,7 +70,7 @@ class Networks:
         """The libvirt network for ``netid`` in ``session``, created if it does not exist."""
         name = self.name_of(netid, session)
         _base, cidr, _instance = split_network(netid)
-        with _locked(self.lock_path):
+        with locked(self.lock_path):
 
             def make(conn: libvirt.virConnect) -> None:
                 try:
@@ -137,7 +129,7 @@ class Networks:
 
     def release(self, name: str) -> None:
         """Remove network ``name`` if no domain of ours is on it any more (idempotent)."""
-        with _locked(self.lock_path):
+        with locked(self.lock_path):
 
             def drop(conn: libvirt.virConnect) -> None:
                 for dom in conn.listAllDomains(0):

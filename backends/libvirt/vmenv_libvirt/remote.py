@@ -3,7 +3,7 @@
 Contract:
 
 * :func:`channel_config` reads an image entry: ``agent = true`` (default: qemu-guest-agent
-  only, as before), ``false`` (SSH only) or ``"auto"`` (the agent if it answers
+  only), ``false`` (SSH only) or ``"auto"`` (the agent if it answers
   ``guest-ping`` within ``agent_wait`` seconds, default 20, else SSH), with ``ssh_user``
   (default ``root`` for the tiny image, else ``user``/``vmenv``), ``ssh_key`` (the *private*
   key; its public half is ``ssh_key.pub`` or derived from it) and ``ssh_port`` (22). The
@@ -33,6 +33,7 @@ import libvirt  # type: ignore[import-untyped]
 
 from pytest_vmenv import errors
 from pytest_vmenv.backend import GET_LIMIT, OUTPUT_LIMIT, Result
+from pytest_vmenv.poll import poll_until
 
 from .agent import CommandTimedOut
 from .connection import NAME, Hypervisor
@@ -74,7 +75,15 @@ def public_key(private: Path) -> str:
     else:
         import asyncssh
 
-        text = asyncssh.read_private_key(str(private)).export_public_key("openssh").decode()
+        try:
+            key = asyncssh.read_private_key(str(private))
+        except asyncssh.KeyImportError as exc:
+            raise errors.ConfigError(
+                f"{NAME}: {private} is no private key asyncssh can read ({exc}); give the "
+                "private half of an OpenSSH key pair (or put its public half in "
+                f"{pub.name})"
+            ) from None
+        text = key.export_public_key("openssh").decode()
     fields = text.split()
     if len(fields) < 2:
         raise errors.ConfigError(f"{NAME}: {pub} is not an OpenSSH public key")
@@ -105,10 +114,21 @@ def channel_config(cfg: Mapping[str, Any], image: str, tiny: bool) -> tuple[str,
     return mode, {
         "user": str(cfg.get("ssh_user", default_user)),
         "key": str(private),
-        "port": int(cfg.get("ssh_port", 22)),
+        "port": _number(cfg, "ssh_port", 22, where),
         "public": public_key(private),
-        "agent_wait": float(cfg.get("agent_wait", 20.0)),
+        "agent_wait": float(_number(cfg, "agent_wait", 20.0, where)),
     }
+
+
+def _number(cfg: Mapping[str, Any], key: str, default: float, where: str) -> Any:
+    """``cfg[key]`` as a number of ``default``'s type; ConfigError naming it if it is none."""
+    value = cfg.get(key, default)
+    try:
+        return type(default)(value)
+    except (TypeError, ValueError):
+        raise errors.ConfigError(
+            f"{NAME}: {where}.{key} = {value!r}: give a number (default {default!r})"
+        ) from None
 
 
 def ssh_of(labels: Mapping[str, str]) -> dict[str, Any] | None:
@@ -200,18 +220,18 @@ class Remote:
                         return str(addr["addr"])
             return None
 
-        deadline = time.monotonic() + timeout
-        while True:
+        def leased(last_try: bool) -> str | None:
             ip = self.hv.call(look, uri)
-            if ip:
-                return ip
-            if time.monotonic() >= deadline:
-                raise errors.BootTimeout(
-                    f"{NAME}: machine {name!r} ({dom}) has no DHCP lease after {timeout:g}s "
-                    "(SSH needs its address: does the image run a DHCP client?)",
-                    self.console_tail(dom),
-                )
-            time.sleep(0.1)
+            if ip or not last_try:
+                return ip or None
+            raise errors.BootTimeout(
+                f"{NAME}: machine {name!r} ({dom}) has no DHCP lease after {timeout:g}s "
+                "(SSH needs its address: does the image run a DHCP client?)",
+                self.console_tail(dom),
+            )
+
+        return poll_until(leased, timeout=timeout, what=f"a DHCP lease of {dom}", interval=0.1,
+                          max_interval=0.2)  # fmt: skip
 
     def channel(self, dom: str, ip: str, ssh: Mapping[str, Any], name: str = "") -> SSHChannel:
         """The (cached) channel to ``dom`` at ``ip``; a new one if the address changed."""
