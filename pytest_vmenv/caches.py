@@ -19,7 +19,6 @@ import os
 import shutil
 import stat
 from collections.abc import Collection, Iterable
-from dataclasses import replace
 from pathlib import Path
 
 from .backend import Backend, Cache, Snapshot
@@ -37,22 +36,7 @@ __all__ = [
     "scratch_caches",
     "scratch_held",
     "template_caches",
-    "with_labels",
 ]
-
-
-def with_labels(snap: Snapshot) -> Snapshot:
-    """``snap`` with its typed ``session``/``owner``/``created``/``reuse``/``complete``
-    filled from ``snap.data`` where a backend still keeps them there."""
-    data = snap.data
-    return replace(
-        snap,
-        session=snap.session or str(data.get("session") or ""),
-        owner=snap.owner or str(data.get("owner") or ""),
-        created=snap.created or float(data.get("created") or 0),
-        reuse=snap.reuse or bool(data.get("reuse")),
-        complete=snap.complete and bool(data.get("complete", True)),
-    )
 
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB")
@@ -229,7 +213,7 @@ def template_caches(
 ) -> list[Cache]:
     """The templates of a backend that lists nothing but ``templates()``."""
     found = []
-    for snap in map(with_labels, snaps):
+    for snap in snaps:
         session, reuse = snap.session, snap.reuse
         held = ""
         if session in live:

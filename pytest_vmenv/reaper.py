@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Literal
 
 from .backend import Backend, Closer, Session, SessionEnder, Snapshot, TemplateLister
-from .caches import remove_scratch, scratch_caches, with_labels
+from .caches import remove_scratch, scratch_caches
 from .errors import TemplateInUse
 from .ledger import (
     OwnerRecord,
@@ -105,7 +105,7 @@ class _Sweep:
         """Remove the non-reused templates of ``backend`` whose session has no live owner."""
         if not isinstance(backend, TemplateLister):
             return
-        for snap in map(with_labels, backend.templates()):
+        for snap in backend.templates():
             if snap.reuse or not snap.session or snap.session in self.live:
                 continue
             if self.wanted(snap.owner, snap.created):

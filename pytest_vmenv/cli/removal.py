@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from ..backend import Backend, Cache, CacheKeeper, Snapshot
-from ..caches import human_size, live_sessions, remove_image, remove_scratch, with_labels
+from ..caches import human_size, live_sessions, remove_image, remove_scratch
 from ..errors import TemplateInUse, VmenvError
 from ..images import BuiltImage
 from ..reaper import close_backends
@@ -45,7 +45,7 @@ def _what(cache: Cache) -> str:
 
 def _spared_by_all(cache: Cache) -> str:
     """Why ``--all`` leaves ``cache`` unless it is named, or '' if ``--all`` takes it."""
-    if isinstance(cache.handle, Snapshot) and with_labels(cache.handle).reuse:
+    if isinstance(cache.handle, Snapshot) and cache.handle.reuse:
         return "reusable (--vm-reuse); name it to remove it"
     if cache.size is None:
         return "not on this host (sessions elsewhere may use it); name it to remove it"

@@ -192,14 +192,14 @@ def test_guests_and_templates_carry_owner_labels(
         ref.data["pid"],
     )
     (tpl,) = [t for t in backend.templates() if t.handle == template.handle]
-    assert (tpl.data["session"], tpl.data["owner"], tpl.data["complete"]) == (
+    assert (tpl.session, tpl.owner, tpl.complete) == (
         session.id,
         session.owner,
         True,
     )
-    assert before - 1 <= float(tpl.data["created"]) <= time.time()
+    assert before - 1 <= tpl.created <= time.time()
     snap = backend.snapshot(ref, "labelled")
-    assert {t.handle: t.data["owner"] for t in backend.templates()}[snap.handle] == session.owner
+    assert {t.handle: t.owner for t in backend.templates()}[snap.handle] == session.owner
     backend.destroy(ref)
     assert snap.handle not in {t.handle for t in backend.templates()}  # its snapshot went too
     # remove_template works from any process, on what templates() lists

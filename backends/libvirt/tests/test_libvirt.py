@@ -55,7 +55,7 @@ def test_template_is_reused_for_its_key(
 ) -> None:
     again = libvirt_backend.build_template(SPEC, template.key, session)
     assert again.handle == template.handle
-    assert again.data["created"] == template.data["created"]  # not rebuilt
+    assert again.created == template.created  # not rebuilt
     assert template.key in {t.key for t in libvirt_backend.templates()}
 
 

@@ -8,7 +8,7 @@ last: a layer without it is a torn build and is rebuilt. A :class:`Snapshot`'s
 
 The labels are written into the build dir *first*, before any content, so a build torn by a
 SIGKILL (``.build-*``) is attributable too: :func:`listing` shows complete and torn layers
-with their labels, and a sweep decides by ``owner_alive(data["owner"])`` (keeping
+with their labels, and a sweep decides by ``owner_alive(snapshot.owner)`` (keeping
 ``reuse`` templates, which are meant to outlive their session).
 
 Stacks are bounded: ``mount(2)`` options are one page, so a chain deeper than
@@ -121,7 +121,7 @@ def _snapshot(layer: Path, meta: dict[str, Any]) -> Snapshot:
         name=str(meta.get("name", layer.name)),
         handle=str(layer),
         key=str(meta.get("key", "")),
-        data={**labels, "layers": list(meta.get("layers", [])), "complete": complete},
+        data={"layers": list(meta.get("layers", []))},
         session=str(labels["session"] or ""),
         owner=str(labels["owner"] or ""),
         created=float(labels["created"] or 0.0),
