@@ -45,6 +45,7 @@ __all__ = [
     "Closer",
     "Configured",
     "MachineRef",
+    "Network",
     "Output",
     "Result",
     "Session",
@@ -58,7 +59,6 @@ __all__ = [
     "owner_alive",
     "owner_token",
     "process_start",
-    "split_network",
 ]
 
 
@@ -67,7 +67,7 @@ class Capabilities:
     """What a backend can do beyond the protocol's minimum.
 
     ``live_snapshot``: ``snapshot``/``revert`` keep running processes and memory; without it a
-    revert restarts the machine on the snapshot's disk. ``network``: ``spec.network`` is
+    revert restarts the machine on the snapshot's disk. ``network``: ``clone``'s ``network`` is
     honoured. ``limits``: ``cpus``/``memory`` are enforced.
     """
 
@@ -152,17 +152,29 @@ class Cache:
     handle: Any = field(default=None, compare=False)
 
 
-def split_network(value: str) -> tuple[str, str | None, str]:
-    """Split the network id the orchestrator hands a backend: ``NAME[/CIDR]#INSTANCE``.
+@dataclass(frozen=True)
+class Network:
+    """The private network that one environment instance's machines share.
 
-    The orchestrator rewrites ``spec.network`` to a unique id per environment instance, so
-    two tests that both ask for ``network="lan"`` never share a segment. ``NAME`` may itself be
-    a CIDR (``network="10.77.0.0/24"``), which then is the subnet.
+    ``name`` is the ``network=`` the user wrote: a name (``"lan"``) or a subnet
+    (``"10.77.0.0/24"``, then also its :attr:`subnet`). ``instance`` sets apart the environment
+    instances that asked for the same name, so two tests that both say ``network="lan"`` never
+    share a segment: machines are on one segment exactly when their :attr:`id` is equal.
     """
-    base, _, instance = value.partition("#")
-    if "/" in base and base.replace(".", "").replace("/", "").isdigit():
-        return base, base, instance
-    return base, None, instance
+
+    name: str
+    instance: str
+
+    @property
+    def id(self) -> str:
+        """Unique per environment instance; what a backend names the segment by."""
+        return f"{self.name}#{self.instance}"
+
+    @property
+    def subnet(self) -> str | None:
+        """The subnet the user asked for, or None (the backend picks a free one)."""
+        name = self.name
+        return name if "/" in name and name.replace(".", "").replace("/", "").isdigit() else None
 
 
 # -- the protocol: what every backend has, then each optional feature -----------------------
@@ -182,8 +194,16 @@ class Backend(Protocol):
     def build_template(self, spec: MachineSpec, key: str, session: Session) -> Snapshot:
         """Boot ``spec.image``, run ``spec.provision``, and freeze the result under ``key``."""
 
-    def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
-        """Start a linked clone of ``snapshot``, running and ready for commands."""
+    def clone(
+        self,
+        snapshot: Snapshot,
+        spec: MachineSpec,
+        session: Session,
+        network: Network | None = None,
+    ) -> MachineRef:
+        """Start a linked clone of ``snapshot``, running and ready for commands, on
+        ``network`` if given (``spec.network`` is what the user wrote; ``network`` is it for
+        this environment instance)."""
 
     def execute(
         self,

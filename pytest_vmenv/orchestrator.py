@@ -21,7 +21,6 @@ import threading
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import replace
 from functools import partial
 from typing import TypeVar
 
@@ -29,6 +28,7 @@ from .backend import (
     Backend,
     Capabilities,
     Closer,
+    Network,
     Session,
     Snapshot,
     Summarizer,
@@ -97,7 +97,7 @@ class Orchestrator:
             on_template=on_template,
             on_wait=on_wait,
         )
-        self._spares = Spares(lambda spec: self._clone(spec, spec), self._destroy, self._makeable)
+        self._spares = Spares(self._clone, self._destroy, self._makeable)
         self.scratch = session.state_dir / "scratch" / f"{session.id}-{session.worker_id}"
         self.scratch.mkdir(parents=True, exist_ok=True)
 
@@ -171,29 +171,28 @@ class Orchestrator:
 
     def _acquire_one(self, spec: MachineSpec, scope_keys: Mapping[str, str]) -> Machine:
         owner = f"{spec.scope}:{scope_keys[spec.scope]}"
-        backend_spec = spec
+        network = None
         if spec.network is not None:
-            instance = hashlib.sha256(owner.encode()).hexdigest()[:10]
-            backend_spec = replace(spec, network=f"{spec.network}#{instance}")
+            network = Network(spec.network, hashlib.sha256(owner.encode()).hexdigest()[:10])
         if spec.scope == "function" and spec.isolation == "revert":
-            return self._pooled(spec, backend_spec)
+            return self._pooled(spec, network)
         ident = spec_identity(spec)
         with self._lock:
             machine = self._scoped[owner].get(ident)
         if machine is not None:
             return machine
-        machine = self._spares.take(spec) or self._clone(spec, backend_spec)
+        machine = self._spares.take(spec) or self._clone(spec, network)
         with self._lock:
             self._scoped[owner][ident] = machine
         return machine
 
-    def _pooled(self, spec: MachineSpec, backend_spec: MachineSpec) -> Machine:
+    def _pooled(self, spec: MachineSpec, network: Network | None) -> Machine:
         """The one machine of an ``isolation="revert"`` spec, back at its template."""
         pool_key = spec_identity(spec)
         with self._lock:
             machine = self._pool.get(pool_key)
         if machine is None:
-            machine = self._clone(spec, backend_spec)
+            machine = self._clone(spec, network)
             with self._lock:
                 self._pool[pool_key] = machine
             return machine
@@ -205,14 +204,14 @@ class Orchestrator:
         """Clone spares of ``specs`` (the next tests' machines) in the background."""
         self._spares.warm(specs)
 
-    def _clone(self, spec: MachineSpec, backend_spec: MachineSpec) -> Machine:
+    def _clone(self, spec: MachineSpec, network: Network | None = None) -> Machine:
         backend = self.backend(spec.backend)
         snapshot = self.template(spec)
         deadline = time.monotonic() + spec.timeout
         intent = self.ledger.intend("machine", backend.name, spec.name)
         try:
             ref = self._timed(
-                "clone", spec, lambda: backend.clone(snapshot, backend_spec, self.session)
+                "clone", spec, lambda: backend.clone(snapshot, spec, self.session, network)
             )
         except BaseException:
             self.ledger.forget(intent)

@@ -41,6 +41,7 @@ from ..backend import (
     Cache,
     Capabilities,
     MachineRef,
+    Network,
     Result,
     Session,
     Snapshot,
@@ -137,8 +138,14 @@ class EmulatorBackend:
         return self._templates.build(spec, key, session)
 
     @BOUNDARY
-    def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
-        return self._machines.clone(snapshot, spec, session)
+    def clone(
+        self,
+        snapshot: Snapshot,
+        spec: MachineSpec,
+        session: Session,
+        network: Network | None = None,
+    ) -> MachineRef:
+        return self._machines.clone(snapshot, spec, session, network)
 
     @BOUNDARY
     def snapshot(self, ref: MachineRef, name: str) -> Snapshot:

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from ..backend import Backend, Capabilities, MachineRef, Session, SessionEnder, Snapshot
+from ..backend import Backend, Capabilities, MachineRef, Network, Session, SessionEnder, Snapshot
 from ..machine import Machine
 from ..orchestrator import template_key
 from ..paths import state_dir
@@ -32,8 +32,9 @@ from ..spec import MachineSpec
 __all__ = ["ConformanceFixtures", "MachineMaker", "ids", "new_session", "require"]
 
 MachineMaker = Callable[..., Machine]
-"""``machines(name="conf", **spec_changes)``: a clone of the class's template, destroyed after
-the test; keyword arguments replace fields of ``base_spec`` (``network=...``, say)."""
+"""``machines(name="conf", network=None, **spec_changes)``: a clone of the class's template on
+``network`` (a :class:`~pytest_vmenv.backend.Network`), destroyed after the test; the other
+keyword arguments replace fields of ``base_spec``."""
 
 
 def new_session() -> Session:
@@ -160,9 +161,10 @@ class ConformanceFixtures:
         """Makes clones of ``template`` (see :data:`MachineMaker`); all destroyed after."""
         made: list[MachineRef] = []
 
-        def make(name: str = "conf", **changes: Any) -> Machine:
-            spec = replace(base_spec, name=name, **changes)
-            ref = backend.clone(template, spec, session)
+        def make(name: str = "conf", network: Network | None = None, **changes: Any) -> Machine:
+            spec = replace(base_spec, name=name, network=network.name if network else None)
+            spec = replace(spec, **changes)
+            ref = backend.clone(template, spec, session, network)
             made.append(ref)
             return Machine(backend, ref, spec)
 

@@ -1,15 +1,15 @@
 """NetworkTests: machines on one ``network`` reach each other by name and IP; others do not.
 
-Run where ``capabilities().network`` is True. The orchestrator hands a backend a network id
-per environment instance (``NAME#INSTANCE``, see :func:`pytest_vmenv.backend.split_network`);
-the tests make such ids the same way.
+Run where ``capabilities().network`` is True. The orchestrator hands ``clone`` a
+:class:`~pytest_vmenv.backend.Network` per environment instance; the tests make two instances
+of one name, as two tests that both ask for ``network="lan"`` get.
 """
 
 from __future__ import annotations
 
 import secrets
 
-from ..backend import Capabilities
+from ..backend import Capabilities, Network
 from ..machine import Machine
 from .fixtures import MachineMaker, require
 
@@ -36,7 +36,7 @@ class NetworkTests:
         self, machines: MachineMaker, capabilities: Capabilities, netcat: str
     ) -> None:
         require(capabilities.network, "capabilities().network is False: spec.network is ignored")
-        lan, elsewhere = (f"lan#{secrets.token_hex(3)}" for _ in range(2))
+        lan, elsewhere = (Network("lan", secrets.token_hex(3)) for _ in range(2))
         client = machines("client", network=lan)
         server = machines("server", network=lan)
         stranger = machines("stranger", network=elsewhere)

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmenv.backend import MachineRef, Result, Session, Snapshot
+from pytest_vmenv.backend import MachineRef, Network, Result, Session, Snapshot
 from pytest_vmenv.emulator import EmulatorBackend
 from pytest_vmenv.errors import (
     BackendError,
@@ -445,9 +445,9 @@ def test_guests_die_with_their_creator(state: Path) -> None:
 def test_machines_on_one_network_reach_each_other_by_name(
     backend: EmulatorBackend, template: Snapshot, session: Session
 ) -> None:
-    net = f"lan#{uuid.uuid4().hex[:6]}"
-    a = backend.clone(template, MachineSpec(name="web", network=net), session)
-    b = backend.clone(template, MachineSpec(name="db", network=net), session)
+    net = Network("lan", uuid.uuid4().hex[:6])
+    a = backend.clone(template, MachineSpec(name="web", network="lan"), session, net)
+    b = backend.clone(template, MachineSpec(name="db", network="lan"), session, net)
     try:
         assert a.ip and b.ip and a.ip != b.ip and a.ip.startswith("10.77.0.")
         assert ok(backend, a, "getent hosts db").split()[0] == b.ip

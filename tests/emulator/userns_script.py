@@ -15,7 +15,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import MachineRef, Session
+from pytest_vmenv.backend import MachineRef, Network, Session
 from pytest_vmenv.emulator import EmulatorBackend, LimitNotApplied
 from pytest_vmenv.spec import MachineSpec
 
@@ -56,7 +56,7 @@ def main() -> None:
     # a template does not depend on network=: it is built; the network clone is refused
     ntpl = b.build_template(netspec, "userns-net", s)
     try:
-        b.clone(ntpl, replace(netspec, network="lan#1"), s)
+        b.clone(ntpl, netspec, s, Network("lan", "1"))
     except errors.BackendUnavailable as exc:
         assert exc.reason == out["network"], exc.reason
     else:

@@ -25,7 +25,7 @@ from vmenv_libvirt import LibvirtBackend
 from vmenv_libvirt.connection import is_transient
 from vmenv_libvirt.domains import NS
 
-from pytest_vmenv.backend import Session, Snapshot, boot_id
+from pytest_vmenv.backend import Network, Session, Snapshot, boot_id
 from pytest_vmenv.errors import BackendError, BackendUnavailable, MachineGone
 from pytest_vmenv.machine import Machine
 from pytest_vmenv.paths import state_dir
@@ -116,11 +116,12 @@ def test_labels_in_metadata_and_owned(
 def test_lan_reaches_the_other_clone_by_name(
     libvirt_backend: LibvirtBackend, template: Snapshot, session: Session
 ) -> None:
-    spec = replace(SPEC, network="lan#" + secrets.token_hex(3))
+    spec = replace(SPEC, network="lan")
+    net = Network("lan", secrets.token_hex(3))
     refs = []
     try:
         for name in ("server", "client"):
-            refs.append(libvirt_backend.clone(template, replace(spec, name=name), session))
+            refs.append(libvirt_backend.clone(template, replace(spec, name=name), session, net))
         server, client = (Machine(libvirt_backend, r, replace(spec, name=r.name)) for r in refs)
         assert server.ref.ip and client.ref.ip and server.ref.ip != client.ref.ip
         server.succeed("(echo hello-from-server | nc -l -p 7777 >/dev/null 2>&1) &")

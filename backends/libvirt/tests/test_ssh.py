@@ -21,7 +21,7 @@ import libvirt_qemu
 import pytest
 from vmenv_libvirt import LibvirtBackend
 
-from pytest_vmenv.backend import MachineRef, Session, Snapshot
+from pytest_vmenv.backend import MachineRef, Network, Session, Snapshot
 from pytest_vmenv.errors import CommandTimeout, ConfigError
 from pytest_vmenv.paths import state_dir
 from pytest_vmenv.spec import MachineSpec
@@ -70,8 +70,8 @@ def template(
 def machine(
     libvirt_backend: LibvirtBackend, template: Snapshot, session: Session, key_dir: Path
 ) -> Iterator[MachineRef]:
-    spec = replace(_spec(key_dir), network="lan#" + secrets.token_hex(3))
-    ref = libvirt_backend.clone(template, spec, session)
+    spec = replace(_spec(key_dir), network="lan")
+    ref = libvirt_backend.clone(template, spec, session, Network("lan", secrets.token_hex(3)))
     yield ref
     libvirt_backend.destroy(ref)
 

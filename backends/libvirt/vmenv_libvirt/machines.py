@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 import libvirt  # type: ignore[import-untyped]
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import MachineRef, Session, Snapshot
+from pytest_vmenv.backend import MachineRef, Network, Session, Snapshot
 
 from .connection import NAME
 from .domains import machine_labels, read_labels, set_labels
@@ -47,29 +47,31 @@ class Machines:
         self.pool = parts.pool
         self.paths = parts.paths
 
-    def _fast(self, record: Mapping[str, Any], spec: MachineSpec) -> bool:
+    def _fast(self, record: Mapping[str, Any], spec: MachineSpec, on_network: bool) -> bool:
         """Whether a clone of ``spec`` may start from the template's RAM state."""
         return (
             bool(record.get("ram"))
             and self.parts.config.ram_state
-            and spec.network is None
+            and not on_network
             and record.get("memory") == spec.memory
             and record.get("cpus") == spec.cpus
             and Path(str(record["ram"])).exists()
         )
 
-    def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
+    def clone(
+        self, snapshot: Snapshot, spec: MachineSpec, session: Session, network: Network | None
+    ) -> MachineRef:
         record = self.parts.records.require(snapshot)
         ssh = record["boot"].get("ssh") or None
-        if ssh and spec.network is None:
+        if ssh and network is None:
             raise errors.ConfigError(
                 f"{NAME}: machine {spec.name!r}: its image has no guest agent, so commands go "
                 'over SSH, which needs an address: give it a network (network="lan")'
             )
         uri = self.parts.inventory.roomiest()
         dom = f"vmenv-{spec.name}-{uuid.uuid4().hex[:8]}"
-        fast = self._fast(record, spec)
-        net = self.parts.networks.ensure(spec.network, session.id) if spec.network else None
+        fast = self._fast(record, spec, network is not None)
+        net = self.parts.networks.ensure(network, session.id) if network else None
         disk = self.pool.path / f"{dom}.qcow2"
         labels = machine_labels(
             session, spec.name, "clone", template=snapshot.key, disk=disk,

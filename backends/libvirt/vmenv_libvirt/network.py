@@ -1,7 +1,7 @@
 """Isolated libvirt networks, one per environment instance (``network="lan"``).
 
-Contract: :meth:`Networks.ensure` returns the libvirt network of a network id the
-orchestrator handed us (``NAME[/CIDR]#INSTANCE``, see ``split_network``), creating it on first
+Contract: :meth:`Networks.ensure` returns the libvirt network of the network the
+orchestrator handed us (a :class:`~pytest_vmenv.backend.Network`), creating it on first
 use: no ``<forward>`` (nothing leaves the segment), a private /24 (the CIDR given, else a free
 one in 10.200.0.0/13 that no libvirt network and no host route uses), DHCP with dnsmasq's
 ``no-ping``. Networks are transient (``networkCreateXML``): nothing to undefine, and a
@@ -20,7 +20,7 @@ from pathlib import Path
 import libvirt  # type: ignore[import-untyped]
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import split_network
+from pytest_vmenv.backend import Network
 
 from .config import Paths, locked
 from .connection import NAME, Hypervisor, is_gone
@@ -61,15 +61,15 @@ class Networks:
         return self.paths.root / "networks.lock"
 
     @staticmethod
-    def name_of(netid: str, session: str) -> str:
-        """The libvirt network's name: a hash of ``session`` and the network id."""
-        digest = hashlib.sha256(f"{session}\0{netid}".encode()).hexdigest()[:10]
+    def name_of(network: Network, session: str) -> str:
+        """The libvirt network's name: a hash of ``session`` and the network's id."""
+        digest = hashlib.sha256(f"{session}\0{network.id}".encode()).hexdigest()[:10]
         return f"vmenv-{digest}"
 
-    def ensure(self, netid: str, session: str) -> str:
-        """The libvirt network for ``netid`` in ``session``, created if it does not exist."""
-        name = self.name_of(netid, session)
-        _base, cidr, _instance = split_network(netid)
+    def ensure(self, network: Network, session: str) -> str:
+        """The libvirt network for ``network`` in ``session``, created if it does not exist."""
+        name = self.name_of(network, session)
+        cidr = network.subnet
         with locked(self.lock_path):
 
             def make(conn: libvirt.virConnect) -> None:

@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 import libvirt  # type: ignore[import-untyped]
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import Session, Snapshot
+from pytest_vmenv.backend import Network, Session, Snapshot
 from pytest_vmenv.diagnose import provision_failed
 
 from .agent import CommandTimedOut
@@ -135,7 +135,7 @@ class Templates:
         # SSH needs an address: such a template is built on a private network of its own
         net = None
         if build.ssh:
-            net = self.networks.ensure(f"build-{short(build.key)}", build.session.id)
+            net = self.networks.ensure(Network("build", short(build.key)), build.session.id)
         disk = self.pool.create_overlay(f"tpl-{build.key}.qcow2", build.image.disk, spec.disk)
         console = self.paths.console(dom)
         labels = machine_labels(

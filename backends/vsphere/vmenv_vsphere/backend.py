@@ -29,6 +29,7 @@ from pytest_vmenv.backend import (
     OUTPUT_LIMIT,
     Capabilities,
     MachineRef,
+    Network,
     Result,
     Session,
     Snapshot,
@@ -102,8 +103,14 @@ class VsphereBackend:
         return self._templates.build(spec, key, session)
 
     @BOUNDARY
-    def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
-        return self._machines.clone(snapshot, spec, session)
+    def clone(
+        self,
+        snapshot: Snapshot,
+        spec: MachineSpec,
+        session: Session,
+        network: Network | None = None,
+    ) -> MachineRef:
+        return self._machines.clone(snapshot, spec, session, network)
 
     @BOUNDARY
     def execute(

@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any
 from pyVmomi import vim
 
 from pytest_vmenv import errors
-from pytest_vmenv.backend import MachineRef, Session, Snapshot
+from pytest_vmenv.backend import MachineRef, Network, Session, Snapshot
 
 from . import inventory, vms
 from .channels import Channels
@@ -68,7 +68,7 @@ class Machines:
         source, snap = base
         extra = {str(k): str(v) for k, v in dict(spec.image_config.get("extra_config", {})).items()}
         all_labels = {**extra, **inventory.labels(session, spec.name, source, **labels)}
-        network = (spec.network and spec.network.partition("#")[0]) or self._link.config.network
+        network = spec.network or self._link.config.network
         place = replace(self._layout.place, folder=folder)
         vm = self._link.call(
             lambda: vms.clone_vm(
@@ -117,8 +117,13 @@ class Machines:
         self._channels.drop(vm._moId)
         self._link.call(lambda: vms.destroy_vm(self._link.conn, vm, name, session))
 
-    def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
-        """A running, ready linked clone of ``snapshot`` (see the module docstring)."""
+    def clone(
+        self, snapshot: Snapshot, spec: MachineSpec, session: Session, network: Network | None
+    ) -> MachineRef:
+        """A running, ready linked clone of ``snapshot`` (see the module docstring).
+
+        ``network`` is not a segment of its own here: ``spec.network`` names the port group
+        (capabilities say ``network=False``), shared by every machine that names it."""
         source, snap = self.split(snapshot)
         folder = self._layout.folder(f"vmenv-{session.id}")
         vm = self.create(spec, session, (source, snap), folder)

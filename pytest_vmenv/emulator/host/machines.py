@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ... import errors
-from ...backend import MachineRef, Session, Snapshot
+from ...backend import MachineRef, Network, Session, Snapshot
 from . import disk, inventory, layers, support, userns
 from .guests import Guests, check_id, console_text
 from .hostmask import refresh_mask
@@ -41,14 +41,21 @@ class Machines:
         self.guests = guests
         self.networks = networks
 
-    def new_guest(self, gid: str, spec: MachineSpec, session: Session, stack: list[str]) -> Guest:
+    def new_guest(
+        self,
+        gid: str,
+        spec: MachineSpec,
+        session: Session,
+        stack: list[str],
+        network: Network | None = None,
+    ) -> Guest:
         return Guest(
             id=gid,
             name=spec.name,
             session=session.id,
             dir=self.state.guests_dir / gid,
             stack=stack,
-            network=spec.network,
+            network=network,
             owner=session.owner,
         )
 
@@ -93,12 +100,14 @@ class Machines:
             wait_systemd(guest, left if systemd_timeout is None else systemd_timeout)
         return problems
 
-    def clone(self, snapshot: Snapshot, spec: MachineSpec, session: Session) -> MachineRef:
+    def clone(
+        self, snapshot: Snapshot, spec: MachineSpec, session: Session, network: Network | None
+    ) -> MachineRef:
         support.refuse(self.state, spec, template=False)
         stack = refresh_mask(layers.stack_of(snapshot), self.state.emu_dir, self.state.state_dir)
-        guest = self.new_guest(uuid.uuid4().hex[:16], spec, session, stack)
+        guest = self.new_guest(uuid.uuid4().hex[:16], spec, session, stack, network)
         self.boot(guest, spec)
-        if spec.network is not None:
+        if network is not None:
             try:
                 self.networks.attach(guest, self.guests.ours(), self.state.state_dir)
             except BaseException:

@@ -1,9 +1,9 @@
 """Wires guests to private LANs (:mod:`.bridge`) and keeps their ``/etc/hosts`` current.
 
-Machines whose ``spec.network`` strings are equal share one :class:`~.bridge.Lan`, made on
-the first attach and closed when its last member leaves. After every attach, each member's
-``/etc/hosts`` is rewritten through its PID 1 (so the write is confined to the guest's root)
-to list every member's name and address.
+Machines on one :class:`~pytest_vmenv.backend.Network` (equal ``id``) share one
+:class:`~.bridge.Lan`, made on the first attach and closed when its last member leaves. After
+every attach, each member's ``/etc/hosts`` is rewritten through its PID 1 (so the write is
+confined to the guest's root) to list every member's name and address.
 """
 
 from __future__ import annotations
@@ -13,8 +13,6 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
-
-from ...backend import split_network
 
 if TYPE_CHECKING:
     from .record import Guest
@@ -48,15 +46,15 @@ class Networks:
         """Give ``guest`` an address on its network and refresh every member's hosts file."""
         from .bridge import Lan
 
-        assert guest.network is not None
+        network = guest.network
+        assert network is not None
         with self._lock:
-            seg = self._segments.get(guest.network)
+            seg = self._segments.get(network.id)
             if seg is None:
-                _name, cidr, _instance = split_network(guest.network)
                 records = state_dir / "emulator" / "networks"
                 records.mkdir(parents=True, exist_ok=True)
-                seg = _Segment(Lan(cidr or DEFAULT_CIDR, state_dir=records))
-                self._segments[guest.network] = seg
+                seg = _Segment(Lan(network.subnet or DEFAULT_CIDR, state_dir=records))
+                self._segments[network.id] = seg
             guest.ip = seg.lan.attach(guest.pid)
             seg.members.add(guest.id)
             guest.save()
@@ -75,7 +73,7 @@ class Networks:
         if guest.network is None:
             return
         with self._lock:
-            seg = self._segments.get(guest.network)
+            seg = self._segments.get(guest.network.id)
             if seg is None or guest.id not in seg.members:
                 return
             seg.members.discard(guest.id)
@@ -84,7 +82,7 @@ class Networks:
                     seg.lan.detach(guest.pid)
             finally:
                 if not seg.members:
-                    del self._segments[guest.network]
+                    del self._segments[guest.network.id]
                     seg.lan.close()
 
     def close(self) -> None:

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ...backend import Network
 from .cgroups import Cgroups, GuestGroups
 from .control import Conn
 
@@ -43,7 +44,7 @@ class Guest:
     pid: int = 0
     keeper: int = 0
     ip: str | None = None
-    network: str | None = None
+    network: Network | None = None  # ours only: another process's guest never joins one
     owner: str = ""
     created: float = field(default_factory=time.time)
     snapshots: list[str] = field(default_factory=list)
@@ -72,7 +73,7 @@ class Guest:
             "kept": self.kept,
             "stack": self.stack,
             "ip": self.ip,
-            "network": self.network,
+            "network": self.network.id if self.network else None,
             "snapshots": self.snapshots,
             "cgroups": [str(d) for d in self.groups.leaves],
             "groups": self.groups.to_json(),
@@ -93,7 +94,6 @@ def guest_from_meta(gid: str, gdir: Path, meta: dict[str, Any], cgroups: Cgroups
         session=str(meta.get("session", "")),
         dir=gdir,
         stack=[str(s) for s in meta.get("stack", [])],
-        network=meta.get("network"),
         owner=str(meta.get("owner", "")),
         created=float(meta.get("created") or 0.0),
         snapshots=[str(s) for s in meta.get("snapshots", [])],
