@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, TypedDict, TypeVar, Unpack
 
 from .backend import Backend, MachineRef, Snapshot
 from .errors import CommandFailed, CommandTimeout, VmenvError, command_text
@@ -36,6 +36,16 @@ def _backend(call: Callable[[], _T]) -> _T:
         return call()
     except VmenvError as exc:
         raise trimmed(exc)  # noqa: B904 - trimmed() decides what chain to show
+
+
+class RunKeywords(TypedDict, total=False):
+    """The keyword arguments of :meth:`Machine.run`, which ``succeed`` and ``fail`` pass on."""
+
+    input: bytes | str | None
+    env: Mapping[str, str] | None
+    timeout: float | None
+    user: str | None
+    max_output: int
 
 
 @dataclass(frozen=True)
@@ -124,40 +134,18 @@ class Machine:
             )  # fmt: skip
         return result
 
-    def succeed(
-        self,
-        command: Command,
-        *,
-        input: bytes | str | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        user: str | None = None,
-        max_output: int = OUTPUT_LIMIT,
-    ) -> str:
+    def succeed(self, command: Command, **keywords: Unpack[RunKeywords]) -> str:
         """Run ``command`` (keywords as for :meth:`run`), require exit status 0, return its
         stdout."""
-        result = self.run(
-            command, input=input, env=env, timeout=timeout, user=user, max_output=max_output
-        )
+        result = self.run(command, **keywords)
         if result.exit_code != 0:
             raise CommandFailed(self.name, command, result.exit_code, result.stdout, result.stderr)
         return result.stdout
 
-    def fail(
-        self,
-        command: Command,
-        *,
-        input: bytes | str | None = None,
-        env: Mapping[str, str] | None = None,
-        timeout: float | None = None,
-        user: str | None = None,
-        max_output: int = OUTPUT_LIMIT,
-    ) -> str:
+    def fail(self, command: Command, **keywords: Unpack[RunKeywords]) -> str:
         """Run ``command`` (keywords as for :meth:`run`), require a non-zero exit status,
         return its stdout."""
-        result = self.run(
-            command, input=input, env=env, timeout=timeout, user=user, max_output=max_output
-        )
+        result = self.run(command, **keywords)
         if result.exit_code == 0:
             raise CommandFailed(
                 self.name, command, 0, result.stdout, result.stderr, expected="a non-zero status"
