@@ -5,12 +5,14 @@ process group, a pid file, output in files, ``128 + N`` on signal N) and the scr
 that group on a timeout; the SSH channel, the libvirt guest agent and vSphere guest operations
 differ only in the parameters they build it with. :class:`SSHChannel` and
 :class:`SSHUnreachable` come from :mod:`.ssh`, imported on first use: it needs asyncssh.
+:func:`local_copy` is where every channel writes a file it copies out (holes stay holes).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .files import LocalCopy, local_copy
 from .wrapper import KILL, Delivery, RunDir, Sized, Stdin, Wrapper, as_user
 
 if TYPE_CHECKING:
@@ -19,6 +21,7 @@ if TYPE_CHECKING:
 __all__ = [
     "KILL",
     "Delivery",
+    "LocalCopy",
     "RunDir",
     "SSHChannel",
     "SSHUnreachable",
@@ -26,6 +29,7 @@ __all__ = [
     "Stdin",
     "Wrapper",
     "as_user",
+    "local_copy",
 ]
 
 

@@ -53,6 +53,7 @@ import asyncssh
 from ..backend import GET_LIMIT, OUTPUT_LIMIT, Output, Result
 from ..errors import BackendError, CommandTimeout, FileTooLarge
 from ..poll import poll_until
+from .files import local_copy
 from .wrapper import Delivery, RunDir, Stdin, Wrapper, as_user
 
 __all__ = ["SSHChannel", "SSHUnreachable"]
@@ -306,17 +307,11 @@ class SSHChannel:
         drain = asyncio.ensure_future(_read_into(proc.stderr, err))
         size = 0
         try:
-            with open(dst, "wb") as f:
+            with local_copy(dst) as out:
                 while chunk := await proc.stdout.read(1 << 16):
-                    if max_size is not None and size + len(chunk) > max_size:
-                        size += len(chunk)
-                        continue  # the rest is at most one byte: let the stream end
                     size += len(chunk)
-                    if chunk.count(0) == len(chunk):
-                        f.seek(len(chunk), 1)
-                    else:
-                        f.write(chunk)
-                f.truncate(min(size, max_size) if max_size is not None else size)
+                    if max_size is None or size <= max_size:
+                        out.write(chunk)  # past it, at most one byte: let the stream end
             await drain
             await proc.wait_closed()
         except (asyncssh.Error, ConnectionError, asyncio.IncompleteReadError) as exc:

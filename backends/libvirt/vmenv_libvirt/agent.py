@@ -23,7 +23,6 @@ from __future__ import annotations
 import base64
 import json
 import math
-import os
 import secrets
 import shlex
 import time
@@ -32,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from pytest_vmenv.backend import GET_LIMIT, OUTPUT_LIMIT, Result
-from pytest_vmenv.channel import Delivery, RunDir, Sized, Stdin, Wrapper
+from pytest_vmenv.channel import Delivery, RunDir, Sized, Stdin, Wrapper, local_copy
 from pytest_vmenv.errors import FileTooLarge
 from pytest_vmenv.poll import poll_until
 
@@ -216,25 +215,16 @@ class Agent:
         """Stream the guest file ``path`` to ``dst``: zero blocks as holes, over ``max_size``
         refused (:class:`FileTooLarge`, no ``dst`` left)."""
         handle = self.call("guest-file-open", path=path, mode="r")
-        size = 0
         try:
-            with open(dst, "wb") as f:
+            with local_copy(dst) as out:
                 while True:
                     got = self.call("guest-file-read", handle=handle, count=CHUNK)
                     chunk = base64.b64decode(got.get("buf-b64", ""))
-                    size += len(chunk)
-                    if max_size is not None and size > max_size:
-                        raise FileTooLarge(machine, path, size, max_size)
-                    if chunk.count(0) == len(chunk):
-                        f.seek(len(chunk), os.SEEK_CUR)
-                    else:
-                        f.write(chunk)
+                    if max_size is not None and out.size + len(chunk) > max_size:
+                        raise FileTooLarge(machine, path, out.size + len(chunk), max_size)
+                    out.write(chunk)
                     if got.get("eof") or not got.get("count"):
                         break
-                f.truncate(size)
-        except BaseException:
-            Path(dst).unlink(missing_ok=True)
-            raise
         finally:
             self.call("guest-file-close", handle=handle)
 

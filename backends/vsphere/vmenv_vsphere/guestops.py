@@ -48,7 +48,7 @@ from pyVmomi import vim
 
 from pytest_vmenv import errors
 from pytest_vmenv.backend import GET_LIMIT, OUTPUT_LIMIT, Output, Result
-from pytest_vmenv.channel import KILL, Delivery, RunDir, Stdin, Wrapper, as_user
+from pytest_vmenv.channel import KILL, Delivery, RunDir, Stdin, Wrapper, as_user, local_copy
 from pytest_vmenv.poll import poll_until
 
 from .config import Secret
@@ -210,22 +210,8 @@ class GuestOpsChannel:
         A file over ``max_size`` bytes is refused before its transfer (:class:`FileTooLarge`).
         Blocks of zeros are written as holes.
         """
-        dst = Path(dst)
-        try:
-            with open(dst, "wb") as f:
-
-                def write(chunk: bytes) -> bool:
-                    if chunk.count(0) == len(chunk):
-                        f.seek(len(chunk), 1)
-                    else:
-                        f.write(chunk)
-                    return True
-
-                size = self._get(src, write, max_size)
-                f.truncate(size)
-        except BaseException:
-            dst.unlink(missing_ok=True)
-            raise
+        with local_copy(dst) as out:
+            self._get(src, out.write, max_size)
 
     def _put(self, path: str, data: bytes) -> None:
         url = self._api(
