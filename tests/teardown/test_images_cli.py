@@ -361,16 +361,15 @@ class FakeBackend:
     def check(self):
         count("checks")
 
-    def owned(self, session=None):
+    def owned(self, session_id=None):
         return []
 
     def templates(self):
         """a.tpl: a local template (its file); far.remote: one on another host (a moref)."""
-        data = {"session": "gone", "owner": "0:1:1", "created": 1.0, "reuse": False}
         root = state_dir() / "fakevm"
         return [
             Snapshot("fakevm", p.stem, p.read_text() if p.suffix == ".remote" else str(p),
-                     p.stem, data)
+                     p.stem, session="gone", owner="0:1:1", created=1.0)
             for p in sorted([*root.glob("*.tpl"), *root.glob("*.remote")])
         ]
 
