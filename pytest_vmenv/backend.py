@@ -258,86 +258,72 @@ class Backend(Protocol):
 
 @runtime_checkable
 class SpecCheck(Protocol):
-    """Optional: a backend that runs here (``check`` passes) but cannot make every machine.
+    """A backend that runs here but cannot make every machine (unprivileged: no ``network=``).
 
-    The emulator run unprivileged, say, makes rootfs-image machines but not ``image="host"``
-    or ``network=`` ones. The orchestrator asks before it builds or clones anything for a
-    spec, once per distinct spec, so that only the tests whose own machines cannot be made
-    are skipped or failed (``--vm-unavailable``), each with its own reason.
+    Asked once per distinct spec before anything is built, so that only the tests whose own
+    machines cannot be made are skipped or failed (``--vm-unavailable``), each with its reason.
     """
 
-    def unavailable_for(self, spec: MachineSpec) -> str | None:
-        """Why ``spec`` cannot be made here and what to do about it, or None if it can."""
-
-    def restrictions(self) -> str | None:
-        """One line for ``vmenv backends``: what this backend cannot make here, or None."""
+    def unavailable_for(self, spec: MachineSpec) -> str | None: ...  # why not, and what to do
+    def restrictions(self) -> str | None: ...  # one line for ``vmenv backends``
 
 
 @runtime_checkable
 class CacheKeeper(Protocol):
-    """Optional: a backend that lists and removes everything it keeps between sessions
-    (templates, unpacked images, build leftovers), not only its templates."""
+    """Everything kept between sessions (templates, images, leftovers), for ``vmenv images``;
+    ``remove_cache`` raises ``BackendError`` saying why if the cache is (now) in use."""
 
-    def caches(self, live_sessions: Collection[str]) -> list[Cache]:
-        """Every cache on this host; ``live_sessions`` are the ids of running sessions."""
-
-    def remove_cache(self, cache: Cache, live_sessions: Collection[str]) -> None:
-        """Remove ``cache``; raise ``BackendError`` saying why if it is (now) in use."""
+    def caches(self, live_sessions: Collection[str]) -> list[Cache]: ...
+    def remove_cache(self, cache: Cache, live_sessions: Collection[str]) -> None: ...
 
 
 @runtime_checkable
 class TemplateLister(Protocol):
-    """Optional: a backend that lists the templates it built (for ``vmenv images`` and the
-    sweeps), each a :class:`Snapshot` that says its ``session``, ``owner`` and ``created``."""
+    """Every template, from any session, that ``remove_template`` takes (for ``vmenv images``
+    and the sweeps), each saying its ``session``, ``owner`` and ``created``."""
 
-    def templates(self) -> list[Snapshot]:
-        """Every template of this backend, from any session, that ``remove_template`` takes."""
+    def templates(self) -> list[Snapshot]: ...
 
 
 @runtime_checkable
 class Shell(Protocol):
-    """Optional: an interactive shell in a machine, for ``vmenv shell NAME``."""
+    """``vmenv shell NAME``: ``argv`` (None: a login shell) on this terminal; its status."""
 
-    def shell(self, ref: MachineRef, argv: Sequence[str] | None = None, /) -> int:
-        """Run ``argv`` (None: a login shell) in the machine on this terminal; its status."""
+    def shell(self, ref: MachineRef, argv: Sequence[str] | None = None, /) -> int: ...
 
 
 @runtime_checkable
 class Summarizer(Protocol):
-    """Optional: lines for pytest's terminal summary (what the backend did this session)."""
+    """Lines for pytest's terminal summary (what the backend did this session)."""
 
     def summary(self) -> list[str]: ...
 
 
 @runtime_checkable
 class SessionEnder(Protocol):
-    """Optional: cleanup once per session, after the last process of it has let go.
-
-    Called by whoever ends the session (the plugin at exit, the watchdog or a sweep after a
-    crash): networks, template locks, anything shared by the session's machines.
-    """
+    """Cleanup once per session (networks, locks), by whoever ends it: the plugin at exit, or
+    the watchdog or a sweep after a crash."""
 
     def end_session(self, session_id: str) -> None: ...
 
 
 @runtime_checkable
 class Configured(Protocol):
-    """Optional: ``options``, the table the backend was made with. The ledger records it
-    (secrets left out), so that a sweep in another process can make the backend again."""
+    """``options``, the table it was made with: the ledger records it (no secrets) so that a
+    sweep in another process can make the backend again."""
 
     options: Mapping[str, Any]
 
 
 @runtime_checkable
 class BuiltinImages(Protocol):
-    """Optional, on the backend class: the image names it makes without an ``[images]``
-    entry (the emulator's ``host``, libvirt's ``tiny``)."""
+    """On the class: the images it makes without an ``[images]`` entry (``host``, ``tiny``)."""
 
     builtin_images: Sequence[str]
 
 
 @runtime_checkable
 class Closer(Protocol):
-    """Optional: release what this process holds (connections, helper processes) at exit."""
+    """Release what this process holds (connections, helper processes) at exit."""
 
     def close(self) -> None: ...
