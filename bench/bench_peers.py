@@ -31,7 +31,7 @@ contender, and rotating keeps any one from always running after podman's heavy t
 Printed: host facts (kernel, cores, cgroup mode, load, peer versions), then per contender the
 median per fresh machine of each round as a range over the rounds (min-max of the round
 medians, and their median), and the ratio to raw and to bwrap, each taken within a round, as a
-range. Targets (issue 13): the emulator at most 1.0x raw and within 2.0x of bwrap.
+range. Targets: the emulator at most 1.0x raw and within 2.0x of bwrap.
 Benchmarks are not tests: nothing here asserts.
 """
 

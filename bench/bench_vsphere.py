@@ -3,7 +3,7 @@
     exports=$(bash .ci/vsphere.sh start) && eval "$exports"
     python bench/bench_vsphere.py      # about 20 s
 
-Figures (the targets of issue 5):
+Figures and their targets:
 1. clone -> ready -> destroy through ``VsphereBackend`` against raw pyvmomi doing
    ``CloneVM_Task`` + ``PowerOnVM_Task`` + ``PowerOffVM_Task`` + ``Destroy_Task`` (each
    waited with ``pyVim.task.WaitForTask``), median of N cycles each, interleaved, same vcsim,

@@ -68,7 +68,9 @@ class Capabilities:
 
     ``live_snapshot``: ``snapshot``/``revert`` keep running processes and memory; without it a
     revert restarts the machine on the snapshot's disk. ``network``: ``clone``'s ``network`` is
-    honoured. ``limits``: ``cpus``/``memory`` are enforced.
+    honoured (a segment per environment instance). ``limits``: ``cpus``/``memory`` are
+    enforced. ``console_log``: ``console_log()`` returns what the guest wrote on its console
+    (the conformance suite proves it; failure reports show any non-empty tail either way).
     """
 
     live_snapshot: bool = False

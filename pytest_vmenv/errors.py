@@ -191,7 +191,8 @@ _F = TypeVar("_F", bound=Callable[..., Any])
 
 
 class _Machine(Protocol):
-    """What a rule reads of the call's ``MachineRef`` (this module imports nothing of ours)."""
+    """What a rule reads of the call's ``MachineRef`` (so that this module's types need
+    nothing of ours; the decorator imports ``MachineRef`` only when a call fails)."""
 
     @property
     def name(self) -> str: ...

@@ -57,6 +57,14 @@ class CommandRecord:
     duration: float
 
 
+def _check_call(machine: str, command: Command, env: Mapping[str, str] | None) -> None:
+    if not command or (not isinstance(command, str) and not command[0]):
+        raise ValueError(f"{machine}: run needs a command, got {command!r}")
+    bad = [k for k in env or () if not k or "=" in k or "\0" in k]
+    if bad:
+        raise ValueError(f"{machine}: env: {bad[0]!r} is not a valid variable name")
+
+
 def _argv(command: Command) -> list[str]:
     if isinstance(command, str):
         return ["/bin/sh", "-c", command]
@@ -109,7 +117,10 @@ class Machine:
         ``timeout`` bounds the whole call, reading the output included. At most
         ``max_output`` bytes of each stream are kept (default 16 MiB): past that,
         ``Result.truncated`` is True and ``stdout_dropped``/``stderr_dropped`` count the rest.
+        An empty command or an ``env`` name that cannot be one (empty, with ``=`` or NUL) is
+        a ``ValueError`` here, the same on every backend.
         """
+        _check_call(self.name, command, env)
         data = input.encode() if isinstance(input, str) else input
         shown = command_text(command)
         start = time.monotonic()

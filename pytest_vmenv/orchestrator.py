@@ -8,7 +8,7 @@
   spec and reverts it to its template after each test instead of cloning anew.
 * Backends are made, checked and asked about specs once (:mod:`.session_backends`); what
   one cannot do (its :class:`~pytest_vmenv.backend.Capabilities`) is acted on: ``network=``
-  without private networks gets one warning, a machine without a console log no console tail.
+  without private networks gets one warning.
 * Teardown releases every machine in its own ``try``: one failing destroy never keeps the
   others alive; the errors are raised together afterwards.
 """
@@ -28,6 +28,7 @@ from .backend import (
     Backend,
     Capabilities,
     Closer,
+    MachineRef,
     Network,
     Session,
     Snapshot,
@@ -204,6 +205,15 @@ class Orchestrator:
         """Clone spares of ``specs`` (the next tests' machines) in the background."""
         self._spares.warm(specs)
 
+    def _backend_clone(
+        self, backend: Backend, snapshot: Snapshot, spec: MachineSpec, network: Network | None
+    ) -> MachineRef:
+        """``clone``, given ``network`` only when there is one (a backend without networks
+        may take the protocol's first three arguments only)."""
+        if network is None:
+            return backend.clone(snapshot, spec, self.session)
+        return backend.clone(snapshot, spec, self.session, network=network)
+
     def _clone(self, spec: MachineSpec, network: Network | None = None) -> Machine:
         backend = self.backend(spec.backend)
         snapshot = self.template(spec)
@@ -211,7 +221,7 @@ class Orchestrator:
         intent = self.ledger.intend("machine", backend.name, spec.name)
         try:
             ref = self._timed(
-                "clone", spec, lambda: backend.clone(snapshot, spec, self.session, network)
+                "clone", spec, partial(self._backend_clone, backend, snapshot, spec, network)
             )
         except BaseException:
             self.ledger.forget(intent)
@@ -220,9 +230,8 @@ class Orchestrator:
         machine = Machine(backend, ref, spec, scratch=self.scratch)
         machine.intent = intent
         if spec.ready:
-            console = self.capabilities(spec.backend).console_log
             try:
-                self._timed("ready", spec, lambda: wait_ready(machine, deadline, console=console))
+                self._timed("ready", spec, lambda: wait_ready(machine, deadline))
             except BaseException:
                 self._destroy(machine)
                 raise

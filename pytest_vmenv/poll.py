@@ -16,16 +16,21 @@ from typing import TypeVar
 
 from tenacity import (
     RetryCallState,
-    RetryError,
     Retrying,
     retry_if_exception_type,
     retry_if_result,
-    stop_after_delay,
 )
 
 __all__ = ["poll_until"]
 
 _T = TypeVar("_T")
+
+
+class _Last(BaseException):  # not an Exception: no retry_on can catch it
+    """The last try found nothing: ends the retrying with what it saw (``cause``)."""
+
+    def __init__(self, cause: BaseException | None) -> None:
+        self.cause = cause
 
 
 def poll_until(
@@ -38,42 +43,49 @@ def poll_until(
     retry_on: tuple[type[BaseException], ...] = (),
     error: Callable[[str], BaseException] = TimeoutError,
 ) -> _T:
-    """Call ``probe(False)`` until it returns something other than None, and return that.
+    """Call ``probe(last_try)`` until it returns something other than None, and return that.
 
     Pauses start at ``interval`` seconds and double up to ``max_interval``, and never run past
     the deadline. An exception of ``retry_on`` counts as "not yet"; any other propagates at
-    once. When ``timeout`` seconds have passed, ``probe(True)`` runs one last time: its value
-    is returned, an exception other than ``retry_on`` propagates (a probe raises its own,
-    better worded error there), and a None or a ``retry_on`` exception raises
-    ``error(message)``, naming what was waited for, for how long, and the last exception.
+    once. The try after which no pause fits before ``timeout`` runs out is the last one, and
+    gets ``last_try=True``: its value is returned, an exception other than ``retry_on``
+    propagates (a probe raises its own, better worded error there), and a None or a
+    ``retry_on`` exception raises ``error(message)``, naming what was waited for, for how
+    long, and the last exception. A wait never overruns its deadline by more than one probe.
     """
     deadline = time.monotonic() + timeout
+    tries = 0
+
+    def pause_after(attempt: int) -> float:
+        return min(max_interval, interval * 2.0 ** min(attempt - 1, 64))
+
+    def attempt() -> _T | None:
+        nonlocal tries
+        tries += 1
+        last_try = time.monotonic() + pause_after(tries) >= deadline
+        try:
+            value = probe(last_try)
+        except retry_on as exc:
+            if last_try:
+                raise _Last(exc) from exc
+            raise
+        if value is None and last_try:
+            raise _Last(None)
+        return value
 
     def pause(state: RetryCallState) -> float:
-        step = min(max_interval, interval * 2.0 ** (state.attempt_number - 1))
-        return max(0.0, min(step, deadline - time.monotonic()))
+        return max(0.0, min(pause_after(state.attempt_number), deadline - time.monotonic()))
 
     retrying = Retrying(
-        stop=stop_after_delay(timeout),
         wait=pause,
         retry=retry_if_result(lambda value: value is None) | retry_if_exception_type(retry_on),
     )
-    last: BaseException | None = None
     try:
-        value = retrying(probe, False)
-    except RetryError as exc:
-        last = exc.last_attempt.exception()
-    else:
-        if value is not None:
-            return value
-    try:
-        value = probe(True)
-    except retry_on as exc:
-        last = exc
-        value = None
-    if value is not None:
-        return value
-    message = f"{what}: not after {timeout:g}s"
-    if last is not None:
-        message += f" (last: {type(last).__name__}: {last})"
-    raise error(message)
+        value = retrying(attempt)
+    except _Last as last:
+        message = f"{what}: not after {timeout:g}s"
+        if last.cause is not None:
+            message += f" (last: {type(last.cause).__name__}: {last.cause})"
+        raise error(message) from None
+    assert value is not None  # retrying returns only an answer
+    return value

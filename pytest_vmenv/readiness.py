@@ -5,23 +5,26 @@ from __future__ import annotations
 import time
 
 from .diagnose import missing_command, not_found
-from .errors import BootTimeout, CommandFailed, CommandTimeout, VmenvError
+from .errors import BootTimeout, CommandFailed, CommandTimeout
 from .machine import Machine
 
 __all__ = ["console_tail", "wait_ready"]
 
 
 def console_tail(machine: Machine, lines: int = 30) -> str:
-    """The last ``lines`` of the machine's console ("" if it has none to read)."""
+    """The last ``lines`` of the machine's console ("" if it has none to read).
+
+    Never raises: it runs while a failure is being reported, when the machine may be gone.
+    """
     try:
         return "\n".join(machine.console_log().splitlines()[-lines:])
-    except VmenvError:
+    except Exception:  # noqa: BLE001 - a dead machine has no console to read
         return ""
 
 
-def wait_ready(machine: Machine, deadline: float, *, console: bool = True) -> None:
-    """Wait for ``ready=``; BootTimeout with the console tail (if ``console``) if it does
-    not hold by ``deadline`` (a ``time.monotonic()``).
+def wait_ready(machine: Machine, deadline: float) -> None:
+    """Wait for ``ready=``; BootTimeout with the console tail if it does not hold by
+    ``deadline`` (a ``time.monotonic()``).
 
     A probe whose command the guest does not have (exit 127, "not found") fails at once:
     waiting cannot make it appear.
@@ -48,5 +51,5 @@ def wait_ready(machine: Machine, deadline: float, *, console: bool = True) -> No
             f": {not_found(missing)}; install it in the image (or in a provision step), or "
             "change ready="
         )
-    tail = console_tail(machine) if console else ""
+    tail = console_tail(machine)
     raise BootTimeout(f"machine {machine.name!r} was not ready (ready={ready!r}){why}", tail)

@@ -22,7 +22,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -304,7 +304,7 @@ class Watchdog:
             self.process.wait(timeout=5)
 
 
-def _watch(fd: int, owner: str, state_dir: Path, wait: Callable[[], None] | None = None) -> int:
+def _watch(fd: int, owner: str, state_dir: Path) -> int:
     received = b""
     while True:
         try:

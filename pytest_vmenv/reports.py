@@ -10,6 +10,7 @@ import pytest
 from .keys import machines_key
 from .machine import Machine
 from .orchestrator import Orchestrator
+from .readiness import console_tail
 
 __all__ = ["MachineHooks"]
 
@@ -22,13 +23,6 @@ def _commands(machine: Machine) -> str:
         + f" ({r.duration * 1000:.1f} ms)"
         for r in machine.history[-50:]
     )
-
-
-def _console_tail(machine: Machine) -> str:
-    try:
-        return "\n".join(machine.console_log().splitlines()[-30:])
-    except Exception:  # noqa: BLE001 - a dead machine has no console to read
-        return ""
 
 
 class MachineHooks:
@@ -58,14 +52,12 @@ class MachineHooks:
         return report
 
     def _sections(self, report: pytest.TestReport, item: pytest.Item, machine: Machine) -> None:
-        """The commands and, if its backend keeps one, the console tail of ``machine``."""
+        """The commands and the console tail (when there is one) of ``machine``."""
         text = _commands(machine)
         if text:
             report.sections.append((f"vmenv {machine.name}: commands", text))
             item.user_properties.append((f"vmenv {machine.name} commands", text))
-        if not self.orchestrator.capabilities(machine.spec.backend).console_log:
-            return
-        tail = _console_tail(machine)
+        tail = console_tail(machine)
         if tail:
             report.sections.append((f"vmenv {machine.name}: console (tail)", tail))
             item.user_properties.append((f"vmenv {machine.name} console", tail))

@@ -1,6 +1,6 @@
 """Crash-proof teardown of emulator guests, proven with real processes and real signals.
 
-What is proven (issue 3): guests carry their owner's labels; ``destroy`` works from any
+What is proven: guests carry their owner's labels; ``destroy`` works from any
 process, on guests whose creator was SIGKILLed, half-created ones, and ones whose PID 1 or
 zygote was killed; ``keep`` makes a guest outlive its creator and stay usable from other
 processes; ``shell`` gives a real pty; a dead zygote is restarted. Runs as root on Linux;

@@ -2,7 +2,7 @@
 
 The real emulator, told by a ``pytest_vmenv_make_backend`` hook to report fewer capabilities
 than it has: the plugin must then warn of ``network=`` once (in the report of the test that
-asked) and leave the console out of a failure report, whatever the backend would have given.
+asked).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from dataclasses import replace
 def pytest_vmenv_make_backend(name, cls, options, config):
     class LessCapable(cls):
         def capabilities(self):
-            return replace(super().capabilities(), network=False, console_log=False)
+            return replace(super().capabilities(), network=False)
 
     return LessCapable(options)
 """
@@ -52,18 +52,3 @@ def test_network_without_the_capability_warns_once(pytester: pytest.Pytester) ->
     result.assert_outcomes(passed=2, warnings=1)
     result.stdout.fnmatch_lines(["*warnings summary*", "*test_one*", WARNING])
 
-
-def test_no_console_section_without_a_console_log(pytester: pytest.Pytester) -> None:
-    pytester.makeconftest(LESS_CAPABLE)
-    pytester.makepyfile(
-        """
-        def test_fails(vm):
-            vm.succeed("echo to-the-console > /dev/console; true")
-            assert False, "on purpose"
-        """
-    )
-    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(failed=1)
-    text = result.stdout.str()
-    assert "vmenv vm: commands" in text
-    assert "console (tail)" not in text

@@ -168,3 +168,23 @@ def test_missing_backend_says_which_distribution_to_install(
     assert result.ret == pytest.ExitCode.USAGE_ERROR, result.stdout.str() + result.stderr.str()
     result.stderr.fnmatch_lines(["ERROR: pytest-vmenv:", pattern])
     assert "Traceback" not in result.stderr.str()
+
+
+def test_run_refuses_an_empty_command_and_bad_env_names_before_any_backend() -> None:
+    from pytest_vmenv.backend import MachineRef
+    from pytest_vmenv.machine import Machine
+    from pytest_vmenv.spec import MachineSpec
+
+    class NoBackend:
+        name = "none"
+
+        def execute(self, *args: object, **kwargs: object) -> None:
+            raise AssertionError("reached the backend")
+
+    vm = Machine(NoBackend(), MachineRef("none", "1", "web", "s"), MachineSpec(name="web"))  # type: ignore[arg-type]
+    for command in ("", [], [""]):
+        with pytest.raises(ValueError, match="web: run needs a command"):
+            vm.run(command)
+    for name in ("", "A=B", "A\0"):
+        with pytest.raises(ValueError, match="is not a valid variable name"):
+            vm.run("true", env={name: "1"})

@@ -82,3 +82,39 @@ def test_pauses_grow_but_stay_under_max_interval() -> None:
     gaps = [b - a for a, b in itertools.pairwise(stamps)]
     assert gaps[0] < gaps[3]
     assert max(gaps) < 0.08 + 0.05
+
+
+def test_thousands_of_tries_do_not_overflow_the_back_off() -> None:
+    calls: list[bool] = []
+
+    def probe(last_try: bool) -> str | None:
+        calls.append(last_try)
+        return "done" if len(calls) == 3000 else None
+
+    result = poll_until(probe, timeout=30, what="x", interval=1e-7, max_interval=1e-7)
+    assert result == "done" and len(calls) == 3000
+
+
+def test_the_last_try_is_the_one_no_pause_fits_after_so_the_deadline_holds() -> None:
+    calls: list[bool] = []
+
+    def probe(last_try: bool) -> None:
+        calls.append(last_try)
+        time.sleep(0.2)
+
+    start = time.monotonic()
+    with pytest.raises(TimeoutError):
+        poll_until(probe, timeout=0.5, what="x", interval=0.05)
+    assert time.monotonic() - start < 0.5 + 0.2 + 0.1  # at most one probe past the deadline
+    assert calls[-1] is True and calls.count(True) == 1
+
+
+def test_a_retry_on_of_exception_still_ends_at_the_deadline() -> None:
+    with pytest.raises(TimeoutError, match="last: OSError: nope"):
+        poll_until(
+            lambda _last: (_ for _ in ()).throw(OSError("nope")),
+            timeout=0.1,
+            what="x",
+            interval=0.01,
+            retry_on=(Exception,),
+        )

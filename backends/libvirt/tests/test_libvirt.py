@@ -117,17 +117,17 @@ def test_lan_reaches_the_other_clone_by_name(
     libvirt_backend: LibvirtBackend, template: Snapshot, session: Session
 ) -> None:
     spec = replace(SPEC, network="lan")
-    net = Network("lan", secrets.token_hex(3))
+    lan = Network("lan", secrets.token_hex(3))
     refs = []
     try:
         for name in ("server", "client"):
-            refs.append(libvirt_backend.clone(template, replace(spec, name=name), session, net))
+            refs.append(libvirt_backend.clone(template, replace(spec, name=name), session, lan))
         server, client = (Machine(libvirt_backend, r, replace(spec, name=r.name)) for r in refs)
         assert server.ref.ip and client.ref.ip and server.ref.ip != client.ref.ip
         server.succeed("(echo hello-from-server | nc -l -p 7777 >/dev/null 2>&1) &")
         out = client.wait_until_succeeds("nc -w 2 server 7777 </dev/null", timeout=20)
         assert "hello-from-server" in out
-        net = libvirt_backend.parts.networks.name_of(spec.network or "", session.id)
+        net = libvirt_backend.parts.networks.name_of(lan, session.id)
         assert "<forward" not in _net_xml(libvirt_backend, net)
     finally:
         for ref in refs:

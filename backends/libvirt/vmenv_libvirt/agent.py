@@ -37,7 +37,6 @@ from pytest_vmenv.poll import poll_until
 
 __all__ = ["Agent", "AgentError", "CommandTimedOut", "WRAPPER"]
 
-INLINE_MAX = 2 * 1024 * 1024
 CHUNK = 1024 * 1024  # host-bound reads: large replies pass
 WRITE_CHUNK = 48 * 1024
 INPUT_INLINE_MAX = WRITE_CHUNK  # guest-bound: a larger agent command stalls virtio-serial (TCG)
@@ -46,7 +45,7 @@ BASE_ENV = {
     "HOME": "/root",
     "LANG": "C.UTF-8",
 }
-WRAPPER = Wrapper(RunDir.NAMED, Stdin.CHANNEL, Delivery.SIZED, inline_max=INLINE_MAX)
+WRAPPER = Wrapper(RunDir.NAMED, Stdin.CHANNEL, Delivery.SIZED)
 
 
 class AgentError(Exception):

@@ -57,6 +57,11 @@ from .faults import BOUNDARY, Guest
 
 __all__ = ["KILL", "WRAPPER", "GuestOpsChannel"]
 
+
+class _StillRunning(Exception):
+    """The command had not ended by its deadline (only :meth:`GuestOpsChannel._wait` raises
+    it, so no other timeout is mistaken for it)."""
+
 log = logging.getLogger("vmenv.vsphere")
 _T = TypeVar("_T")
 
@@ -129,8 +134,9 @@ class GuestOpsChannel:
                 what=f"process {pid} in {self.machine}",
                 interval=0.01,
                 max_interval=0.5,
+                error=_StillRunning,
             )
-        except TimeoutError:
+        except _StillRunning:
             return None
 
     # -- commands -----------------------------------------------------------------------------
