@@ -44,6 +44,7 @@ __all__ = [
     "Capabilities",
     "Closer",
     "Configured",
+    "Forwarder",
     "MachineRef",
     "Network",
     "Output",
@@ -277,6 +278,17 @@ class CacheKeeper(Protocol):
 
     def caches(self, live_sessions: Collection[str]) -> list[Cache]: ...
     def remove_cache(self, cache: Cache, live_sessions: Collection[str]) -> None: ...
+
+
+@runtime_checkable
+class Forwarder(Protocol):
+    """Optional: TCP ports of a machine reachable from the host (``vm.forward``)."""
+
+    def forward(self, ref: MachineRef, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
+        """An address on ``host`` (the loopback unless the user asks for another) whose
+        connections reach TCP ``port`` as the machine's own loopback sees it, for as long as
+        the machine lives (closed by ``destroy`` and ``close``); asking again for the same
+        ``port`` and ``host`` gives the same address."""
 
 
 @runtime_checkable

@@ -1,0 +1,228 @@
+"""Port forwards: a listener on the host's loopback relayed into a guest's network namespace.
+
+``forward(ref, port)`` opens a TCP listener on ``127.0.0.1`` (an ephemeral port). Each
+connection it accepts gets a thread that joins the guest's network namespace with
+``setns(2)`` (it changes only that thread), makes a socket there (a socket keeps the namespace
+it was made in) and connects it to ``127.0.0.1:port`` *inside the guest*: a service bound to
+the guest's loopback or to ``0.0.0.0`` is reached, with or without ``network=``, and nothing
+on the host ever connects to a guest address. The namespace is looked up afresh for every
+connection, from the guest's PID 1 verified by pid and start time (:func:`.pids.pidfd`), so a
+forward keeps working across a revert (which starts a new PID 1).
+
+The bytes are pumped by one thread per direction; when one side ends its stream, the other
+side's write half is shut (half-close passes through). Listeners and relays live in the
+pytest process: :meth:`Forwards.close` (on destroy) and :meth:`Forwards.close_all` (when the
+backend closes) stop them, and a crash of the process takes them down with it.
+
+Only as root: an unprivileged process lacks CAP_SYS_ADMIN in its own user namespace, which
+``setns`` into a network namespace also needs; ``forward`` then says so.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import socket
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ... import errors
+from ..syscalls import CLONE_NEWNET, setns
+from .pids import pidfd, readable
+from .record import Guest
+from .state import NAME
+
+__all__ = ["Forwards", "guest_netns"]
+
+CONNECT_TIMEOUT = 10.0
+"""Seconds a relay waits for the guest's service to accept (a loopback connect: at once)."""
+_CHUNK = 256 * 1024
+
+ROOTLESS_REASON = (
+    "vm.forward() on the unprivileged emulator is not supported yet: joining a guest's "
+    "network namespace needs CAP_SYS_ADMIN in pytest's own user namespace; run as root"
+)
+
+
+def guest_netns(guest: Guest) -> int:
+    """An fd of ``guest``'s network namespace, opened from its verified PID 1.
+
+    The pidfd is checked against the recorded start time first, and the process is checked
+    still alive after the namespace was opened: the fd is that guest's, never a reused pid's.
+    """
+    fd = pidfd(guest.pid, guest.pid_start)
+    if fd < 0:
+        raise errors.MachineGone(f"{NAME}: machine {guest.name!r} has no running PID 1")
+    try:
+        ns = os.open(f"/proc/{guest.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        if readable(fd, 0):
+            os.close(ns)
+            raise errors.MachineGone(f"{NAME}: machine {guest.name!r}: its PID 1 exited")
+        return ns
+    finally:
+        os.close(fd)
+
+
+def _socket_in(netns: int) -> socket.socket:
+    """A TCP socket made in the namespace ``netns``; the calling thread stays in it."""
+    try:
+        setns(netns, CLONE_NEWNET)
+    except OSError as exc:
+        if exc.errno == errno.EPERM:
+            raise errors.BackendUnavailable(NAME, ROOTLESS_REASON) from exc
+        raise
+    finally:
+        os.close(netns)
+    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+
+def _pump(src: socket.socket, dst: socket.socket) -> None:
+    """Copy ``src`` to ``dst`` until EOF (then shut ``dst``'s write half) or an error."""
+    buf = bytearray(_CHUNK)
+    view = memoryview(buf)
+    try:
+        while n := src.recv_into(buf):
+            dst.sendall(view[:n])
+        dst.shutdown(socket.SHUT_WR)
+    except OSError:
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+
+@dataclass
+class _Forward:
+    """One listener and the connections it relays."""
+
+    listener: socket.socket
+    port: int
+    netns: Callable[[], int]
+    live: set[socket.socket] = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    closed: bool = False
+
+    @property
+    def address(self) -> tuple[str, int]:
+        host, port = self.listener.getsockname()[:2]
+        return str(host), int(port)
+
+    def start(self) -> None:
+        name = f"vmenv-forward-{self.port}"
+        threading.Thread(target=self._accept, name=name, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+            except OSError:
+                return
+            if not self._track(client):
+                client.close()
+                return
+            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
+
+    def _track(self, sock: socket.socket) -> bool:
+        with self.lock:
+            if self.closed:
+                return False
+            self.live.add(sock)
+            return True
+
+    def _relay(self, client: socket.socket) -> None:
+        """Connect into the guest (this thread joins its netns) and pump both ways."""
+        upstream: socket.socket | None = None
+        try:
+            upstream = _socket_in(self.netns())
+            if not self._track(upstream):
+                return
+            upstream.settimeout(CONNECT_TIMEOUT)
+            upstream.connect(("127.0.0.1", self.port))
+            upstream.settimeout(None)
+            back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
+            back.start()
+            _pump(client, upstream)
+            back.join()
+        except (OSError, errors.VmenvError):
+            pass  # the guest refused or is gone: the client sees its connection close
+        finally:
+            with self.lock:
+                self.live.discard(client)
+                if upstream is not None:
+                    self.live.discard(upstream)
+            client.close()
+            if upstream is not None:
+                upstream.close()
+
+    def close(self) -> None:
+        """Stop accepting (the port then refuses) and cut every relayed connection."""
+        with self.lock:
+            self.closed = True
+            live, self.live = list(self.live), set()
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread
+        self.listener.close()
+        for sock in live:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+class Forwards:
+    """Every forward of one backend instance, by guest id; thread-safe."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._by_guest: dict[str, dict[tuple[int, str], _Forward]] = {}
+
+    def forward(self, gid: str, port: int, host: str, netns: Callable[[], int]) -> tuple[str, int]:
+        """Listen on ``host`` (an ephemeral port) and relay to ``port`` in the guest whose
+        network namespace ``netns()`` opens; the same ``(port, host)`` again gives the same
+        address. A first socket is made in the guest here, so a forward that cannot work
+        fails now rather than at each connection."""
+        if not 0 < port < 65536:
+            raise errors.ConfigError(f"forward: port must be 1..65535, got {port!r}")
+        with self._lock:
+            known = self._by_guest.get(gid, {}).get((port, host))
+            if known is not None:
+                return known.address
+        self._probe(netns)
+        listener = socket.create_server((host, 0), backlog=128)
+        fwd = _Forward(listener, port, netns)
+        with self._lock:
+            mine = self._by_guest.setdefault(gid, {})
+            known = mine.setdefault((port, host), fwd)
+        if known is not fwd:
+            listener.close()
+            return known.address
+        fwd.start()
+        return fwd.address
+
+    @staticmethod
+    def _probe(netns: Callable[[], int]) -> None:
+        failure: list[BaseException] = []
+
+        def make() -> None:
+            try:
+                _socket_in(netns()).close()
+            except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
+                failure.append(exc)
+
+        thread = threading.Thread(target=make, name="vmenv-forward-probe")
+        thread.start()
+        thread.join()
+        if failure:
+            raise failure[0]
+
+    def close(self, gid: str) -> None:
+        """Close every forward of guest ``gid`` (its ports refuse from now on)."""
+        with self._lock:
+            mine = self._by_guest.pop(gid, {})
+        for fwd in mine.values():
+            fwd.close()
+
+    def close_all(self) -> None:
+        with self._lock:
+            gids = list(self._by_guest)
+        for gid in gids:
+            self.close(gid)
