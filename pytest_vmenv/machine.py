@@ -12,7 +12,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict, TypeVar, Unpack
 
 from .backend import Backend, Forwarder, MachineRef, Snapshot
-from .errors import BackendError, CommandFailed, CommandTimeout, VmenvError, command_text
+from .errors import (
+    BackendError,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    VmenvError,
+    command_text,
+)
 from .paths import state_dir
 from .poll import poll_until
 from .results import GET_LIMIT, OUTPUT_LIMIT, Result
@@ -301,6 +308,8 @@ class Machine:
         unless you ask for another address. Asking again for the same port gives the same
         address. See the backend's ``forward`` for where the relay lives.
         """
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise ConfigError(f"{self.name}: forward(port): a TCP port 1..65535, got {port!r}")
         key = (port, host)
         known = self._forwards.get(key)
         if known is not None:

@@ -8,12 +8,16 @@ namespace reaches. Traffic goes only to the host's loopback and into the guests.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 import socket
+import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -25,10 +29,20 @@ from pytest_vmenv.spec import MachineSpec
 
 pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0, reason="the emulator's host image and vm.forward need root"
+    not sys.platform.startswith("linux") or os.geteuid() != 0,
+    reason="the emulator's host image and vm.forward need Linux and root",
 )
 
 PORT = 8000
+_UNPRIVILEGED = importlib.util.spec_from_file_location(
+    "_forward_userns", Path(__file__).with_name("test_unprivileged.py")
+)
+assert _UNPRIVILEGED is not None and _UNPRIVILEGED.loader is not None
+unprivileged = sys.modules.setdefault(
+    "_forward_userns", importlib.util.module_from_spec(_UNPRIVILEGED)
+)
+_UNPRIVILEGED.loader.exec_module(unprivileged)
+area, nobody = unprivileged.area, unprivileged.nobody  # the fixtures, for the test as nobody
 ECHO = (
     "import socket\n"
     "s = socket.create_server(('127.0.0.1', 7000))\n"
@@ -190,3 +204,37 @@ def test_vm_url_through_the_plugin_fixtures(pytester: pytest.Pytester) -> None:
     )
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     result.assert_outcomes(passed=1)
+
+
+AS_NOBODY = """
+import sys
+from pathlib import Path
+from pytest_vmenv import errors
+from pytest_vmenv.backend import Session
+from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.machine import Machine
+from pytest_vmenv.spec import MachineSpec
+rootfs, state = sys.argv[1], Path(sys.argv[2])
+b = EmulatorBackend(state_dir=state)
+s = Session(id="forward-userns", state_dir=state)
+spec = MachineSpec(name="u", image=rootfs, image_config={"rootfs": rootfs})
+ref = b.clone(b.build_template(spec, "forward-userns", s), spec, s)
+try:
+    Machine(b, ref, spec, state / "scratch").url(80)
+except errors.BackendUnavailable as exc:
+    print("refused:", exc)
+finally:
+    b.close()
+"""
+
+
+def test_unprivileged_forward_is_refused_with_the_reason(area: object, nobody: object) -> None:
+    """Unprivileged, pytest may not join a guest's network namespace: forward says so."""
+    runner: Any = nobody
+    unprivileged._need_userns(runner)
+    where: Any = area
+    res = runner.run(["python", "-c", AS_NOBODY, str(where.rootfs), str(where.state)])
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert "refused: backend 'emulator' is unavailable: vm.forward()/vm.url() need root" in (
+        res.stdout
+    ), res.stdout

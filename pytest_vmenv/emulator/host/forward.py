@@ -14,8 +14,10 @@ side's write half is shut (half-close passes through). Listeners and relays live
 pytest process: :meth:`Forwards.close` (on destroy) and :meth:`Forwards.close_all` (when the
 backend closes) stop them, and a crash of the process takes them down with it.
 
-Only as root: an unprivileged process lacks CAP_SYS_ADMIN in its own user namespace, which
-``setns`` into a network namespace also needs; ``forward`` then says so.
+Only as root for now: ``setns`` into a network namespace also needs CAP_SYS_ADMIN in the
+caller's own user namespace, which an unprivileged pytest lacks; ``forward`` says so
+(:data:`ROOTLESS_REASON`). A single-threaded helper that joins the guest's user namespace
+first, then its network namespace, can make the sockets instead (the way to lift this).
 """
 
 from __future__ import annotations
@@ -33,16 +35,18 @@ from ..syscalls import CLONE_NEWNET, setns
 from .pids import pidfd, readable
 from .record import Guest
 from .state import NAME
+from .userns import rootless
 
-__all__ = ["Forwards", "guest_netns"]
+__all__ = ["ROOTLESS_REASON", "Forwards", "guest_netns"]
 
 CONNECT_TIMEOUT = 10.0
 """Seconds a relay waits for the guest's service to accept (a loopback connect: at once)."""
 _CHUNK = 256 * 1024
 
 ROOTLESS_REASON = (
-    "vm.forward() on the unprivileged emulator is not supported yet: joining a guest's "
-    "network namespace needs CAP_SYS_ADMIN in pytest's own user namespace; run as root"
+    "vm.forward()/vm.url() need root for now: an unprivileged process may not join a guest's "
+    "network namespace (setns needs CAP_SYS_ADMIN in its own user namespace too); run as "
+    "root, or talk to the service from inside the guest with vm.run()"
 )
 
 
@@ -182,6 +186,8 @@ class Forwards:
         fails now rather than at each connection."""
         if not 0 < port < 65536:
             raise errors.ConfigError(f"forward: port must be 1..65535, got {port!r}")
+        if rootless():
+            raise errors.BackendUnavailable(NAME, ROOTLESS_REASON)
         with self._lock:
             known = self._by_guest.get(gid, {}).get((port, host))
             if known is not None:
