@@ -50,10 +50,11 @@ from ..images import BASES
 from .host import caches, inventory, layers, support
 from .host.channel import Channel
 from .host.control import GuestDied
-from .host.forward import Forwards, guest_netns
+from .host.forward import Forwards
 from .host.guests import Guests, valid_id
 from .host.machines import Machines
 from .host.networks import Networks
+from .host.record import Guest
 from .host.spawner import ZygoteGone
 from .host.state import NAME, State
 from .host.support import LimitNotApplied
@@ -255,10 +256,10 @@ class EmulatorBackend:
         guests.find(ref)
         gid, name = ref.id, ref.name
 
-        def netns() -> int:
+        def current() -> Guest:
             guest = guests.known(gid)
             if guest is None:
                 raise errors.MachineGone(f"{NAME}: machine {name!r} ({gid}) is destroyed")
-            return guest_netns(guest)
+            return guest
 
-        return self._forwards.forward(gid, port, host, netns)
+        return self._forwards.forward(gid, port, host, current)

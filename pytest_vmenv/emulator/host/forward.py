@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import os
 import socket
 import threading
@@ -36,6 +37,7 @@ from .pids import pidfd, readable
 from .record import Guest
 from .state import NAME
 from .userns import rootless
+from .workers import Workers
 
 __all__ = ["ROOTLESS_REASON", "Forwards", "guest_netns"]
 
@@ -77,23 +79,77 @@ def _socket_in(netns: int) -> socket.socket:
         if exc.errno == errno.EPERM:
             raise errors.BackendUnavailable(NAME, ROOTLESS_REASON) from exc
         raise
-    finally:
-        os.close(netns)
-    return socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
-def _pump(src: socket.socket, dst: socket.socket) -> None:
-    """Copy ``src`` to ``dst`` until EOF (then shut ``dst``'s write half) or an error."""
-    buf = bytearray(_CHUNK)
-    view = memoryview(buf)
-    try:
-        while n := src.recv_into(buf):
-            dst.sendall(view[:n])
-        dst.shutdown(socket.SHUT_WR)
-    except OSError:
-        for s in (src, dst):
+class _Netns:
+    """The guest's network namespace as an fd, opened again only when its PID 1 changed
+    (a revert starts a new one); used by one thread, the listener's."""
+
+    def __init__(self, guest: Callable[[], Guest]) -> None:
+        self.guest = guest
+        self.fd = -1
+        self.key: tuple[int, str] = (0, "")
+        self.joined = -1
+
+    def socket(self) -> socket.socket:
+        """A socket in the guest's namespace; the calling thread joins it (once per fd)."""
+        guest = self.guest()
+        if (guest.pid, guest.pid_start) != self.key or self.fd < 0:
+            self.close()
+            self.fd, self.key = guest_netns(guest), (guest.pid, guest.pid_start)
+        if self.joined != self.fd:
+            self.joined = -1
+            sock = _socket_in(self.fd)
+            self.joined = self.fd
+            return sock
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+        self.fd, self.joined = -1, -1
+
+
+@dataclass(eq=False)
+class _Pair:
+    """One relayed connection: the last of its two pumps to end closes both sockets."""
+
+    client: socket.socket
+    upstream: socket.socket
+    done: Callable[[_Pair], None]
+    pumps: int = 2
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def pump(self, src: socket.socket, dst: socket.socket) -> None:
+        """Copy ``src`` to ``dst`` until EOF (then shut ``dst``'s write half) or an error."""
+        buf = bytearray(_CHUNK)
+        view = memoryview(buf)
+        try:
+            while n := src.recv_into(buf):
+                dst.sendall(view[:n])
+            dst.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.cut()
+        with self.lock:
+            self.pumps -= 1
+            last = self.pumps == 0
+        if last:
+            self.close()
+
+    def close(self) -> None:
+        self.client.close()
+        self.upstream.close()
+        self.done(self)
+
+    def cut(self) -> None:
+        for sock in (self.client, self.upstream):
             with contextlib.suppress(OSError):
-                s.shutdown(socket.SHUT_RDWR)
+                sock.shutdown(socket.SHUT_RDWR)
 
 
 @dataclass
@@ -102,8 +158,9 @@ class _Forward:
 
     listener: socket.socket
     port: int
-    netns: Callable[[], int]
-    live: set[socket.socket] = field(default_factory=set)
+    guest: Callable[[], Guest]
+    workers: Workers
+    live: set[_Pair] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
     closed: bool = False
 
@@ -117,47 +174,47 @@ class _Forward:
         threading.Thread(target=self._accept, name=name, daemon=True).start()
 
     def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self.listener.accept()
-            except OSError:
-                return
-            if not self._track(client):
-                client.close()
-                return
-            threading.Thread(target=self._relay, args=(client,), daemon=True).start()
-
-    def _track(self, sock: socket.socket) -> bool:
-        with self.lock:
-            if self.closed:
-                return False
-            self.live.add(sock)
-            return True
-
-    def _relay(self, client: socket.socket) -> None:
-        """Connect into the guest (this thread joins its netns) and pump both ways."""
-        upstream: socket.socket | None = None
+        """Accept, make the upstream socket in the guest (this thread joins its netns), and
+        hand the pair to a worker that connects it."""
+        netns = _Netns(self.guest)
         try:
-            upstream = _socket_in(self.netns())
-            if not self._track(upstream):
-                return
-            upstream.settimeout(CONNECT_TIMEOUT)
-            upstream.connect(("127.0.0.1", self.port))
-            upstream.settimeout(None)
-            back = threading.Thread(target=_pump, args=(upstream, client), daemon=True)
-            back.start()
-            _pump(client, upstream)
-            back.join()
-        except (OSError, errors.VmenvError):
-            pass  # the guest refused or is gone: the client sees its connection close
+            while True:
+                try:
+                    client, _ = self.listener.accept()
+                except OSError:
+                    return
+                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                try:
+                    upstream = netns.socket()
+                except (OSError, errors.VmenvError):
+                    client.close()  # the guest is gone: the client sees its connection close
+                    continue
+                pair = _Pair(client, upstream, self._forget)
+                with self.lock:
+                    closed = self.closed
+                    if not closed:
+                        self.live.add(pair)
+                if closed:
+                    pair.close()
+                    return
+                self.workers.run(functools.partial(self._connect, pair))
         finally:
-            with self.lock:
-                self.live.discard(client)
-                if upstream is not None:
-                    self.live.discard(upstream)
-            client.close()
-            if upstream is not None:
-                upstream.close()
+            netns.close()
+
+    def _connect(self, pair: _Pair) -> None:
+        try:
+            pair.upstream.settimeout(CONNECT_TIMEOUT)
+            pair.upstream.connect(("127.0.0.1", self.port))
+            pair.upstream.settimeout(None)
+        except OSError:
+            pair.close()  # the guest refused: so does the relay, by closing
+            return
+        self.workers.run(functools.partial(pair.pump, pair.upstream, pair.client))
+        pair.pump(pair.client, pair.upstream)
+
+    def _forget(self, pair: _Pair) -> None:
+        with self.lock:
+            self.live.discard(pair)
 
     def close(self) -> None:
         """Stop accepting (the port then refuses) and cut every relayed connection."""
@@ -167,9 +224,8 @@ class _Forward:
         with contextlib.suppress(OSError):
             self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread
         self.listener.close()
-        for sock in live:
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+        for pair in live:
+            pair.cut()
 
 
 class Forwards:
@@ -178,12 +234,15 @@ class Forwards:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._by_guest: dict[str, dict[tuple[int, str], _Forward]] = {}
+        self._workers = Workers("vmenv-relay")
 
-    def forward(self, gid: str, port: int, host: str, netns: Callable[[], int]) -> tuple[str, int]:
-        """Listen on ``host`` (an ephemeral port) and relay to ``port`` in the guest whose
-        network namespace ``netns()`` opens; the same ``(port, host)`` again gives the same
-        address. A first socket is made in the guest here, so a forward that cannot work
-        fails now rather than at each connection."""
+    def forward(
+        self, gid: str, port: int, host: str, guest: Callable[[], Guest]
+    ) -> tuple[str, int]:
+        """Listen on ``host`` (an ephemeral port) and relay to ``port`` in the guest that
+        ``guest()`` gives (its current record: it raises once the guest is gone); the same
+        ``(port, host)`` again gives the same address. A first socket is made in the guest
+        here, so a forward that cannot work fails now rather than at each connection."""
         if not 0 < port < 65536:
             raise errors.ConfigError(f"forward: port must be 1..65535, got {port!r}")
         if rootless():
@@ -192,9 +251,9 @@ class Forwards:
             known = self._by_guest.get(gid, {}).get((port, host))
             if known is not None:
                 return known.address
-        self._probe(netns)
+        self._probe(guest)
         listener = socket.create_server((host, 0), backlog=128)
-        fwd = _Forward(listener, port, netns)
+        fwd = _Forward(listener, port, guest, self._workers)
         with self._lock:
             mine = self._by_guest.setdefault(gid, {})
             known = mine.setdefault((port, host), fwd)
@@ -205,12 +264,16 @@ class Forwards:
         return fwd.address
 
     @staticmethod
-    def _probe(netns: Callable[[], int]) -> None:
+    def _probe(guest: Callable[[], Guest]) -> None:
         failure: list[BaseException] = []
 
         def make() -> None:
             try:
-                _socket_in(netns()).close()
+                fd = guest_netns(guest())
+                try:
+                    _socket_in(fd).close()
+                finally:
+                    os.close(fd)
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 failure.append(exc)
 
