@@ -282,13 +282,11 @@ class CacheKeeper(Protocol):
 
 @runtime_checkable
 class Forwarder(Protocol):
-    """Optional: TCP ports of a machine reachable from the host (``vm.forward``)."""
+    """``vm.forward``: an address on ``host`` (the loopback unless the user asks for another)
+    that reaches TCP ``port`` as the machine's own loopback sees it, while the machine lives
+    (closed by ``destroy`` and ``close``); the same ``port`` and ``host`` again give the same."""
 
-    def forward(self, ref: MachineRef, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
-        """An address on ``host`` (the loopback unless the user asks for another) whose
-        connections reach TCP ``port`` as the machine's own loopback sees it, for as long as
-        the machine lives (closed by ``destroy`` and ``close``); asking again for the same
-        ``port`` and ``host`` gives the same address."""
+    def forward(self, ref: MachineRef, port: int, host: str = "127.0.0.1") -> tuple[str, int]: ...
 
 
 @runtime_checkable
