@@ -12,6 +12,7 @@ import importlib.util
 import os
 import socket
 import sys
+import threading
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -138,6 +139,8 @@ def test_after_destroy_the_port_refuses_and_live_connections_end(
     address = _start_echo(vm)
     live = socket.create_connection(address, timeout=30)
     live.sendall(b"half")
+    listeners = [t for t in threading.enumerate() if t.name == "vmenv-forward-7000"]
+    assert listeners
     backend.destroy(ref)
     try:
         assert live.recv(100) == b""  # cut, not left hanging on a dead guest
@@ -149,6 +152,17 @@ def test_after_destroy_the_port_refuses_and_live_connections_end(
         socket.create_connection(address, timeout=5).close()
     with pytest.raises(MachineGone):
         vm.forward(PORT + 1)
+    for thread in listeners:
+        thread.join(5)
+    assert not any(t.is_alive() for t in listeners), "a listener outlived its machine"
+
+
+def test_a_forward_on_the_ipv6_loopback(vm: Machine) -> None:
+    """``host=`` binds the address asked for; the relay still dials the guest's 127.0.0.1."""
+    serve_http(vm)
+    host, port = vm.forward(PORT, host="::1")
+    assert host == "::1"
+    assert fetch(f"http://[::1]:{port}/index.html") == b"hello from the guest\n"
 
 
 def test_a_machine_on_a_network_with_a_server_on_all_addresses(

@@ -252,7 +252,8 @@ class Forwards:
             if known is not None:
                 return known.address
         self._probe(guest)
-        listener = socket.create_server((host, 0), backlog=128)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.create_server((host, 0), family=family, backlog=128)
         fwd = _Forward(listener, port, guest, self._workers)
         with self._lock:
             mine = self._by_guest.setdefault(gid, {})
