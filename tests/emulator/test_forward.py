@@ -221,34 +221,57 @@ def test_vm_url_through_the_plugin_fixtures(pytester: pytest.Pytester) -> None:
 
 
 AS_NOBODY = """
-import sys
+import socket, sys, urllib.request
 from pathlib import Path
-from pytest_vmenv import errors
 from pytest_vmenv.backend import Session
 from pytest_vmenv.emulator import EmulatorBackend
 from pytest_vmenv.machine import Machine
 from pytest_vmenv.spec import MachineSpec
 rootfs, state = sys.argv[1], Path(sys.argv[2])
+HTTPD = "httpd -p 127.0.0.1:8000 -h /www"
 b = EmulatorBackend(state_dir=state)
 s = Session(id="forward-userns", state_dir=state)
 spec = MachineSpec(name="u", image=rootfs, image_config={"rootfs": rootfs})
-ref = b.clone(b.build_template(spec, "forward-userns", s), spec, s)
+template = b.build_template(spec, "forward-userns", s)
+ref = b.clone(template, spec, s)
 try:
-    Machine(b, ref, spec, state / "scratch").url(80)
-except errors.BackendUnavailable as exc:
-    print("refused:", exc)
+    vm = Machine(b, ref, spec, state / "scratch")
+    vm.succeed("mkdir -p /www && echo rootless > /www/index.html && " + HTTPD)
+    vm.wait_for_port(8000)
+    url = vm.url(8000, "index.html")
+    with urllib.request.urlopen(url, timeout=30) as response:
+        print("fetched:", response.read().decode().strip())
+    vm.revert(template)
+    vm.succeed("mkdir -p /www && echo reverted > /www/index.html && " + HTTPD)
+    vm.wait_for_port(8000)
+    with urllib.request.urlopen(url, timeout=30) as response:
+        print("after revert:", response.read().decode().strip())
+    b.destroy(ref)
+    try:
+        socket.create_connection(vm.forward(8000), timeout=5)
+    except ConnectionRefusedError:
+        print("refused after destroy")
 finally:
     b.close()
+    b.remove_template(template)
 """
 
 
-def test_unprivileged_forward_is_refused_with_the_reason(area: object, nobody: object) -> None:
-    """Unprivileged, pytest may not join a guest's network namespace: forward says so."""
+def test_forward_as_nobody(area: object, nobody: object) -> None:
+    """Unprivileged, a helper in the guest's user and network namespaces makes the sockets:
+    a busybox httpd on the guest's loopback is fetched, across a revert, and refuses after."""
     runner: Any = nobody
     unprivileged._need_userns(runner)
     where: Any = area
+    for applet in ("httpd", "mkdir"):
+        link = where.rootfs / "bin" / applet
+        if not link.is_symlink():
+            link.symlink_to("busybox")
+            os.lchown(link, unprivileged.NOBODY, unprivileged.NOBODY)
     res = runner.run(["python", "-c", AS_NOBODY, str(where.rootfs), str(where.state)])
     assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
-    assert "refused: backend 'emulator' is unavailable: vm.forward()/vm.url() need root" in (
-        res.stdout
-    ), res.stdout
+    lines = res.stdout.splitlines()
+    assert lines == ["fetched: rootless", "after revert: reverted", "refused after destroy"], (
+        res.stdout,
+        res.stderr,
+    )

@@ -1,29 +1,28 @@
 """Port forwards: a listener on the host's loopback relayed into a guest's network namespace.
 
-``forward(ref, port)`` opens a TCP listener on ``127.0.0.1`` (an ephemeral port). Each
-connection it accepts gets a thread that joins the guest's network namespace with
-``setns(2)`` (it changes only that thread), makes a socket there (a socket keeps the namespace
-it was made in) and connects it to ``127.0.0.1:port`` *inside the guest*: a service bound to
+``forward(ref, port)`` opens a TCP listener on ``127.0.0.1`` (an ephemeral port). Its thread
+joins the guest's network namespace with ``setns(2)`` (that changes only the calling thread)
+and, for each connection it accepts, makes a socket there (a socket keeps the namespace it was
+made in), which a worker connects to ``127.0.0.1:port`` *inside the guest*: a service bound to
 the guest's loopback or to ``0.0.0.0`` is reached, with or without ``network=``, and nothing
-on the host ever connects to a guest address. The namespace is looked up afresh for every
-connection, from the guest's PID 1 verified by pid and start time (:func:`.pids.pidfd`), so a
-forward keeps working across a revert (which starts a new PID 1).
+on the host ever connects to a guest address. The namespace comes from the guest's PID 1,
+verified by pid and start time (:func:`.pids.pidfd`), and is opened again when the guest's
+PID 1 changes, so a forward keeps working across a revert.
 
-The bytes are pumped by one thread per direction; when one side ends its stream, the other
-side's write half is shut (half-close passes through). Listeners and relays live in the
-pytest process: :meth:`Forwards.close` (on destroy) and :meth:`Forwards.close_all` (when the
-backend closes) stop them, and a crash of the process takes them down with it.
+The bytes are pumped by one worker per direction (:mod:`.workers`: threads are reused); when
+one side ends its stream, the other side's write half is shut (half-close passes through).
+Listeners and relays live in the pytest process: :meth:`Forwards.close` (on destroy) and
+:meth:`Forwards.close_all` (when the backend closes) stop them, and a crash of the process
+takes them down with it.
 
-Only as root for now: ``setns`` into a network namespace also needs CAP_SYS_ADMIN in the
-caller's own user namespace, which an unprivileged pytest lacks; ``forward`` says so
-(:data:`ROOTLESS_REASON`). A single-threaded helper that joins the guest's user namespace
-first, then its network namespace, can make the sockets instead (the way to lift this).
+Unprivileged, pytest may not ``setns`` into a guest's network namespace (that needs
+CAP_SYS_ADMIN in its own user namespace too): a helper process in the guest's user and network
+namespaces makes the sockets instead (:mod:`.netns_helper`), one per listener.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import os
 import socket
@@ -33,73 +32,81 @@ from dataclasses import dataclass, field
 
 from ... import errors
 from ..syscalls import CLONE_NEWNET, setns
+from .netns_helper import Helper
 from .pids import pidfd, readable
 from .record import Guest
 from .state import NAME
 from .userns import rootless
 from .workers import Workers
 
-__all__ = ["ROOTLESS_REASON", "Forwards", "guest_netns"]
+__all__ = ["Forwards", "guest_ns"]
 
 CONNECT_TIMEOUT = 10.0
 """Seconds a relay waits for the guest's service to accept (a loopback connect: at once)."""
 _CHUNK = 256 * 1024
 
-ROOTLESS_REASON = (
-    "vm.forward()/vm.url() need root for now: an unprivileged process may not join a guest's "
-    "network namespace (setns needs CAP_SYS_ADMIN in its own user namespace too); run as "
-    "root, or talk to the service from inside the guest with vm.run()"
-)
 
-
-def guest_netns(guest: Guest) -> int:
-    """An fd of ``guest``'s network namespace, opened from its verified PID 1.
+def guest_ns(guest: Guest, *kinds: str) -> list[int]:
+    """fds of ``guest``'s namespaces ``kinds`` (``"net"``, ``"user"``), opened through /proc of
+    its verified PID 1, or unprivileged of its keeper (in the same namespaces; PID 1 is not
+    dumpable, so only root may open its /proc files).
 
     The pidfd is checked against the recorded start time first, and the process is checked
-    still alive after the namespace was opened: the fd is that guest's, never a reused pid's.
+    still alive after the namespaces were opened: the fds are that guest's, never a reused
+    pid's.
     """
-    fd = pidfd(guest.pid, guest.pid_start)
+    pid, start = (guest.keeper, guest.keeper_start) if rootless() else (guest.pid, guest.pid_start)
+    fd = pidfd(pid, start)
     if fd < 0:
-        raise errors.MachineGone(f"{NAME}: machine {guest.name!r} has no running PID 1")
+        raise errors.MachineGone(f"{NAME}: machine {guest.name!r} is not running")
+    opened: list[int] = []
     try:
-        ns = os.open(f"/proc/{guest.pid}/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        for kind in kinds:
+            opened.append(os.open(f"/proc/{pid}/ns/{kind}", os.O_RDONLY | os.O_CLOEXEC))
         if readable(fd, 0):
+            raise errors.MachineGone(f"{NAME}: machine {guest.name!r} stopped")
+    except BaseException:
+        for ns in opened:
             os.close(ns)
-            raise errors.MachineGone(f"{NAME}: machine {guest.name!r}: its PID 1 exited")
-        return ns
+        raise
     finally:
         os.close(fd)
+    return opened
 
 
 def _socket_in(netns: int) -> socket.socket:
     """A TCP socket made in the namespace ``netns``; the calling thread stays in it."""
-    try:
-        setns(netns, CLONE_NEWNET)
-    except OSError as exc:
-        if exc.errno == errno.EPERM:
-            raise errors.BackendUnavailable(NAME, ROOTLESS_REASON) from exc
-        raise
+    setns(netns, CLONE_NEWNET)
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     return sock
 
 
 class _Netns:
-    """The guest's network namespace as an fd, opened again only when its PID 1 changed
-    (a revert starts a new one); used by one thread, the listener's."""
+    """The guest's network namespace as an fd (unprivileged: a :class:`.netns_helper.Helper`
+    in it), opened again only when its PID 1 changed (a revert starts a new one); used by one
+    thread, the listener's."""
 
     def __init__(self, guest: Callable[[], Guest]) -> None:
         self.guest = guest
         self.fd = -1
         self.key: tuple[int, str] = (0, "")
         self.joined = -1
+        self.helper: Helper | None = None
 
     def socket(self) -> socket.socket:
-        """A socket in the guest's namespace; the calling thread joins it (once per fd)."""
+        """A socket in the guest's namespace; as root the calling thread joins it (once per
+        namespace), unprivileged the helper makes it."""
         guest = self.guest()
-        if (guest.pid, guest.pid_start) != self.key or self.fd < 0:
+        if (guest.pid, guest.pid_start) != self.key:
             self.close()
-            self.fd, self.key = guest_netns(guest), (guest.pid, guest.pid_start)
+            self.key = (guest.pid, guest.pid_start)  # a revert changes it (and the keeper)
+            if rootless():
+                self.helper = Helper(*guest_ns(guest, "user", "net"))
+            else:
+                self.fd = guest_ns(guest, "net")[0]
+        if self.helper is not None:
+            return self.helper.socket()
         if self.joined != self.fd:
             self.joined = -1
             sock = _socket_in(self.fd)
@@ -112,7 +119,9 @@ class _Netns:
     def close(self) -> None:
         if self.fd >= 0:
             os.close(self.fd)
-        self.fd, self.joined = -1, -1
+        if self.helper is not None:
+            self.helper.close()
+        self.fd, self.joined, self.helper, self.key = -1, -1, None, (0, "")
 
 
 @dataclass(eq=False)
@@ -245,8 +254,6 @@ class Forwards:
         here, so a forward that cannot work fails now rather than at each connection."""
         if not 0 < port < 65536:
             raise errors.ConfigError(f"forward: port must be 1..65535, got {port!r}")
-        if rootless():
-            raise errors.BackendUnavailable(NAME, ROOTLESS_REASON)
         with self._lock:
             known = self._by_guest.get(gid, {}).get((port, host))
             if known is not None:
@@ -269,14 +276,13 @@ class Forwards:
         failure: list[BaseException] = []
 
         def make() -> None:
+            netns = _Netns(guest)
             try:
-                fd = guest_netns(guest())
-                try:
-                    _socket_in(fd).close()
-                finally:
-                    os.close(fd)
+                netns.socket().close()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 failure.append(exc)
+            finally:
+                netns.close()
 
         thread = threading.Thread(target=make, name="vmenv-forward-probe")
         thread.start()
