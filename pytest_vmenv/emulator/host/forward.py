@@ -167,7 +167,7 @@ class _Forward:
 
     listener: socket.socket
     port: int
-    guest: Callable[[], Guest]
+    netns: _Netns
     workers: Workers
     live: set[_Pair] = field(default_factory=set)
     lock: threading.Lock = field(default_factory=threading.Lock)
@@ -185,7 +185,7 @@ class _Forward:
     def _accept(self) -> None:
         """Accept, make the upstream socket in the guest (this thread joins its netns), and
         hand the pair to a worker that connects it."""
-        netns = _Netns(self.guest)
+        netns = self.netns
         try:
             while True:
                 try:
@@ -258,37 +258,45 @@ class Forwards:
             known = self._by_guest.get(gid, {}).get((port, host))
             if known is not None:
                 return known.address
-        self._probe(guest)
+        netns = self._probe(guest)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.create_server((host, 0), family=family, backlog=128)
-        fwd = _Forward(listener, port, guest, self._workers)
+        try:
+            listener = socket.create_server((host, 0), family=family, backlog=128)
+        except BaseException:
+            netns.close()
+            raise
+        fwd = _Forward(listener, port, netns, self._workers)
         with self._lock:
             mine = self._by_guest.setdefault(gid, {})
             known = mine.setdefault((port, host), fwd)
         if known is not fwd:
             listener.close()
+            netns.close()
             return known.address
         fwd.start()
         return fwd.address
 
     @staticmethod
-    def _probe(guest: Callable[[], Guest]) -> None:
+    def _probe(guest: Callable[[], Guest]) -> _Netns:
+        """The guest's namespace, opened and tried (a socket made in it) in a thread of its
+        own, so that this one never joins it; the listener's thread goes on with it."""
+        netns = _Netns(guest)
         failure: list[BaseException] = []
 
         def make() -> None:
-            netns = _Netns(guest)
             try:
                 netns.socket().close()
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 failure.append(exc)
-            finally:
-                netns.close()
 
         thread = threading.Thread(target=make, name="vmenv-forward-probe")
         thread.start()
         thread.join()
+        netns.joined = -1  # that thread joined it, the listener's has not
         if failure:
+            netns.close()
             raise failure[0]
+        return netns
 
     def close(self, gid: str) -> None:
         """Close every forward of guest ``gid`` (its ports refuse from now on)."""
