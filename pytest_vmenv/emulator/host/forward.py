@@ -100,11 +100,11 @@ class _Netns:
         guest = self.guest()
         if (guest.pid, guest.pid_start) != self.key:
             self.close()
-            self.key = (guest.pid, guest.pid_start)  # a revert changes it (and the keeper)
             if rootless():
                 self.helper = Helper(*guest_ns(guest, "user", "net"))
             else:
                 self.fd = guest_ns(guest, "net")[0]
+            self.key = (guest.pid, guest.pid_start)  # a revert changes it (and the keeper)
         if self.helper is not None:
             return self.helper.socket()
         if self.joined != self.fd:
