@@ -44,6 +44,7 @@ __all__ = [
     "Capabilities",
     "Closer",
     "Configured",
+    "Forwarder",
     "MachineRef",
     "Network",
     "Output",
@@ -277,6 +278,15 @@ class CacheKeeper(Protocol):
 
     def caches(self, live_sessions: Collection[str]) -> list[Cache]: ...
     def remove_cache(self, cache: Cache, live_sessions: Collection[str]) -> None: ...
+
+
+@runtime_checkable
+class Forwarder(Protocol):
+    """``vm.forward``: an address on ``host`` (the loopback unless the user asks for another)
+    that reaches TCP ``port`` as the machine's own loopback sees it, while the machine lives
+    (closed by ``destroy`` and ``close``); the same ``port`` and ``host`` again give the same."""
+
+    def forward(self, ref: MachineRef, port: int, host: str = "127.0.0.1") -> tuple[str, int]: ...
 
 
 @runtime_checkable

@@ -11,8 +11,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypedDict, TypeVar, Unpack
 
-from .backend import Backend, MachineRef, Snapshot
-from .errors import CommandFailed, CommandTimeout, VmenvError, command_text
+from .backend import Backend, Forwarder, MachineRef, Snapshot
+from .errors import (
+    BackendError,
+    CommandFailed,
+    CommandTimeout,
+    ConfigError,
+    VmenvError,
+    command_text,
+)
 from .paths import state_dir
 from .poll import poll_until
 from .results import GET_LIMIT, OUTPUT_LIMIT, Result
@@ -88,6 +95,7 @@ class Machine:
         self.history: list[CommandRecord] = []
         self.intent: Path | None = None  # its ledger record, while the orchestrator owns it
         self._scratch = scratch or state_dir() / "scratch"
+        self._forwards: dict[tuple[int, str], tuple[str, int]] = {}
         self._scratch.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
@@ -291,3 +299,39 @@ class Machine:
 
     def console_log(self) -> str:
         return _backend(lambda: self.backend.console_log(self.ref))
+
+    def forward(self, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
+        """``(address, port)`` on the host's loopback that reaches TCP ``port`` of the machine
+        (as its own loopback sees it), for as long as the machine lives.
+
+        Only this host's processes can connect: the listener binds ``host``, the loopback
+        unless you ask for another address. Asking again for the same port gives the same
+        address. See the backend's ``forward`` for where the relay lives.
+        """
+        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+            raise ConfigError(f"{self.name}: forward(port): a TCP port 1..65535, got {port!r}")
+        key = (port, host)
+        known = self._forwards.get(key)
+        if known is not None:
+            return known
+        backend = self.backend
+        if not isinstance(backend, Forwarder):
+            raise trimmed(
+                BackendError(
+                    f"{self.name}: the {backend.name!r} backend cannot forward ports yet "
+                    "(vm.forward/vm.url work on the emulator; libvirt and vSphere get them in "
+                    "a later release): run this test on backend='emulator'"
+                )
+            )
+        address = _backend(lambda: backend.forward(self.ref, port, host))
+        self._forwards[key] = address
+        return address
+
+    def url(self, port: int = 80, path: str = "/", scheme: str = "http") -> str:
+        """``scheme://HOST:PORT/path`` for TCP ``port`` of the machine (see :meth:`forward`)."""
+        host, hostport = self.forward(port)
+        if ":" in host:
+            host = f"[{host}]"
+        if not path.startswith("/"):
+            path = "/" + path
+        return f"{scheme}://{host}:{hostport}{path}"

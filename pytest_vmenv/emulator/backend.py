@@ -50,9 +50,11 @@ from ..images import BASES
 from .host import caches, inventory, layers, support
 from .host.channel import Channel
 from .host.control import GuestDied
+from .host.forward import Forwards
 from .host.guests import Guests, valid_id
 from .host.machines import Machines
 from .host.networks import Networks
+from .host.record import Guest
 from .host.spawner import ZygoteGone
 from .host.state import NAME, State
 from .host.support import LimitNotApplied
@@ -93,6 +95,7 @@ class EmulatorBackend:
         self._machines = Machines(self._state, guests, self._networks)
         self._templates = Templates(self._machines)
         self._channel = Channel(guests)
+        self._forwards = Forwards()
 
     @property
     def options(self) -> dict[str, Any]:
@@ -166,6 +169,7 @@ class EmulatorBackend:
 
     @BOUNDARY
     def destroy(self, ref: MachineRef) -> None:
+        self._forwards.close(ref.id)
         self._machines.destroy(ref.id)
 
     @BOUNDARY
@@ -200,7 +204,9 @@ class EmulatorBackend:
         return inventory.refs(self.emu_dir / "guests", session_id)
 
     def close(self) -> None:
-        """Destroy every guest this instance made, except kept ones, and hang up the zygote."""
+        """Close every forward, destroy every guest this instance made, except kept ones, and
+        hang up the zygote."""
+        self._forwards.close_all()
         self._machines.close()
         self._state.close()
 
@@ -240,3 +246,20 @@ class EmulatorBackend:
         ``vmenv shell NAME``); see :meth:`.host.channel.Channel.shell`.
         """
         return self._channel.shell(ref, argv)
+
+    @BOUNDARY
+    def forward(self, ref: MachineRef, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
+        """A listener on ``host`` relayed to ``127.0.0.1:port`` inside the guest's network
+        namespace, until the machine is destroyed or the backend closes (see
+        :mod:`.host.forward`: it lives in this process and dies with it)."""
+        guests = self._machines.guests
+        guests.find(ref)
+        gid, name = ref.id, ref.name
+
+        def current() -> Guest:
+            guest = guests.known(gid)
+            if guest is None:
+                raise errors.MachineGone(f"{NAME}: machine {name!r} ({gid}) is destroyed")
+            return guest
+
+        return self._forwards.forward(gid, port, host, current)

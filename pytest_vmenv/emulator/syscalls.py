@@ -40,6 +40,7 @@ __all__ = [
     "prctl",
     "set_comm",
     "sethostname",
+    "setns",
     "umount2",
     "unshare",
 ]
@@ -90,6 +91,11 @@ def _check(result: int, what: str) -> None:
 def unshare(flags: int) -> None:
     """unshare(2): move the caller into new namespaces."""
     _check(_libc.unshare(ctypes.c_int(flags)), f"unshare({flags:#x})")
+
+
+def setns(fd: int, nstype: int) -> None:
+    """setns(2): move the calling *thread* into the namespace open as ``fd``."""
+    _check(_libc.setns(ctypes.c_int(fd), ctypes.c_int(nstype)), f"setns({nstype:#x})")
 
 
 def mount(source: str, target: str, fstype: str | None, flags: int = 0, data: str = "") -> None:
