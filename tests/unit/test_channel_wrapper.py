@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from pytest_vmenv.channel import Delivery, RunDir, Sized, Stdin, Wrapper, as_user
+from pytest_vmenv.poll import poll_until
 
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
 CHANNELS = {
@@ -184,7 +185,14 @@ def test_the_group_kill_kills_the_command_and_its_children(guest: Guest) -> None
     run.kill()
     code, _, _ = run.result(timeout=10)
     assert code == 128 + signal.SIGKILL
-    assert not any(_alive(int(pid)) for pid in pids.read_text().split())
+    group = [int(pid) for pid in pids.read_text().split()]
+    # SIGKILL is delivered at once but reaped a moment later: wait for that, not longer
+    poll_until(
+        lambda _last: True if not any(map(_alive, group)) else None,
+        timeout=5,
+        what=f"the killed group {group} to be gone",
+        interval=0.005,
+    )
 
 
 def test_the_run_directory_comes_first_and_a_failed_one_is_125(guest: Guest) -> None:
