@@ -20,7 +20,7 @@ Per round, interleaved (forward, then direct):
   reply to a GET (listener set up, connection relayed, server answered).
 
 Printed: each figure as a range over the rounds (min-max of the round values, and their
-median), and the forward/direct ratios taken within a round. Targets (issue 12): latency
+median), and the forward/direct ratios taken within a round. Targets: latency
 within 2x, throughput at least 50% of direct. Benchmarks are not tests: nothing here asserts.
 """
 
