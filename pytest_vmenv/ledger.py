@@ -33,6 +33,7 @@ __all__ = [
     "Ledger",
     "OwnerRecord",
     "file_lock",
+    "flocked",
     "owners",
     "public_options",
     "remove_owner",
@@ -58,16 +59,23 @@ def _write_atomic(path: Path, data: Mapping[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def file_lock(state_dir: Path, name: str) -> Iterator[None]:
-    """An exclusive ``flock`` on ``<state>/locks/<name>.lock`` (released on exit or death)."""
-    locks = state_dir / "locks"
-    locks.mkdir(parents=True, exist_ok=True)
-    fd = os.open(locks / f"{name}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+def flocked(path: Path) -> Iterator[None]:
+    """An exclusive ``flock`` on the file ``path`` (made if missing; released on exit or death)."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def file_lock(state_dir: Path, name: str) -> Iterator[None]:
+    """An exclusive ``flock`` on ``<state>/locks/<name>.lock`` (released on exit or death)."""
+    locks = state_dir / "locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with flocked(locks / f"{name}.lock"):
+        yield
 
 
 @dataclass(frozen=True)

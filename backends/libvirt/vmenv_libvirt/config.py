@@ -12,10 +12,8 @@ serialises processes on one of its files.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +22,7 @@ from pytest_vmenv import errors
 
 from .connection import NAME
 
-__all__ = ["ACCELS", "LibvirtConfig", "Paths", "locked"]
+__all__ = ["ACCELS", "LibvirtConfig", "Paths"]
 
 ACCELS = ("auto", "kvm", "tcg")
 
@@ -105,14 +103,3 @@ class Paths:
                 return f.read().decode("utf-8", "replace")
         except OSError:
             return ""
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on the file ``path`` (made if missing; released on exit or death)."""
-    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

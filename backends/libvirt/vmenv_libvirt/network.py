@@ -21,8 +21,9 @@ import libvirt  # type: ignore[import-untyped]
 
 from pytest_vmenv import errors
 from pytest_vmenv.backend import Network
+from pytest_vmenv.ledger import flocked
 
-from .config import Paths, locked
+from .config import Paths
 from .connection import NAME, Hypervisor, is_gone
 from .domains import read_labels, render
 
@@ -70,7 +71,7 @@ class Networks:
         """The libvirt network for ``network`` in ``session``, created if it does not exist."""
         name = self.name_of(network, session)
         cidr = network.subnet
-        with locked(self.lock_path):
+        with flocked(self.lock_path):
 
             def make(conn: libvirt.virConnect) -> None:
                 try:
@@ -129,7 +130,7 @@ class Networks:
 
     def release(self, name: str) -> None:
         """Remove network ``name`` if no domain of ours is on it any more (idempotent)."""
-        with locked(self.lock_path):
+        with flocked(self.lock_path):
 
             def drop(conn: libvirt.virConnect) -> None:
                 for dom in conn.listAllDomains(0):

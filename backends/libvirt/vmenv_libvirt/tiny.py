@@ -29,7 +29,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .config import locked
+from pytest_vmenv.ledger import flocked
+
 from .debs import TinyBuildError, download, extract, run
 from .tinyroot import AGENT, READY_MARKER, SSH, Variant, write_rootfs
 from .tree import SafeTree, cpio_newc
@@ -167,7 +168,7 @@ def ensure_tiny(images_dir: Path, ssh: bool = False) -> TinyImage:
     final = images_dir / variant.dirname
     if (final / "meta.json").exists():
         return TinyImage.at(final)
-    with locked(images_dir / f"{variant.dirname}.lock"):
+    with flocked(images_dir / f"{variant.dirname}.lock"):
         if (final / "meta.json").exists():
             return TinyImage.at(final)
         start = time.monotonic()
