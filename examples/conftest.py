@@ -1,10 +1,12 @@
-"""Run as a normal user, the examples are skipped with what to do, instead of erroring.
+"""Run as a normal user, examples the emulator cannot make here are skipped with the reason.
 
-Every example asks for ``image="host"`` (a read-only view of this machine's own ``/``), which
-only root can make. As non-root, ``--vm-unavailable`` therefore defaults to ``skip`` here:
-each test is skipped with the plugin's reason (listed by ``-rs`` in pytest.ini): run as root,
-or give ``image=`` a rootfs directory or tarball. An explicit ``--vm-unavailable``,
-``VMENV_UNAVAILABLE`` or ``vmenv_unavailable`` still wins; as root nothing changes.
+The examples boot Debian 12 machines with systemd, some on a private network. The emulator
+makes them as root; unprivileged it makes what it can in a user namespace and refuses the
+rest with its reason (e.g. `network=` needs root). As non-root, ``--vm-unavailable``
+therefore defaults to ``skip`` here: each refused test is skipped with the plugin's reason
+(listed by ``-rs`` in pytest.ini). An explicit ``--vm-unavailable``, ``VMENV_UNAVAILABLE``
+or ``vmenv_unavailable`` still wins (``.ci/examples-unprivileged`` passes ``fail``, so that
+nothing is skipped there); as root nothing changes.
 """
 
 import os

@@ -1,18 +1,22 @@
-"""Snapshot a machine, break it, and revert."""
+"""Snapshot a machine, break it, and revert: files and services come back as they were."""
 
 import pytest
 
+pytestmark = pytest.mark.vm(image="web")
 
-@pytest.mark.vm(image="host")
+
 def test_snapshot_and_revert(vm):
-    vm.write_text("/etc/app.conf", "mode=safe\n")
+    vm.succeed("echo 'release 1' > /var/www/html/index.html")
+    assert vm.succeed("stat -c %a /var/www/html/index.html") == "644\n"
     before = vm.snapshot("before-upgrade")
-    vm.succeed("echo mode=broken > /etc/app.conf && rm -f /etc/hostname")
-    vm.revert(before)
-    assert vm.read_text("/etc/app.conf") == "mode=safe\n"
+    vm.succeed("echo 'not a config' > /etc/nginx/sites-enabled/default")
+    vm.fail("systemctl restart nginx")  # the broken config keeps nginx down
+    vm.revert(before)  # the machine restarts on the snapshot: systemd starts nginx again
+    vm.wait_for_port(80, timeout=10)
+    assert vm.succeed("curl -sf http://localhost/") == "release 1\n"
 
 
-@pytest.mark.vm(image="host", isolation="revert")
+@pytest.mark.vm(image="web", isolation="revert")
 @pytest.mark.parametrize("round", [1, 2, 3])
 def test_revert_isolation(vm, round):
     # one machine for all three rounds, reverted to its template between them

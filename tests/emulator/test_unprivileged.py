@@ -492,7 +492,7 @@ def test_vmenv_backends_as_nobody(area: Area, nobody: Runner) -> None:
 
 
 def test_examples_tell_nobody_what_to_do(area: Area, nobody: Runner) -> None:
-    """The emulator examples, run as a normal user, are skipped with what to do (exit 0)."""
+    """The emulator examples as a normal user: what it cannot make is skipped with what to do."""
     _need_userns(nobody)
     examples = area.home / "examples"
     shutil.copytree(
@@ -503,12 +503,12 @@ def test_examples_tell_nobody_what_to_do(area: Area, nobody: Runner) -> None:
     out = res.stdout
     assert res.returncode == 0, f"stdout:\n{out}\nstderr:\n{res.stderr}"
     summary = out.strip().splitlines()[-1]
-    assert "skipped" in summary and "error" not in summary and "failed" not in summary, out
+    assert "error" not in summary and "failed" not in summary, out
     skipped = [ln for ln in out.splitlines() if ln.startswith("SKIPPED")]
-    assert skipped and all(
-        "image='host' needs root" in ln and "use a rootfs directory" in ln and "run as root" in ln
-        for ln in skipped
-    ), out
+    assert all("cannot be made here" in ln and "run as root" in ln for ln in skipped), out
+    if "passed" not in summary:  # none made unprivileged: each test says why
+        assert "19 skipped" in summary, out
+        assert any("Debian images need root" in ln for ln in skipped), out
 
 
 def test_probe_names_the_python_nobody_cannot_execute(area: Area, nobody: Runner) -> None:
