@@ -272,7 +272,11 @@ class Machine:
             partial.unlink(missing_ok=True)
 
     def write_bytes(self, remote: str, data: bytes) -> None:
+        """Write ``data`` to the file ``remote``, mode 0644 (what a shell makes under umask
+        022, so a web server or another user can read it); :meth:`put` keeps a local file's
+        own mode."""
         with tempfile.NamedTemporaryFile(dir=self._scratch, prefix="put-") as tmp:
+            os.fchmod(tmp.fileno(), 0o644)
             tmp.write(data)
             tmp.flush()
             self.put(tmp.name, remote)
@@ -285,6 +289,7 @@ class Machine:
             return target.read_bytes()
 
     def write_text(self, remote: str, text: str) -> None:
+        """Write ``text`` (UTF-8) to ``remote``, mode 0644, as :meth:`write_bytes`."""
         self.write_bytes(remote, text.encode())
 
     def read_text(self, remote: str, *, max_size: int | None = GET_LIMIT) -> str:
