@@ -41,11 +41,13 @@ import sys
 from pathlib import Path
 
 from ... import errors
+from ...images import subids
 
 __all__ = [
     "HOST_REASON",
     "NETWORK_REASON",
     "limit_problems",
+    "mapped_argv",
     "probe",
     "rmtree",
     "rootless",
@@ -281,6 +283,25 @@ def rmtree(path: Path) -> None:
         return
     _open_up(str(path))
     shutil.rmtree(path, ignore_errors=True)
+    mapped = mapped_argv() if os.path.lexists(path) else []
+    if mapped:  # files of the guest's other users: removed where their ids are mapped
+        subprocess.run(
+            [*mapped, "rm", "-rf", "--", str(path)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            cwd="/",
+            check=False,
+        )
+
+
+def mapped_argv() -> list[str]:
+    """Unprivileged with subordinate ids: the prefix that runs a host-side command in a user
+    namespace with the guests' full id map (their files keep their owners, and those of the
+    guest's other users can be copied and removed); else nothing."""
+    if not rootless():
+        return []
+    ids = subids.lookup()
+    return [] if ids is None else ids.unshare_argv()
 
 
 def _open_up(path: str) -> None:
