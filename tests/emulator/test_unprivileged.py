@@ -492,7 +492,8 @@ def test_vmenv_backends_as_nobody(area: Area, nobody: Runner) -> None:
     res = nobody.run(["python", "-m", "pytest_vmenv", "backends"], timeout=60)
     assert res.returncode == 0, res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("emulator"))
-    assert "usable (unprivileged, uid 65534: rootfs directory and tarball images only" in line
+    assert "usable (unprivileged, uid 65534: rootfs directory and tarball images, " in line
+    assert "no Debian images (no subordinate ids), no init='systemd'" in line, line
     assert "image='host' and network= need root" in line, line
 
 

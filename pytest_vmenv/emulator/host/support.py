@@ -130,9 +130,10 @@ def unavailable_for(state: State, spec: MachineSpec) -> str | None:
     Root makes every spec but these: ``disk=`` needs loop devices and mkfs.ext4, from
     :data:`.disk.MIN_SIZE` up; a Debian image that is not built yet needs its builder
     (see :func:`pytest_vmenv.images.builder_problem`) and the host's apt to serve its
-    suite; systemd needs a cgroup v2 hierarchy. Unprivileged, ``image="host"``,
-    ``network=``, built Debian images and ``init="systemd"`` are refused. Each refusal
-    has its own reason (all that apply are given).
+    suite; systemd needs a cgroup v2 hierarchy. Unprivileged, ``image="host"`` and
+    ``network=`` are refused, Debian images without subordinate ids (or built by root), and
+    ``init="systemd"`` without a delegated cgroup v2 group. Each refusal has its own reason
+    (all that apply are given).
     """
     init = spec.init or ("systemd" if recipe_of(spec) else "none")
     if userns.rootless():
@@ -172,10 +173,13 @@ def restrictions(state: State) -> str | None:
     cgroups = state.cgroups
     delegated = cgroups.offers("memory") and cgroups.offers("cpu")
     limits = "" if delegated else "; memory and cpus limits are not applied"
+    full = subids.problem(SUBIDS_PURPOSE) is None
+    debian = "Debian images (full uid map)" if full else "no Debian images (no subordinate ids)"
+    systemd = "init='systemd'" if cgroups.v2_parent is not None else "no init='systemd'"
     return (
-        f"unprivileged, uid {os.geteuid()}: rootfs directory and tarball images only; "
-        "image='host' and network= need root, as do Debian images and init='systemd'"
-        f"{limits}"
+        f"unprivileged, uid {os.geteuid()}: rootfs directory and tarball images, {debian}, "
+        f"{systemd} (it needs a delegated cgroup v2 group); image='host' and network= need "
+        f"root{limits}"
     )
 
 
