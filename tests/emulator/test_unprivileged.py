@@ -864,3 +864,50 @@ def test_debian_systemd_without_delegated_cgroup_as_nobody(
     line = next(ln for ln in res.stdout.splitlines() if "::test_bookworm:" in ln)
     assert "init='systemd' unprivileged needs a cgroup v2 subtree delegated to uid 65534" in line
     assert "is not delegated to uid 65534" in line and "use init='none'" in line, line
+
+
+_NPROC_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from pytest_vmenv.backend import Session
+from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.spec import MachineSpec
+rootfs, state = sys.argv[1], Path(sys.argv[2])
+b = EmulatorBackend(state_dir=state, options={"pids_max": 64})
+spec = MachineSpec(name="n", image=rootfs, image_config={"rootfs": rootfs})
+s = Session(id="unpriv-nproc", state_dir=state)
+tpl = b.build_template(spec, "unpriv-nproc", s)
+ref = b.clone(tpl, spec, s)
+out = {}
+try:
+    def run(cmd, user=None):
+        r = b.execute(ref, ["/bin/sh", "-c", cmd], user=user, timeout=60)
+        return [r.exit_code, r.stdout, r.stderr]
+    lines = "".join(f"u{i}:x:{1000 + i}:{1000 + i}::/:/bin/sh\n" for i in range(8))
+    run(f"printf '{lines}' >> /etc/passwd")
+    out["maps"] = run("cat /proc/self/uid_map")[1]
+    forks = "i=0; while [ $i -lt 20 ]; do sleep 30 & i=$((i+1)); done; echo $i"
+    out["users"] = [run(forks, f"u{i}") for i in range(8)]
+finally:
+    b.destroy(ref)
+    b.remove_template(tpl)
+    b.close()
+print(json.dumps(out))
+"""
+
+
+def test_full_map_bounds_all_guest_users_together_as_nobody(
+    area: Area, nobody: Runner, nobody_subids: int
+) -> None:
+    """With a full id map, RLIMIT_NPROC (``pids_max``) still bounds the guest as a whole: eight
+    guest users forking 20 processes each get no more than 64 together (the nested user
+    namespace charges all of them to the guest's outer root), while each user alone is not
+    held to its own count."""
+    _need_userns(nobody)
+    res = nobody.run(["python", "-c", _NPROC_SCRIPT, str(area.rootfs), str(area.state)])
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["maps"].split() == ["0", "0", "1", "1", "1", "65536"], out["maps"]
+    assert out["users"][0][0] == 0 and out["users"][0][1].strip() == "20", out["users"][0]
+    held = [i for i, (_code, _out, err) in enumerate(out["users"]) if "can't fork" in err]
+    assert held and held[0] >= 3, out["users"]  # 20 each would pass a per-user limit of 64
