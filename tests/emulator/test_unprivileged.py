@@ -911,3 +911,29 @@ def test_full_map_bounds_all_guest_users_together_as_nobody(
     assert out["users"][0][0] == 0 and out["users"][0][1].strip() == "20", out["users"][0]
     held = [i for i, (_code, _out, err) in enumerate(out["users"]) if "can't fork" in err]
     assert held and held[0] >= 3, out["users"]  # 20 each would pass a per-user limit of 64
+
+
+def test_images_of_another_layout_are_refused_as_nobody(
+    area: Area, nobody: Runner, nobody_subids: int
+) -> None:
+    """An image built by root (no ``ids`` in its ``recipe.json``), or unprivileged with other
+    subordinate ranges, cannot show its owners right in nobody's guest: refused with why."""
+    trees = {}
+    for name, info in (("root", {}), ("other", {"ids": {"uids": [5, 65536], "gids": [5, 65536]}}),
+                       ("same", {"ids": {"uids": [nobody_subids, SUBID_COUNT],
+                                         "gids": [nobody_subids, SUBID_COUNT]}})):  # fmt: skip
+        (area.home / name / "rootfs").mkdir(parents=True)
+        (area.home / name / "recipe.json").write_text(json.dumps(info))
+        trees[name] = str(area.home / name / "rootfs")
+    _chown_tree(area.home)
+    check = (
+        "import json, sys; from pathlib import Path; from pytest_vmenv.images import subids; "
+        "trees = json.loads(sys.argv[1]); "
+        "print(json.dumps({n: subids.id_problem(Path(p)) for n, p in trees.items()}))"
+    )
+    res = nobody.run(["python", "-c", check, json.dumps(trees)], 60)
+    assert res.returncode == 0, res.stderr
+    found = json.loads(res.stdout)
+    assert "was built as root" in found["root"] and "VMENV_STATE_DIR" in found["root"], found
+    assert "was built with the subordinate ids" in found["other"], found
+    assert "vmenv images rm" in found["other"] and found["same"] is None, found
