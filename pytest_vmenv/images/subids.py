@@ -138,6 +138,11 @@ def id_problem(rootfs: Path) -> str | None:
             f"{what} was built unprivileged (its files belong to a user's subordinate ids): "
             "build it as root in root's own state dir (VMENV_STATE_DIR), or run unprivileged"
         )
+    if built is None and _owner(rootfs) not in (0, None):
+        return (
+            f"{what} was built unprivileged by an earlier version, in mmdebstrap's own id "
+            "layout: remove it (`vmenv images rm`) so it is rebuilt in the guests' layout"
+        )
     if built is None:
         return (
             f"{what} was built as root (its files belong to the host's root and system users, "
@@ -152,3 +157,10 @@ def id_problem(rootfs: Path) -> str | None:
             f"now: remove it (`vmenv images rm`) so it is rebuilt with the current ones"
         )
     return None
+
+
+def _owner(path: Path) -> int | None:
+    try:
+        return os.lstat(path).st_uid
+    except OSError:
+        return None
