@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import BinaryIO
 
 from ..errors import ConfigError, ProvisionError
+from . import subids
 from .progress import BuildEvent, publish
 from .recipe import Recipe
 
@@ -44,19 +45,6 @@ _MISSING = re.compile(
 )
 
 
-def _subids(path: Path, user: str, uid: int) -> bool:
-    """Whether ``path`` gives ``user`` (by name or uid) a range of at least 65536 ids."""
-    try:
-        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
-    except OSError:
-        return False
-    for line in lines:
-        parts = line.strip().split(":")
-        if len(parts) == 3 and parts[0] in (user, str(uid)) and parts[2].isdigit():
-            return int(parts[2]) >= 65536
-    return False
-
-
 def builder_problem(etc: Path = Path("/etc")) -> str | None:
     """Why images cannot be built here (and what to do), or None if they can."""
     if shutil.which("mmdebstrap") is None:
@@ -66,28 +54,7 @@ def builder_problem(etc: Path = Path("/etc")) -> str | None:
         )
     if os.geteuid() == 0:
         return None
-    if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
-        return (
-            "building a Debian image unprivileged (mmdebstrap --mode=unshare) needs newuidmap "
-            "and newgidmap: apt-get install --no-install-recommends uidmap, or run as root"
-        )
-    uid = os.geteuid()
-    try:
-        import pwd
-
-        user = pwd.getpwuid(uid).pw_name
-    except (ImportError, KeyError):
-        user = str(uid)
-    missing = [f for f in ("subuid", "subgid") if not _subids(etc / f, user, uid)]
-    if missing:
-        files = " and ".join(f"{etc}/{f}" for f in missing)
-        return (
-            f"building a Debian image unprivileged (mmdebstrap --mode=unshare) needs "
-            f"subordinate ids for user {user} (uid {uid}), and {files} give none (at least "
-            f"65536 are needed): as root, run `usermod --add-subuids 100000-165535 "
-            f"--add-subgids 100000-165535 {user}`, or run as root"
-        )
-    return None
+    return subids.problem("building a Debian image unprivileged (mmdebstrap --mode=unshare)", etc)
 
 
 def mmdebstrap_argv(recipe: Recipe, mirrors: Sequence[str], target: Path) -> list[str]:
@@ -108,6 +75,9 @@ def mmdebstrap_argv(recipe: Recipe, mirrors: Sequence[str], target: Path) -> lis
 def _confined() -> list[str]:
     """The wrapper that ties a build's life and mounts to its caller (module docstring)."""
     prefix = []
+    ids = subids.lookup() if os.geteuid() != 0 else None
+    if ids is not None:  # before setpriv: entering a user namespace clears the pdeathsig
+        prefix += ids.unshare_argv()
     if shutil.which("setpriv"):
         prefix += ["setpriv", "--pdeathsig", "KILL", "--"]
     if os.geteuid() == 0 and shutil.which("unshare"):

@@ -34,6 +34,7 @@ from typing import Any
 from ..errors import BackendError, ConfigError, ProvisionError
 from ..owners import owner_alive, owner_token
 from ..poll import poll_until
+from . import subids
 from .build import BUILD_TIMEOUT, build_tree, builder_problem
 from .progress import BuildEvent, publish
 from .recipe import Recipe
@@ -78,7 +79,7 @@ def _mounts_under(path: Path) -> list[str]:
 
 def remove_tree(path: Path) -> None:
     """Remove a tree; one built unprivileged holds files of subordinate ids, removed from a
-    user namespace that maps them (``mmdebstrap --unshare-helper``). A tree with something
+    user namespace that maps them (:meth:`.subids.SubIds.unshare_argv`). A tree with something
     mounted in it (a builder killed where its mounts were not confined) is refused: removing
     it would walk into the mounted ``/proc``, ``/sys`` or ``/dev``."""
     mounted = _mounts_under(path)
@@ -88,15 +89,23 @@ def remove_tree(path: Path) -> None:
             f"({', '.join(mounted[:3])}); unmount them first (umount -l)"
         )
     shutil.rmtree(path, ignore_errors=True)
-    if os.path.lexists(path) and os.geteuid() != 0 and shutil.which("mmdebstrap"):
+    ids = subids.lookup() if os.path.lexists(path) and os.geteuid() != 0 else None
+    if ids is not None:
         subprocess.run(
-            ["mmdebstrap", "--unshare-helper", "rm", "-rf", "--", str(path)],
+            [*ids.unshare_argv(), "rm", "-rf", "--", str(path)],
             stdin=subprocess.DEVNULL,
             capture_output=True,
             check=False,
         )
     if os.path.lexists(path):
         raise BackendError(f"could not remove all of {path}")
+
+
+def _unprivileged_ids() -> dict[str, Any]:
+    """Unprivileged, the subordinate ranges a tree is built with (its owners depend on them,
+    see :mod:`.subids`), for ``recipe.json``."""
+    ids = subids.lookup() if os.geteuid() != 0 else None
+    return {} if ids is None else {"ids": ids.to_json()}
 
 
 class ImageCache:
@@ -226,9 +235,10 @@ class ImageCache:
         try:
             build_tree(recipe, key, mirrors, build / "rootfs", build / "build.log")
             shutil.rmtree(build / "tmp", ignore_errors=True)
+            ids = _unprivileged_ids()
             seconds = time.monotonic() - started
             info = {**recipe.to_json(), "key": key, "mirrors": mirrors, "built": time.time(),
-                    "seconds": round(seconds, 1)}  # fmt: skip
+                    "seconds": round(seconds, 1), **ids}  # fmt: skip
             (build / "recipe.json").write_text(json.dumps(info, indent=1) + "\n")
             (build / "build.json").unlink()
             build.rename(final)

@@ -8,6 +8,7 @@ descends from what it started, no mount naming the area.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -168,6 +169,7 @@ class Runner:
     def __init__(self, area: Area) -> None:
         self.area = area
         self.roots: set[int] = set()
+        self.cgroup: Path | None = None  # a delegated cgroup the commands start in
 
     def env(self) -> dict[str, str]:
         return {
@@ -183,6 +185,9 @@ class Runner:
 
     def run(self, argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess[str]:
         cmd = _setpriv([self.area.python if a == "python" else a for a in argv])
+        if self.cgroup is not None:  # root moves the shell there, then it becomes nobody
+            join = 'echo $$ > "$0/cgroup.procs" && exec "$@"'
+            cmd = ["sh", "-c", join, str(self.cgroup), *cmd]
         proc = subprocess.Popen(
             cmd,
             cwd=self.area.root,
@@ -487,7 +492,8 @@ def test_vmenv_backends_as_nobody(area: Area, nobody: Runner) -> None:
     res = nobody.run(["python", "-m", "pytest_vmenv", "backends"], timeout=60)
     assert res.returncode == 0, res.stderr
     line = next(ln for ln in res.stdout.splitlines() if ln.startswith("emulator"))
-    assert "usable (unprivileged, uid 65534: rootfs directory and tarball images only" in line
+    assert "usable (unprivileged, uid 65534: rootfs directory and tarball images, " in line
+    assert "no Debian images (no subordinate ids), no init='systemd'" in line, line
     assert "image='host' and network= need root" in line, line
 
 
@@ -660,5 +666,275 @@ def test_debian_images_as_nobody_say_what_is_missing(area: Area, nobody: Runner)
     os.chown(suite, NOBODY, NOBODY)
     res = _pytest_as_nobody(area, nobody, suite, "--rootdir", str(area.home))
     line = next(ln for ln in res.stdout.splitlines() if "test_debian_nobody.py::test_deb:" in ln)
-    assert "cannot be made here: Debian images need root for now" in line, res.stdout
+    assert "cannot be made here: an unprivileged emulator machine on a Debian image" in line
+    assert "needs subordinate ids for user nobody (uid 65534)" in line, res.stdout
     assert list(_error_sections(res.stdout).values()) == [[line]], res.stdout
+
+
+# -- Debian images unprivileged: a full id map from /etc/subuid, systemd in a delegated cgroup -
+
+DEBIAN_STATE = AREA_ROOT / "debian-state"
+"""nobody's state dir for the Debian tests, kept across sessions: its image (debian-12 with
+nginx and procps, systemd) is built once, by key, like any state dir's (CI may cache it)."""
+SUBID_COUNT = 65536
+
+
+def _ranges(path: Path) -> list[tuple[int, int]]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    found = []
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[1].isdigit() and parts[2].isdigit():
+            found.append((int(parts[1]), int(parts[2])))
+    return found
+
+
+@pytest.fixture(scope="module")
+def nobody_subids() -> Iterator[int]:
+    """Subordinate ids for nobody: the one line this fixture adds to ``/etc/subuid`` and
+    ``/etc/subgid`` (``nobody:START:65536``, START above every existing range and every uid of
+    ``/etc/passwd``, so it overlaps nothing; the same START every session on an unchanged
+    host), removed exactly at the end. A host that already gives nobody a range is left alone.
+    Yields the uid range's start."""
+    files = [Path("/etc/subuid"), Path("/etc/subgid")]
+    if _has_subids("nobody"):
+        yield next(s for s, _ in _ranges(files[0]))
+        return
+    uids = [int(ln.split(":")[2]) for ln in Path("/etc/passwd").read_text().splitlines()]
+    ends = [s + c for f in files for s, c in _ranges(f)] + [u + 1 for u in uids]
+    start = max([1_000_000, *ends])
+    start += -start % SUBID_COUNT
+    line = f"nobody:{start}:{SUBID_COUNT}\n"
+    added = []
+    try:
+        for f in files:
+            text = f.read_text() if f.exists() else ""
+            f.write_text(text + ("" if text.endswith("\n") or not text else "\n") + line)
+            added.append(f)
+        yield start
+    finally:
+        for f in added:
+            lines = f.read_text().splitlines(keepends=True)
+            idx = len(lines) - 1 - lines[::-1].index(line)
+            f.write_text("".join(lines[:idx] + lines[idx + 1 :]))
+
+
+def _v2_mount() -> Path | None:
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            left, _, right = line.partition(" - ")
+            if right.split()[:1] == ["cgroup2"] and left.split()[3] == "/":
+                return Path(left.split()[4])
+    return None
+
+
+@pytest.fixture
+def delegated_cgroup() -> Iterator[Path]:
+    """A cgroup v2 group delegated to nobody as systemd's ``Delegate=yes`` does it: made by
+    root and chowned (the dir, ``cgroup.procs``, ``cgroup.subtree_control``,
+    ``cgroup.threads``). Works the same on a pure v2 host (at ``/sys/fs/cgroup``) and on a
+    hybrid one (``/sys/fs/cgroup/unified``). Removed at the end, deepest group first."""
+    mount = _v2_mount()
+    if mount is None:
+        pytest.skip("no cgroup v2 hierarchy is mounted here")
+    group = mount / f"vmenv-test-nobody-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    for path in (group, *(group / n for n in ("cgroup.procs", "cgroup.subtree_control"))):
+        os.chown(path, NOBODY, NOBODY)
+    if (group / "cgroup.threads").exists():
+        os.chown(group / "cgroup.threads", NOBODY, NOBODY)
+    yield group
+    for dirpath, _dirs, _files in sorted(os.walk(group), key=lambda w: -len(w[0])):
+        os.rmdir(dirpath)
+
+
+DEBIAN_SUITE = r"""
+import os
+import urllib.request
+
+import pytest
+
+pytestmark = pytest.mark.vm("debian-12", packages=["nginx", "procps"])
+START = {start}
+
+
+def test_bookworm(vm):
+    assert "VERSION_CODENAME=bookworm" in vm.succeed("cat /etc/os-release")
+
+
+def test_systemd_and_nginx(vm):
+    state = vm.run("systemctl is-system-running --wait", timeout=60).stdout.strip()
+    assert state in ("running", "degraded"), vm.run("systemctl --failed --no-pager").stdout
+    assert vm.succeed("systemctl is-active nginx").strip() == "active"
+    users = vm.succeed("ps -o user= -C nginx").split()
+    assert "root" in users and "www-data" in users, users
+    vm.wait_for_port(80)
+    page = urllib.request.urlopen(vm.url(80), timeout=10).read()
+    assert b"Welcome to nginx" in page
+    # every file belongs to a user or group of the guest's /etc/passwd and /etc/group
+    assert vm.succeed(r"find / -xdev \( -nouser -o -nogroup \) -print -quit") == ""
+    assert vm.succeed("stat -c %U:%G /var/log/nginx/access.log /var/lib/dpkg").split() == [
+        "www-data:adm", "root:root"]
+    # on the host, www-data (33) is the subordinate id START + 32, root is nobody itself
+    assert {START + 32, os.getuid()} <= _host_uids("nginx"), _host_uids("nginx")
+
+
+def _host_uids(name):
+    found = set()
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                status = f.read()
+        except OSError:
+            continue
+        if f"Name:\t{name}\n" in status:
+            found.add(int(status.split("Uid:")[1].split()[1]))
+    return found
+
+
+def test_useradd_user(vm):
+    vm.succeed("useradd -m alice")
+    assert vm.succeed("id -un", user="alice") == "alice\n"
+    assert vm.succeed("stat -c %U /home/alice").strip() == "alice"
+"""
+
+
+def _debian_suite(area: Area, start: int) -> Path:
+    DEBIAN_STATE.mkdir(mode=0o700, exist_ok=True)
+    os.chown(DEBIAN_STATE, NOBODY, NOBODY)
+    area.state = DEBIAN_STATE
+    suite = area.home / "test_debian_unprivileged.py"
+    suite.write_text(DEBIAN_SUITE.replace("{start}", str(start)))
+    os.chown(suite, NOBODY, NOBODY)
+    return suite
+
+
+def _nobody_leftovers(start: int) -> list[str]:
+    """Processes of the subordinate range, and files of it outside nobody's state dir."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        with contextlib.suppress(OSError):
+            uid = os.stat(f"/proc/{pid}").st_uid
+            if start <= uid < start + SUBID_COUNT:
+                found.append(f"process {pid} (uid {uid})")
+    for dirpath, dirs, files in os.walk(AREA_ROOT):
+        if Path(dirpath) == DEBIAN_STATE / "images":
+            dirs.clear()  # the image: files of the guest's users, kept for the next session
+            continue
+        for name in dirs + files:
+            uid = os.lstat(os.path.join(dirpath, name)).st_uid
+            if start <= uid < start + SUBID_COUNT:
+                found.append(os.path.join(dirpath, name))
+    return found
+
+
+def test_debian_systemd_as_nobody(
+    area: Area, nobody: Runner, nobody_subids: int, delegated_cgroup: Path
+) -> None:
+    """As nobody with subordinate ids and a delegated cgroup v2 group: debian-12 boots
+    systemd, nginx is active with its workers as www-data and serves, every file has a guest
+    owner, a ``useradd`` user runs commands; teardown leaves no process, mount, group or
+    file of the guest's users (the image itself stays in nobody's state dir)."""
+    _need_userns(nobody)
+    if shutil.which("mmdebstrap") is None or shutil.which("newuidmap") is None:
+        pytest.skip("mmdebstrap and uidmap are not installed")
+    suite = _debian_suite(area, nobody_subids)
+    nobody.cgroup = delegated_cgroup
+    res = _pytest_as_nobody(area, nobody, suite, "-v", "--rootdir", str(area.home))
+    out = res.stdout
+    assert res.returncode == 0, f"stdout:\n{out}\nstderr:\n{res.stderr}"
+    assert "3 passed" in out, out
+    assert _nobody_leftovers(nobody_subids) == []
+    assert not list((DEBIAN_STATE / "emulator" / "guests").iterdir())
+    assert [p.name for p in delegated_cgroup.iterdir() if p.is_dir()] in ([], ["pytest-vmenv"])
+    assert not [p for p in (delegated_cgroup / "pytest-vmenv").iterdir() if p.is_dir()]
+
+
+def test_debian_systemd_without_delegated_cgroup_as_nobody(
+    area: Area, nobody: Runner, nobody_subids: int
+) -> None:
+    """Without a delegated cgroup v2 group, init='systemd' is refused unprivileged with what
+    is missing (one line per test, at collection: no build, no boot)."""
+    _need_userns(nobody)
+    suite = _debian_suite(area, nobody_subids)
+    res = _pytest_as_nobody(area, nobody, suite, "-v", "--rootdir", str(area.home))
+    line = next(ln for ln in res.stdout.splitlines() if "::test_bookworm:" in ln)
+    assert "init='systemd' unprivileged needs a cgroup v2 subtree delegated to uid 65534" in line
+    assert "is not delegated to uid 65534" in line and "use init='none'" in line, line
+
+
+_NPROC_SCRIPT = r"""
+import json, sys
+from pathlib import Path
+from pytest_vmenv.backend import Session
+from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.spec import MachineSpec
+rootfs, state = sys.argv[1], Path(sys.argv[2])
+b = EmulatorBackend(state_dir=state, options={"pids_max": 64})
+spec = MachineSpec(name="n", image=rootfs, image_config={"rootfs": rootfs})
+s = Session(id="unpriv-nproc", state_dir=state)
+tpl = b.build_template(spec, "unpriv-nproc", s)
+ref = b.clone(tpl, spec, s)
+out = {}
+try:
+    def run(cmd, user=None):
+        r = b.execute(ref, ["/bin/sh", "-c", cmd], user=user, timeout=60)
+        return [r.exit_code, r.stdout, r.stderr]
+    lines = "".join(f"u{i}:x:{1000 + i}:{1000 + i}::/:/bin/sh\n" for i in range(8))
+    run(f"printf '{lines}' >> /etc/passwd")
+    out["maps"] = run("cat /proc/self/uid_map")[1]
+    forks = "i=0; while [ $i -lt 20 ]; do sleep 30 & i=$((i+1)); done; echo $i"
+    out["users"] = [run(forks, f"u{i}") for i in range(8)]
+finally:
+    b.destroy(ref)
+    b.remove_template(tpl)
+    b.close()
+print(json.dumps(out))
+"""
+
+
+def test_full_map_bounds_all_guest_users_together_as_nobody(
+    area: Area, nobody: Runner, nobody_subids: int
+) -> None:
+    """With a full id map, RLIMIT_NPROC (``pids_max``) still bounds the guest as a whole: eight
+    guest users forking 20 processes each get no more than 64 together (the nested user
+    namespace charges all of them to the guest's outer root), while each user alone is not
+    held to its own count."""
+    _need_userns(nobody)
+    res = nobody.run(["python", "-c", _NPROC_SCRIPT, str(area.rootfs), str(area.state)])
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    out = json.loads(res.stdout.strip().splitlines()[-1])
+    assert out["maps"].split() == ["0", "0", "1", "1", "1", "65536"], out["maps"]
+    assert out["users"][0][0] == 0 and out["users"][0][1].strip() == "20", out["users"][0]
+    held = [i for i, (_code, _out, err) in enumerate(out["users"]) if "can't fork" in err]
+    assert held and held[0] >= 3, out["users"]  # 20 each would pass a per-user limit of 64
+
+
+def test_images_of_another_layout_are_refused_as_nobody(
+    area: Area, nobody: Runner, nobody_subids: int
+) -> None:
+    """An image built by root (no ``ids`` in its ``recipe.json``), or unprivileged with other
+    subordinate ranges, cannot show its owners right in nobody's guest: refused with why."""
+    trees = {}
+    for name, info in (("root", {}), ("other", {"ids": {"uids": [5, 65536], "gids": [5, 65536]}}),
+                       ("same", {"ids": {"uids": [nobody_subids, SUBID_COUNT],
+                                         "gids": [nobody_subids, SUBID_COUNT]}})):  # fmt: skip
+        (area.home / name / "rootfs").mkdir(parents=True)
+        (area.home / name / "recipe.json").write_text(json.dumps(info))
+        trees[name] = str(area.home / name / "rootfs")
+    _chown_tree(area.home)
+    os.chown(area.home / "root" / "rootfs", 0, 0)  # as root's build leaves it
+    check = (
+        "import json, sys; from pathlib import Path; from pytest_vmenv.images import subids; "
+        "trees = json.loads(sys.argv[1]); "
+        "print(json.dumps({n: subids.id_problem(Path(p)) for n, p in trees.items()}))"
+    )
+    res = nobody.run(["python", "-c", check, json.dumps(trees)], 60)
+    assert res.returncode == 0, res.stderr
+    found = json.loads(res.stdout)
+    assert "was built as root" in found["root"] and "VMENV_STATE_DIR" in found["root"], found
+    assert "was built with the subordinate ids" in found["other"], found
+    assert "vmenv images rm" in found["other"] and found["same"] is None, found

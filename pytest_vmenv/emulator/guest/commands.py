@@ -138,5 +138,7 @@ def _become(ids: tuple[int, int, str, list[int]]) -> None:
         raise OSError(
             exc.errno,
             f"uid {ids[0]}/gid {ids[1]} does not exist in this guest: an unprivileged "
-            "emulator guest maps only root (uid 0); run pytest as root for other users",
+            "emulator guest maps only root (uid 0) when the user has no subordinate ids; add "
+            "them (/etc/subuid, /etc/subgid: usermod --add-subuids/--add-subgids) for a full "
+            "map, or run pytest as root",
         ) from exc

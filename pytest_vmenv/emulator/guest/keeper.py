@@ -75,7 +75,7 @@ def _make_guest(cfg: Mapping[str, Any], cgroups: list[str], ctl_fd: int, zygote:
     cfg = {**cfg, "oom": oom.probe()}  # before any user namespace (see .oom)
     ids = cfg.get("userns")
     if ids is not None:  # unprivileged: a user namespace owns the others (see .userns)
-        userns.enter(int(ids[0]), int(ids[1]), cfg.get("nproc"))
+        userns.enter(int(ids[0]), int(ids[1]), cfg.get("nproc"), cfg.get("subids"))
         _orphan_guard(zygote)  # kept, but a new cred: re-arm
     relay = console.Relay(cfg["gdir"]) if cfg.get("console_relay") else None
     syscalls.unshare(GUEST_NAMESPACES)

@@ -303,8 +303,9 @@ def live_snapshot(guest: Guest, name: str, emu_dir: Path, tags: dict[str, Any]) 
 def _copy_tree(src: Path, dst: Path) -> None:
     """Copy an upper dir: ``cp -a`` never follows symlinks and keeps whiteouts (0/0 char
     devices) and xattrs (trusted.overlay.* as root, user.overlay.* in the user-namespace
-    mode)."""
-    subprocess.run(["cp", "-a", "--", str(src), str(dst)], check=True, capture_output=True)
+    mode; with a full id map, in a namespace of that map so owners stay, see :mod:`.userns`)."""
+    argv = [*userns.mapped_argv(), "cp", "-a", "--", str(src), str(dst)]
+    subprocess.run(argv, check=True, capture_output=True)
 
 
 def _freeze(guest: Guest, frozen: bool) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from ...backend import process_start
+from ...images import subids
 from ...poll import poll_until
 from .. import wire
 from ..guest import console
@@ -101,6 +102,10 @@ def spawn_config(
     }
     if userns.rootless():
         cfg["userns"] = [os.getuid(), os.getgid()]
+        ids = subids.lookup()
+        if ids is not None:  # a full map (see .userns)
+            cfg["subids"] = {"newuidmap": ids.newuidmap, "newgidmap": ids.newgidmap,
+                             "uid": ids.uid_map(), "gid": ids.gid_map()}  # fmt: skip
         if nproc is not None:
             cfg["nproc"] = nproc
     if guest.init == "systemd":

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 
 from ... import errors
 from ...backend import Capabilities
-from ...images import ImageCache, builder_problem, recipe_of
+from ...images import ImageCache, builder_problem, recipe_of, subids
 from ..guest import seccomp
 from . import disk, userns
 from .images import is_host
@@ -39,13 +39,11 @@ __all__ = [
     "warn_unfiltered",
 ]
 
-DEBIAN_REASON = (
-    "Debian images need root for now (an unprivileged guest maps only uid 0, and a Debian "
-    "tree holds files of root and of system users); run as root"
-)
+SUBIDS_PURPOSE = "an unprivileged emulator machine on a Debian image (a full uid/gid map)"
 SYSTEMD_REASON = (
-    "init='systemd' needs root (systemd needs a cgroup subtree of its own); use init='none', "
-    "or run as root"
+    "init='systemd' unprivileged needs a cgroup v2 subtree delegated to uid {uid} (pytest's "
+    "own v2 group, owned by it and writable, as systemd's user@.service or `systemd-run "
+    "--user --scope -p Delegate=yes pytest` gives; {why}); use init='none', or run as root"
 )
 _WARNED: set[str] = set()
 
@@ -79,17 +77,33 @@ def check() -> None:
         userns.check()  # can this user make a user namespace with an overlay in it?
 
 
-def _unprivileged_reasons(spec: MachineSpec, init: str) -> list[str]:
+def _unprivileged_reasons(state: State, spec: MachineSpec, init: str) -> list[str]:
     reasons = []
     if is_host(spec.image, spec.image_config):
         reasons.append(userns.HOST_REASON)
     if spec.network is not None:
         reasons.append(userns.NETWORK_REASON)
     if recipe_of(spec) is not None:
-        reasons.append(DEBIAN_REASON)
-    elif init == "systemd":
-        reasons.append(SYSTEMD_REASON)
+        problem = subids.problem(SUBIDS_PURPOSE)
+        reasons += [problem] if problem is not None else _image_reasons(state, spec)
+    if init == "systemd" and state.cgroups.v2_parent is None:
+        skipped = [s for s in state.cgroups.skipped if s.startswith("cgroup v2")]
+        why = skipped[0] if skipped else "this process is in no cgroup v2 hierarchy"
+        reasons.append(SYSTEMD_REASON.format(uid=os.geteuid(), why=why))
     return reasons
+
+
+def _image_reasons(state: State, spec: MachineSpec) -> list[str]:
+    """A Debian image's: not built and no builder, or built for another kind of guest."""
+    recipe = recipe_of(spec)
+    if recipe is None:
+        return []
+    try:
+        built = ImageCache(state.state_dir).lookup(recipe)
+    except errors.ConfigError as exc:
+        return [str(exc)]
+    problem = builder_problem() if built is None else subids.id_problem(built)
+    return [] if problem is None else [problem]
 
 
 def _root_reasons(state: State, spec: MachineSpec, init: str) -> list[str]:
@@ -99,16 +113,7 @@ def _root_reasons(state: State, spec: MachineSpec, init: str) -> list[str]:
             reasons.append(f"disk={spec.disk} is too small: the emulator's smallest disk is 1M")
         elif (problem := disk.unavailable()) is not None:
             reasons.append(problem)
-    recipe = recipe_of(spec)
-    if recipe is not None:
-        try:
-            built = ImageCache(state.state_dir).lookup(recipe)
-        except errors.ConfigError as exc:
-            reasons.append(str(exc))
-        else:
-            problem = builder_problem() if built is None else None
-            if problem is not None:
-                reasons.append(problem)
+    reasons += _image_reasons(state, spec)
     cgroups = state.cgroups
     if init == "systemd" and (not cgroups.usable() or cgroups.v2_parent is None):
         reasons.append(
@@ -125,13 +130,14 @@ def unavailable_for(state: State, spec: MachineSpec) -> str | None:
     Root makes every spec but these: ``disk=`` needs loop devices and mkfs.ext4, from
     :data:`.disk.MIN_SIZE` up; a Debian image that is not built yet needs its builder
     (see :func:`pytest_vmenv.images.builder_problem`) and the host's apt to serve its
-    suite; systemd needs a cgroup v2 hierarchy. Unprivileged, ``image="host"``,
-    ``network=``, built Debian images and ``init="systemd"`` are refused. Each refusal
-    has its own reason (all that apply are given).
+    suite; systemd needs a cgroup v2 hierarchy. Unprivileged, ``image="host"`` and
+    ``network=`` are refused, Debian images without subordinate ids (or built by root), and
+    ``init="systemd"`` without a delegated cgroup v2 group. Each refusal has its own reason
+    (all that apply are given).
     """
     init = spec.init or ("systemd" if recipe_of(spec) else "none")
     if userns.rootless():
-        reasons = _unprivileged_reasons(spec, init)
+        reasons = _unprivileged_reasons(state, spec, init)
     else:
         reasons = _root_reasons(state, spec, init)
     return "; and ".join(reasons) or None
@@ -167,10 +173,13 @@ def restrictions(state: State) -> str | None:
     cgroups = state.cgroups
     delegated = cgroups.offers("memory") and cgroups.offers("cpu")
     limits = "" if delegated else "; memory and cpus limits are not applied"
+    full = subids.problem(SUBIDS_PURPOSE) is None
+    debian = "Debian images (full uid map)" if full else "no Debian images (no subordinate ids)"
+    systemd = "init='systemd'" if cgroups.v2_parent is not None else "no init='systemd'"
     return (
-        f"unprivileged, uid {os.geteuid()}: rootfs directory and tarball images only; "
-        "image='host' and network= need root, as do Debian images and init='systemd'"
-        f"{limits}"
+        f"unprivileged, uid {os.geteuid()}: rootfs directory and tarball images, {debian}, "
+        f"{systemd} (it needs a delegated cgroup v2 group); image='host' and network= need "
+        f"root{limits}"
     )
 
 

@@ -1,9 +1,23 @@
 """The unprivileged mode: guests in a user namespace when pytest does not run as root.
 
-When ``os.geteuid() != 0`` (:func:`rootless`), the keeper first unshares ``CLONE_NEWUSER``
-and maps the caller's uid and gid to 0 with single-line ``uid_map``/``gid_map`` files
-(``setgroups`` denied; no ``newuidmap`` helper needed), then the other namespaces as in root
-mode, all owned by that user namespace. What changes in the guest:
+When ``os.geteuid() != 0`` (:func:`rootless`), the keeper first unshares ``CLONE_NEWUSER``,
+then the other namespaces as in root mode, all owned by that user namespace. Its map:
+
+* with subordinate ids (``/etc/subuid`` and ``/etc/subgid`` give the user 65536 or more, and
+  ``newuidmap``/``newgidmap`` exist; :mod:`pytest_vmenv.images.subids`), a full one in rootless
+  podman's layout: 0 is the user, 1..count the subordinate range, written by ``newuidmap``
+  from a child of the keeper. Every guest user exists (``www-data``, a ``useradd`` user;
+  ``setgroups`` allowed), and a guest user other than root is a subordinate id on the host,
+  which owns nothing there but files in the guest's own dirs. Debian images are built in the
+  same layout (``mmdebstrap`` runs as root of such a namespace), so their owners are right in
+  the guest. Host-side commands on guest trees (snapshot copies, removal) run in a namespace
+  of that map (:func:`mapped_argv`). ``RLIMIT_NPROC`` then bounds the guest as a whole
+  through a second, nested namespace (see :func:`..guest.userns.enter`);
+* without, only the caller's uid and gid, as 0, with single-line ``uid_map``/``gid_map``
+  files (``setgroups`` denied; no helper needed): only root exists in the guest, and Debian
+  images are refused (their trees hold files of system users).
+
+What changes in the guest:
 
 * overlayfs is mounted with ``userxattr``: whiteouts and opaque dirs use ``user.overlay.*``
   xattrs (``cp -a`` keeps them when a snapshot is copied; whiteouts are 0/0 character
@@ -13,7 +27,8 @@ mode, all owned by that user namespace. What changes in the guest:
 * ``/sys`` is a fresh read-only sysfs of the guest's network namespace; if the kernel refuses
   it, ``/sys`` is left an empty read-only tmpfs (never the host's ``/sys``), noted in
   ``boot.log``;
-* only root (uid 0) exists: ``user=`` another account fails with a clear message;
+* with the single map, only root (uid 0) exists: ``user=`` another account fails with a
+  clear message;
 * cgroups only where the user has delegated ones (groups it owns, see :mod:`.cgroups`):
   there ``memory``/``cpus``/``pids`` are applied as for root; elsewhere ``memory``/``cpus``
   are not (warned once, :class:`.support.LimitNotApplied`), destroy kills through PID 1 (the kernel
@@ -27,9 +42,12 @@ mode, all owned by that user namespace. What changes in the guest:
   it caps every process's address space on its own, not the guest's memory (ten processes
   get ten times it), and programs that reserve large address ranges (JVMs, Go runtimes,
   sanitizers) fail under it while using little;
+* ``init="systemd"`` needs a cgroup v2 group delegated to the user (pytest's own, see
+  :mod:`.cgroups`): systemd manages the guest's leaf as its ``/sys/fs/cgroup``;
 * refused with :class:`~pytest_vmenv.errors.BackendUnavailable`: ``image="host"`` (its mask
-  layer needs ``trusted.*`` xattrs and a view of the whole host) and ``network=`` (the LAN
-  helper needs root in the host's network namespace).
+  layer needs ``trusted.*`` xattrs and a view of the whole host), ``network=`` (the LAN
+  helper needs root in the host's network namespace), Debian images without subordinate ids
+  or built by root, and ``init="systemd"`` without a delegated cgroup v2 group.
 """
 
 from __future__ import annotations
@@ -41,11 +59,13 @@ import sys
 from pathlib import Path
 
 from ... import errors
+from ...images import subids
 
 __all__ = [
     "HOST_REASON",
     "NETWORK_REASON",
     "limit_problems",
+    "mapped_argv",
     "probe",
     "rmtree",
     "rootless",
@@ -281,6 +301,25 @@ def rmtree(path: Path) -> None:
         return
     _open_up(str(path))
     shutil.rmtree(path, ignore_errors=True)
+    mapped = mapped_argv() if os.path.lexists(path) else []
+    if mapped:  # files of the guest's other users: removed where their ids are mapped
+        subprocess.run(
+            [*mapped, "rm", "-rf", "--", str(path)],
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            cwd="/",
+            check=False,
+        )
+
+
+def mapped_argv() -> list[str]:
+    """Unprivileged with subordinate ids: the prefix that runs a host-side command in a user
+    namespace with the guests' full id map (their files keep their owners, and those of the
+    guest's other users can be copied and removed); else nothing."""
+    if not rootless():
+        return []
+    ids = subids.lookup()
+    return [] if ids is None else ids.unshare_argv()
 
 
 def _open_up(path: str) -> None:
