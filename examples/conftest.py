@@ -5,8 +5,7 @@ makes them as root; unprivileged it makes what it can in a user namespace and re
 rest with its reason (e.g. `network=` needs root). As non-root, ``--vm-unavailable``
 therefore defaults to ``skip`` here: each refused test is skipped with the plugin's reason
 (listed by ``-rs`` in pytest.ini). An explicit ``--vm-unavailable``, ``VMENV_UNAVAILABLE``
-or ``vmenv_unavailable`` still wins (``.ci/examples-unprivileged`` passes ``fail``, so that
-nothing is skipped there); as root nothing changes.
+or ``vmenv_unavailable`` still wins; as root nothing changes.
 """
 
 import os
