@@ -1,0 +1,125 @@
+"""Built Debian images on the libvirt backend, against the real libvirtd and QEMU (TCG here).
+
+One template of ``debian-12 + nginx`` (Debian's cloud kernel, systemd, qemu-guest-agent) is
+built once per state dir and key; its clones prove the image: bookworm, systemd running,
+the package's service active after boot, ``user=``, RAM-state clones, hostnames, and that
+another package list is another image key.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from dataclasses import replace
+
+import pytest
+from vmenv_libvirt import LibvirtBackend
+from vmenv_libvirt.debian import GUEST_PACKAGES, ensure_debian, guest_recipe
+
+from pytest_vmenv.backend import Session, Snapshot
+from pytest_vmenv.images import ImageCache, Recipe, builder_problem
+from pytest_vmenv.machine import Machine
+from pytest_vmenv.paths import state_dir
+from pytest_vmenv.spec import MachineSpec
+
+SPEC = MachineSpec(
+    image="debian-12",
+    backend="libvirt",
+    memory=512 * 1024**2,
+    timeout=900,
+    packages=("nginx",),
+    image_config={"base": "debian-12", "packages": []},
+)
+
+pytestmark = pytest.mark.skipif(builder_problem() is not None, reason=str(builder_problem()))
+
+
+@pytest.fixture(scope="module")
+def session() -> Session:
+    return Session(id="lvd-" + secrets.token_hex(4), state_dir=state_dir(), worker_id="lvd")
+
+
+@pytest.fixture(scope="module")
+def template(libvirt_backend: LibvirtBackend, session: Session) -> Iterator[Snapshot]:
+    snap = libvirt_backend.build_template(SPEC, "lvd-" + session.id, session)
+    yield snap
+    libvirt_backend.remove_template(snap)
+
+
+@pytest.fixture(scope="module")
+def web(libvirt_backend: LibvirtBackend, template: Snapshot, session: Session) -> Iterator[Machine]:
+    spec = replace(SPEC, name="web")
+    ref = libvirt_backend.clone(template, spec, session)
+    try:
+        yield Machine(libvirt_backend, ref, spec)
+    finally:
+        libvirt_backend.destroy(ref)
+
+
+def test_the_template_has_a_ram_state_and_the_clone_starts_from_it(
+    template: Snapshot, web: Machine, libvirt_backend: LibvirtBackend
+) -> None:
+    record = libvirt_backend.parts.records.require(template)
+    assert record["ram"] and record["boot"]["systemd"]
+    assert web.ref.data["fast"] is True
+
+
+def test_os_release_says_bookworm(web: Machine) -> None:
+    assert "VERSION_CODENAME=bookworm" in web.succeed("cat /etc/os-release")
+
+
+def test_systemd_is_running(web: Machine) -> None:
+    state = web.run("systemctl is-system-running --wait").stdout.strip()
+    assert state in ("running", "degraded"), web.run("systemctl --failed").stdout
+    assert web.succeed("readlink /proc/1/exe").strip().endswith("systemd")
+
+
+def test_the_packages_service_is_active(web: Machine) -> None:
+    assert web.succeed("systemctl is-active nginx").strip() == "active"
+    assert "nginx" in web.succeed("wget -qO- http://127.0.0.1/ 2>&1 || cat /var/www/html/*")
+
+
+def test_the_hostname_is_the_machines_name(web: Machine) -> None:
+    assert web.succeed("hostname").strip() == "web"
+
+
+def test_a_useradd_user_runs_a_command(web: Machine) -> None:
+    web.succeed("useradd --create-home alice")
+    assert web.succeed("id -un", user="alice").strip() == "alice"
+    assert web.succeed("echo $HOME", user="alice").strip() == "/home/alice"
+
+
+def test_a_cold_clone_boots_with_its_own_name(
+    libvirt_backend: LibvirtBackend, template: Snapshot, session: Session
+) -> None:
+    spec = replace(SPEC, name="cold", memory=SPEC.memory + 64 * 1024**2)  # no RAM state fits
+    ref = libvirt_backend.clone(template, spec, session)
+    try:
+        machine = Machine(libvirt_backend, ref, spec)
+        assert ref.data["fast"] is False
+        assert machine.succeed("hostname").strip() == "cold"
+        assert machine.succeed("systemctl is-active nginx").strip() == "active"
+        state = machine.succeed("systemctl is-system-running || true").strip()
+        assert state in ("running", "degraded")
+    finally:
+        libvirt_backend.destroy(ref)
+
+
+def test_another_package_list_is_another_key() -> None:
+    cache = ImageCache(state_dir())
+    base = Recipe("debian-12", ("nginx",))
+    keys = {
+        cache.key(guest_recipe(base)),
+        cache.key(guest_recipe(Recipe("debian-12", ("nginx", "curl")))),
+        cache.key(base),  # the emulator's tree of the same declaration
+    }
+    assert len(keys) == 3
+    assert set(GUEST_PACKAGES) <= set(guest_recipe(base).packages)
+
+
+def test_an_unchanged_recipe_reuses_the_built_image(template: Snapshot) -> None:
+    root = state_dir()
+    image = ensure_debian(root, root / "libvirt" / "images", Recipe("debian-12", ("nginx",)))
+    assert image.disk.is_file() and image.kernel.is_file() and image.initrd.is_file()
+    again = ensure_debian(root, root / "libvirt" / "images", Recipe("debian-12", ("nginx",)))
+    assert again == image and (image.dir / "meta.json").stat().st_mtime > 0
