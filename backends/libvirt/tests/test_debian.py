@@ -8,7 +8,6 @@ another package list is another image key.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -22,33 +21,24 @@ from pytest_vmenv.machine import Machine
 from pytest_vmenv.paths import state_dir
 from pytest_vmenv.spec import MachineSpec
 
-SPEC = MachineSpec(
-    image="debian-12",
-    backend="libvirt",
-    memory=512 * 1024**2,
-    timeout=900,
-    packages=("nginx",),
-    image_config={"base": "debian-12", "packages": []},
-)
-
 pytestmark = pytest.mark.skipif(builder_problem() is not None, reason=str(builder_problem()))
 
 
 @pytest.fixture(scope="module")
-def session() -> Session:
-    return Session(id="lvd-" + secrets.token_hex(4), state_dir=state_dir(), worker_id="lvd")
+def session(debian_session: Session) -> Session:
+    return debian_session
 
 
 @pytest.fixture(scope="module")
-def template(libvirt_backend: LibvirtBackend, session: Session) -> Iterator[Snapshot]:
-    snap = libvirt_backend.build_template(SPEC, "lvd-" + session.id, session)
-    yield snap
-    libvirt_backend.remove_template(snap)
+def template(debian_template: Snapshot) -> Snapshot:
+    return debian_template
 
 
 @pytest.fixture(scope="module")
-def web(libvirt_backend: LibvirtBackend, template: Snapshot, session: Session) -> Iterator[Machine]:
-    spec = replace(SPEC, name="web")
+def web(
+    libvirt_backend: LibvirtBackend, template: Snapshot, session: Session, debian_spec: MachineSpec
+) -> Iterator[Machine]:
+    spec = replace(debian_spec, name="web")
     ref = libvirt_backend.clone(template, spec, session)
     try:
         yield Machine(libvirt_backend, ref, spec)
@@ -76,7 +66,9 @@ def test_systemd_is_running(web: Machine) -> None:
 
 def test_the_packages_service_is_active(web: Machine) -> None:
     assert web.succeed("systemctl is-active nginx").strip() == "active"
-    assert "nginx" in web.succeed("wget -qO- http://127.0.0.1/ 2>&1 || cat /var/www/html/*")
+    get = "exec 3<>/dev/tcp/127.0.0.1/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
+    page = web.succeed(["bash", "-c", get], timeout=60)
+    assert "200 OK" in page and "Welcome to nginx" in page
 
 
 def test_the_hostname_is_the_machines_name(web: Machine) -> None:
@@ -90,9 +82,11 @@ def test_a_useradd_user_runs_a_command(web: Machine) -> None:
 
 
 def test_a_cold_clone_boots_with_its_own_name(
-    libvirt_backend: LibvirtBackend, template: Snapshot, session: Session
+    libvirt_backend: LibvirtBackend, template: Snapshot, session: Session, debian_spec: MachineSpec
 ) -> None:
-    spec = replace(SPEC, name="cold", memory=SPEC.memory + 64 * 1024**2)  # no RAM state fits
+    spec = replace(
+        debian_spec, name="cold", memory=debian_spec.memory + 64 * 1024**2
+    )  # no RAM state fits
     ref = libvirt_backend.clone(template, spec, session)
     try:
         machine = Machine(libvirt_backend, ref, spec)
