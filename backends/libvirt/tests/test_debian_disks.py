@@ -71,9 +71,11 @@ def seeded(
 
 
 def test_cloud_init_ran_from_the_seed(seeded: Machine, ssh_key: Path) -> None:
-    status = seeded.run("cloud-init status --wait --long", timeout=600)
-    assert "status: done" in status.stdout, status.stdout + status.stderr
-    assert "DataSourceNoCloud" in status.stdout + seeded.succeed("cat /run/cloud-init/status.json")
+    # cloud-init ran at the template's first boot (the seed attached, waited for); later boots
+    # have no seed, so its generator leaves it off: the results are on the disk
+    result = json.loads(seeded.succeed("cat /var/lib/cloud/data/result.json"))["v1"]
+    assert result["datasource"].startswith("DataSourceNoCloud"), result
+    assert result["errors"] == [], result
     assert seeded.succeed("cat /etc/hostname").strip() == "ci-seeded"  # cloud-init wrote it
     assert seeded.succeed("id -un seeded").strip() == "seeded"
     keys = seeded.succeed("cat /home/seeded/.ssh/authorized_keys")

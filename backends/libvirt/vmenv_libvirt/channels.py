@@ -165,6 +165,20 @@ class Channels:
                 self.paths.console_tail(dom),
             )
 
+    def wait_cloud_init(self, dom: str, name: str, timeout: float) -> None:
+        """Wait until cloud-init (if the image has it) is done with the seed, so the template
+        is synced and stopped with its results (user, key, hostname) and clones, which keep
+        the template's instance id, never run it half-way. cloud-init's own verdict is left
+        to the test (``cloud-init status``)."""
+        script = "command -v cloud-init >/dev/null 2>&1 || exit 0; cloud-init status --wait"
+        try:
+            self.agent(dom).execute(["/bin/sh", "-c", script], timeout=timeout)
+        except CommandTimedOut:
+            raise errors.BootTimeout(
+                f"{NAME}: machine {name!r} ({dom}): cloud-init was not done within {timeout:g}s",
+                self.paths.console_tail(dom),
+            ) from None
+
     def await_(
         self, dom: str, name: str, timeout: float, mode: str, ssh: Mapping[str, Any]
     ) -> tuple[Mapping[str, Any] | None, str | None]:

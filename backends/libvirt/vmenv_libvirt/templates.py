@@ -152,6 +152,8 @@ class Templates:
             used, ip = self.channels.await_(dom, spec.name, spec.timeout, build.mode, build.ssh)
             if build.boot.get("systemd") and not used:
                 self.channels.wait_systemd(dom, spec.name, spec.timeout)
+            if build.image.seed and not used:  # its results belong in the template's disk
+                self.channels.wait_cloud_init(dom, spec.name, spec.timeout)
             runner = self.channels.runner(dom, None, used, ip, spec.name)
             self._provision(runner, spec, started)
             runner.execute(["/bin/sh", "-c", _SYNC], timeout=60)
