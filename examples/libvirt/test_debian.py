@@ -12,7 +12,9 @@ import pytest
 def test_the_client_fetches_the_page_from_the_server(vms):
     server, client = vms["server"], vms["client"]
     assert server.ip and client.ip and server.ip != client.ip
+    assert client.succeed("hostname").strip() == "client"
     assert server.succeed("systemctl is-active nginx").strip() == "active"
+    server.write_text("/var/www/html/index.html", "hello from nginx\n")
     page = client.wait_until_succeeds("curl -fsS http://server/", timeout=60)
     assert page == "hello from nginx\n"
 
@@ -23,7 +25,7 @@ def test_a_service_managed_with_systemctl(vm):
     vm.succeed("systemctl stop nginx")
     vm.fail("curl -fsS http://127.0.0.1/")
     vm.succeed("systemctl start nginx")
-    assert "hello from nginx" in vm.succeed("curl -fsS http://127.0.0.1/")
+    assert "Welcome to nginx" in vm.succeed("curl -fsS http://127.0.0.1/")
     assert vm.succeed("hostname").strip() == vm.name
 
 
