@@ -14,8 +14,8 @@ def test_the_client_fetches_the_page_from_the_server(vms):
     assert server.ip and client.ip and server.ip != client.ip
     assert client.succeed("hostname").strip() == "client"
     assert server.succeed("systemctl is-active nginx").strip() == "active"
-    server.write_text("/var/www/html/index.html", "hello from nginx\n")
-    page = client.wait_until_succeeds("curl -fsS http://server/", timeout=60)
+    server.succeed("echo 'hello from nginx' > /var/www/html/index.html")  # world-readable
+    page = client.wait_until_succeeds("curl -fsS http://server/", timeout=120)
     assert page == "hello from nginx\n"
 
 
