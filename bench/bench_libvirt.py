@@ -1,6 +1,6 @@
 """Benchmark of the libvirt backend: the ratios of its Speed section, printed in one run.
 
-    python bench/bench_libvirt.py [--rounds N]
+    python bench/bench_libvirt.py [--rounds N] [--debian N | --only-debian N]
 
 Needs a running libvirtd (``.ci/libvirt.sh start``) and pytest-vmenv-libvirt installed.
 Every number is a median over rounds, measured against a baseline in the same run:
@@ -10,6 +10,9 @@ Every number is a median over rounds, measured against a baseline in the same ru
 3. the plugin's clone+ready+destroy / the same steps in raw libvirt  (target <= 1.2)
 4. teardown of one machine, seconds                                  (target <= 0.5)
 5. 8 clones in parallel: errors                                      (target 0)
+6. with ``--debian N`` (or only that, ``--only-debian N``): on ``debian-12`` (systemd, the
+   cloud kernel), cold boot to ready (``is-system-running``) / RAM-state clone to ready,
+   interleaved over N rounds, with each side's range                 (target >= 3)
 """
 
 from __future__ import annotations
@@ -38,6 +41,41 @@ from pytest_vmenv.paths import state_dir
 from pytest_vmenv.spec import MachineSpec
 
 SPEC = MachineSpec(image="tiny", backend="libvirt", memory=256 * 1024**2, timeout=120)
+DEBIAN = MachineSpec(
+    image="debian-12",
+    backend="libvirt",
+    memory=512 * 1024**2,
+    timeout=900,
+    image_config={"base": "debian-12", "packages": []},
+)
+
+
+def bench_debian(backend: LibvirtBackend, session: Session, rounds: int) -> tuple[str, float, bool]:
+    """RAM-state clone vs cold boot of one debian-12 template, to ready; a result row."""
+    cold_backend = LibvirtBackend({"ram_state": False})
+    start = time.perf_counter()
+    template = backend.build_template(DEBIAN, "bench-deb-" + session.id, session)
+    print(f"template (debian-12, incl. image and RAM state): {time.perf_counter() - start:.1f} s")
+    ready: dict[str, list[float]] = {"fast": [], "cold": []}
+    try:
+        for _ in range(rounds):
+            for kind, b in (("fast", backend), ("cold", cold_backend)):
+                t0 = time.perf_counter()
+                ref = b.clone(template, DEBIAN, session)
+                ready[kind].append(time.perf_counter() - t0)
+                state = b.execute(ref, ["systemctl", "is-system-running"]).stdout.strip()
+                b.destroy(ref)
+                assert ref.data["fast"] is (kind == "fast") and state in ("running", "degraded")
+    finally:
+        backend.remove_template(template)
+        cold_backend.close()
+    fast, cold = statistics.median(ready["fast"]), statistics.median(ready["cold"])
+    for kind, values in ready.items():
+        print(f"debian-12 {kind:4s} to ready: median {statistics.median(values):.2f} s, "
+              f"range {min(values):.2f}-{max(values):.2f} s over {rounds}")  # fmt: skip
+    ratios = sorted(c / f for c, f in zip(ready["cold"], ready["fast"], strict=True))
+    print(f"debian-12 cold/fast per round: {ratios[0]:.1f}-{ratios[-1]:.1f}")
+    return "debian-12 cold boot / RAM-state clone", cold / fast, cold / fast >= 3
 
 
 def median(fn: Callable[[], float], rounds: int) -> float:
@@ -143,9 +181,24 @@ def raw_clone_cycle(backend: LibvirtBackend, record: dict[str, object]) -> float
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    rounds = parser.parse_args().rounds
+    parser.add_argument(
+        "--debian",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also debian-12: RAM-state clone vs cold boot, N rounds",
+    )
+    parser.add_argument("--only-debian", type=int, default=0, metavar="N",
+                        help="only the debian-12 comparison, N rounds")  # fmt: skip
+    args = parser.parse_args()
+    rounds = args.rounds
     backend = LibvirtBackend({})
     backend.check()
+    if args.only_debian:
+        session = Session(id="bench-" + uuid.uuid4().hex[:6], state_dir=state_dir())
+        label, value, ok = bench_debian(backend, session, args.only_debian)
+        print(f"\n{label:40s} {value:8.2f}   target >= 3    {'ok' if ok else 'MISSED'}")
+        return 0 if ok else 1
     cold_backend = LibvirtBackend({"ram_state": False})
     session = Session(id="bench-" + uuid.uuid4().hex[:6], state_dir=state_dir())
     print(f"libvirt bench: {backend.uris[0]}, rounds={rounds}")
@@ -211,6 +264,9 @@ def main() -> int:
         ("teardown of one machine (s)", td, "<= 0.5", td <= 0.5),
         ("8 parallel clones: errors", float(len(failures)), "== 0", not failures),
     ]
+    if args.debian:
+        label, value, ok = bench_debian(backend, session, args.debian)
+        rows.append((label, value, ">= 3", ok))
     print()
     for label, value, target, ok in rows:
         print(f"{label:40s} {value:8.2f}   target {target:7s} {'ok' if ok else 'MISSED'}")

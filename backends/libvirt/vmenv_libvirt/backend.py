@@ -29,6 +29,7 @@ from pytest_vmenv.backend import (
     Session,
     Snapshot,
 )
+from pytest_vmenv.images import BASES
 
 from .config import LibvirtConfig
 from .connection import NAME
@@ -54,7 +55,7 @@ class LibvirtBackend:
     """
 
     name = NAME
-    builtin_images: tuple[str, ...] = ("tiny",)
+    builtin_images: tuple[str, ...] = ("tiny", *BASES)
 
     def __init__(
         self, options: Mapping[str, Any] | None = None, state_dir: Path | None = None

@@ -145,6 +145,40 @@ class Channels:
         poll_until(ping, timeout=timeout, what=f"the agent of {dom}", interval=0.03,
                    max_interval=0.1)  # fmt: skip
 
+    def wait_systemd(self, dom: str, name: str, timeout: float, uri: str | None = None) -> None:
+        """Wait until ``systemctl is-system-running --wait`` says ``running`` or ``degraded``
+        (boot finished; a failed unit is the test's to see, not a boot failure)."""
+        script = "systemctl is-system-running --wait 2>&1"
+        try:
+            result = self.agent(dom, uri).execute(["/bin/sh", "-c", script], timeout=timeout)
+        except CommandTimedOut:
+            raise errors.BootTimeout(
+                f"{NAME}: machine {name!r} ({dom}): systemd did not finish booting within "
+                f"{timeout:g}s",
+                self.paths.console_tail(dom),
+            ) from None
+        state = result.stdout.strip()
+        if state not in ("running", "degraded"):
+            raise errors.BootTimeout(
+                f"{NAME}: machine {name!r} ({dom}): systemd says {state!r} after booting "
+                "(expected running or degraded)",
+                self.paths.console_tail(dom),
+            )
+
+    def wait_cloud_init(self, dom: str, name: str, timeout: float) -> None:
+        """Wait until cloud-init (if the image has it) is done with the seed, so the template
+        is synced and stopped with its results (user, key, hostname) and clones, which keep
+        the template's instance id, never run it half-way. cloud-init's own verdict is left
+        to the test (``cloud-init status``)."""
+        script = "command -v cloud-init >/dev/null 2>&1 || exit 0; cloud-init status --wait"
+        try:
+            self.agent(dom).execute(["/bin/sh", "-c", script], timeout=timeout)
+        except CommandTimedOut:
+            raise errors.BootTimeout(
+                f"{NAME}: machine {name!r} ({dom}): cloud-init was not done within {timeout:g}s",
+                self.paths.console_tail(dom),
+            ) from None
+
     def await_(
         self, dom: str, name: str, timeout: float, mode: str, ssh: Mapping[str, Any]
     ) -> tuple[Mapping[str, Any] | None, str | None]:

@@ -90,6 +90,8 @@ class Guests:
         cmdline = str(launch.boot.get("cmdline") or "")
         if launch.boot.get("tiny"):
             cmdline += f" vmenv.hostname={launch.labels['name']}"
+        elif launch.boot.get("systemd") and launch.boot.get("kernel"):
+            cmdline += f" systemd.hostname={launch.labels['name']}"
         return render_domain(
             self.domain_xml,
             name=launch.dom,
@@ -178,8 +180,10 @@ class Guests:
         net: str | None,
         restored: bool,
         ssh: Mapping[str, Any] | None = None,
+        systemd: bool = False,
     ) -> str | None:
-        """Agent up, hostname set, clock fixed (after a restore), IP and /etc/hosts (lan).
+        """Agent up, hostname set, systemd up (``systemd``: a cold boot waits for
+        ``systemctl is-system-running``), clock fixed (after a restore), IP and /etc/hosts.
 
         With ``ssh``: a DHCP lease and an SSH login instead of the agent (never restored).
         """
@@ -189,8 +193,12 @@ class Guests:
             if net:
                 self._publish_hosts(net, dom, ip, uri)
             return ip
+        started = time.monotonic()
         self.channels.wait_agent(dom, name, timeout, uri)
         self.channels.set_hostname(dom, name, uri)
+        if systemd and not restored:  # a restored one was captured once it was running
+            left = max(1.0, timeout - (time.monotonic() - started))
+            self.channels.wait_systemd(dom, name, left, uri)
         if restored:
             # The restored clock is the snapshot's: set it, without waiting (guest-set-time
             # would run hwclock); a guest without `date -s` runs on with its clock behind.

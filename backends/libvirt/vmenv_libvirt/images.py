@@ -4,6 +4,9 @@ Contract: :func:`resolve` turns a spec's image into a :class:`BootImage`:
 
 * ``image="tiny"`` (no ``disk`` in its entry): :func:`.tiny.ensure_tiny`, direct kernel
   boot; ``tiny = "ssh"`` in an entry selects the variant with dropbear and no agent.
+* a recipe (``image="debian-12"``, ``[images.NAME] base = ...``, plus ``packages=``):
+  :func:`.debian.ensure_debian`, Debian's kernel and initramfs booted directly, systemd as
+  init (``systemd`` is set: readiness waits for ``systemctl is-system-running``).
 * ``{ disk = "debian.qcow2" }``: any qcow2/raw disk, used read-only as the backing file of
   the template's overlay. Optional ``kernel``/``initrd``/``cmdline`` for direct boot.
   ``cloud_init`` (default true) attaches a NoCloud seed ISO (volume id ``cidata``) whose
@@ -26,8 +29,10 @@ import jinja2
 import pycdlib
 
 from pytest_vmenv import errors
+from pytest_vmenv.images import Recipe
 
 from .connection import NAME
+from .debian import ensure_debian
 from .domains import render
 from .remote import public_key
 from .tiny import ensure_tiny
@@ -43,6 +48,7 @@ class BootImage:
     cmdline: str = ""
     seed: Path | None = None
     tiny: bool = False
+    systemd: bool = False
 
 
 def _path(cfg: Mapping[str, Any], key: str, image: str) -> Path | None:
@@ -57,8 +63,19 @@ def _path(cfg: Mapping[str, Any], key: str, image: str) -> Path | None:
     return path.absolute()
 
 
-def resolve(image: str, cfg: Mapping[str, Any], hostname: str, lv_dir: Path) -> BootImage:
-    """The boot image of ``image`` (see the module docstring)."""
+def resolve(
+    image: str,
+    cfg: Mapping[str, Any],
+    hostname: str,
+    lv_dir: Path,
+    recipe: Recipe | None = None,
+) -> BootImage:
+    """The boot image of ``image`` (see the module docstring); ``recipe``: the one the
+    core's :func:`~pytest_vmenv.images.recipe_of` found in the machine's spec."""
+    if recipe is not None:
+        built = ensure_debian(lv_dir.parent, lv_dir / "images", recipe)
+        return BootImage(built.disk, built.kernel, built.initrd, built.cmdline,
+                         systemd=recipe.init == "systemd")  # fmt: skip
     if cfg.get("tiny") or (image == "tiny" and not cfg.get("disk")):
         variant = cfg.get("tiny", True)
         if variant not in (True, "ssh"):

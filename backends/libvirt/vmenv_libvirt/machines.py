@@ -85,7 +85,8 @@ class Machines:
                 shutil.copyfile(str(record["ram"]), disk)
             self.guests.start(Launch(dom, labels, record["boot"], disk, spec.memory, spec.cpus,
                                      net, uri, restore=fast))  # fmt: skip
-            ip = self.guests.ready(dom, spec.name, spec.timeout, uri, net, fast, ssh)
+            ip = self.guests.ready(dom, spec.name, spec.timeout, uri, net, fast, ssh,
+                                   bool(record["boot"].get("systemd")))  # fmt: skip
         except BaseException:
             self.destroy_domain(dom, uri)
             raise

@@ -29,6 +29,7 @@ import libvirt  # type: ignore[import-untyped]
 from pytest_vmenv import errors
 from pytest_vmenv.backend import Network, Session, Snapshot
 from pytest_vmenv.diagnose import provision_failed
+from pytest_vmenv.images import recipe_of
 
 from .agent import CommandTimedOut
 from .connection import NAME
@@ -115,7 +116,7 @@ class Templates:
         return self.records.snapshot(record)
 
     def _plan(self, spec: MachineSpec, key: str, session: Session) -> _Build:
-        image = resolve(spec.image, spec.image_config, spec.name, self.paths.root)
+        image = resolve(spec.image, spec.image_config, spec.name, self.paths.root, recipe_of(spec))
         mode, ssh = channel_config(spec.image_config, spec.image, image.tiny)
         cmdline = image.cmdline
         if ssh and image.tiny:  # the tiny ssh image's rcS writes authorized_keys from it
@@ -125,6 +126,7 @@ class Templates:
             "initrd": str(image.initrd) if image.initrd else None,
             "cmdline": cmdline,
             "tiny": image.tiny,
+            "systemd": image.systemd,
         }
         return _Build(key, spec, session, image, boot, mode, ssh)
 
@@ -148,6 +150,10 @@ class Templates:
                 Launch(dom, labels, build.boot, disk, spec.memory, spec.cpus, net, seed=seed)
             )
             used, ip = self.channels.await_(dom, spec.name, spec.timeout, build.mode, build.ssh)
+            if build.boot.get("systemd") and not used:
+                self.channels.wait_systemd(dom, spec.name, spec.timeout)
+            if build.image.seed and not used:  # its results belong in the template's disk
+                self.channels.wait_cloud_init(dom, spec.name, spec.timeout)
             runner = self.channels.runner(dom, None, used, ip, spec.name)
             self._provision(runner, spec, started)
             runner.execute(["/bin/sh", "-c", _SYNC], timeout=60)
@@ -191,6 +197,8 @@ class Templates:
         try:
             self.guests.start(Launch(dom, labels, build.boot, ram, spec.memory, spec.cpus))
             self.channels.wait_agent(dom, spec.name, spec.timeout)
+            if build.boot.get("systemd"):
+                self.channels.wait_systemd(dom, spec.name, spec.timeout)
             self.channels.agent(dom).run_simple("sync; echo 3 > /proc/sys/vm/drop_caches")
             xml = snapshot_xml(READY_SNAPSHOT)
             self.hv.call(lambda c: c.lookupByName(dom).snapshotCreateXML(xml, 0))

@@ -30,8 +30,41 @@ class SafeTree:
         self.root = root
         self._fd = os.open(root, _DIR_FLAGS)
 
+    @classmethod
+    def existing(cls, root: Path) -> SafeTree:
+        """The tree at ``root``, a directory that exists already (a copied image tree)."""
+        tree = cls.__new__(cls)
+        tree.root = root
+        tree._fd = os.open(root, _DIR_FLAGS)
+        return tree
+
     def close(self) -> None:
         os.close(self._fd)
+
+    def _unlink(self, parent: int, name: str) -> None:
+        """Remove the entry ``name`` (a file or a link, never followed) if there is one."""
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(name, dir_fd=parent)
+
+    def replace(self, rel: str, data: bytes, mode: int = 0o644) -> None:
+        """Write the regular file ``rel``, replacing a file or link there (not a directory)."""
+        parts = self._parts(rel)
+        parent = self._dir_fd(parts[:-1])
+        try:
+            self._unlink(parent, parts[-1])
+        finally:
+            os.close(parent)
+        self.write(rel, data, mode)
+
+    def replace_link(self, target: str, rel: str) -> None:
+        """Make ``rel`` the link ``-> target``, replacing a file or link there."""
+        parts = self._parts(rel)
+        parent = self._dir_fd(parts[:-1])
+        try:
+            self._unlink(parent, parts[-1])
+            os.symlink(target, parts[-1], dir_fd=parent)
+        finally:
+            os.close(parent)
 
     def _parts(self, rel: str) -> list[str]:
         parts = [p for p in rel.strip("/").split("/") if p not in ("", ".")]
