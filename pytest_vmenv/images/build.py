@@ -75,7 +75,7 @@ def mmdebstrap_argv(recipe: Recipe, mirrors: Sequence[str], target: Path) -> lis
 def _confined() -> list[str]:
     """The wrapper that ties a build's life and mounts to its caller (module docstring)."""
     prefix = []
-    ids = subids.lookup() if os.geteuid() != 0 else None
+    ids = subids.unprivileged()
     if ids is not None:  # before setpriv: entering a user namespace clears the pdeathsig
         prefix += ids.unshare_argv()
     if shutil.which("setpriv"):

@@ -89,7 +89,7 @@ def remove_tree(path: Path) -> None:
             f"({', '.join(mounted[:3])}); unmount them first (umount -l)"
         )
     shutil.rmtree(path, ignore_errors=True)
-    ids = subids.lookup() if os.path.lexists(path) and os.geteuid() != 0 else None
+    ids = subids.unprivileged() if os.path.lexists(path) else None
     if ids is not None:
         subprocess.run(
             [*ids.unshare_argv(), "rm", "-rf", "--", str(path)],
@@ -104,7 +104,7 @@ def remove_tree(path: Path) -> None:
 def _unprivileged_ids() -> dict[str, Any]:
     """Unprivileged, the subordinate ranges a tree is built with (its owners depend on them,
     see :mod:`.subids`), for ``recipe.json``."""
-    ids = subids.lookup() if os.geteuid() != 0 else None
+    ids = subids.unprivileged()
     return {} if ids is None else {"ids": ids.to_json()}
 
 

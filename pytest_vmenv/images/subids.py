@@ -21,7 +21,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-__all__ = ["MIN_COUNT", "SubIds", "lookup", "id_problem", "problem"]
+__all__ = ["MIN_COUNT", "SubIds", "id_problem", "lookup", "problem", "unprivileged"]
 
 MIN_COUNT = 65536
 """Ids a range must hold: every id a Debian package may use (``nobody`` is 65534)."""
@@ -94,6 +94,12 @@ def lookup(etc: Path = Path("/etc")) -> SubIds | None:
     if uids is None or gids is None or newuidmap is None or newgidmap is None:
         return None
     return SubIds(uid, gid, uids, gids, newuidmap, newgidmap)
+
+
+def unprivileged() -> SubIds | None:
+    """:func:`lookup` when this process is not root (only then are ids shifted: root's trees
+    and guests keep the host's ids), else None."""
+    return None if os.geteuid() == 0 else lookup()
 
 
 def problem(purpose: str, etc: Path = Path("/etc")) -> str | None:

@@ -316,9 +316,7 @@ def mapped_argv() -> list[str]:
     """Unprivileged with subordinate ids: the prefix that runs a host-side command in a user
     namespace with the guests' full id map (their files keep their owners, and those of the
     guest's other users can be copied and removed); else nothing."""
-    if not rootless():
-        return []
-    ids = subids.lookup()
+    ids = subids.unprivileged()
     return [] if ids is None else ids.unshare_argv()
 
 
