@@ -20,11 +20,12 @@ from ..images import (
     subscribe,
 )
 
-__all__ = ["images_build"]
+__all__ = ["images_build", "named_recipe"]
 
 
-def _recipe(name: str, packages: str, init: str) -> Recipe:
-    """The recipe ``vmenv images build NAME`` builds: a built-in base or [images.NAME]."""
+def named_recipe(name: str, packages: str, init: str) -> Recipe:
+    """The recipe named ``NAME`` here, as ``vmenv images build NAME`` (and the libvirt export)
+    build it: a built-in base or an [images.NAME] recipe of the config in the working dir."""
     config = load_config(Path.cwd())
     entry = config.images.get(name)
     if entry is not None:
@@ -52,7 +53,7 @@ def images_build(args: argparse.Namespace, state: Path) -> int:
         print("vmenv images build: give one image NAME (e.g. debian-12)", file=sys.stderr)
         return 2
     try:
-        recipe = _recipe(args.keys[0], args.packages, args.init)
+        recipe = named_recipe(args.keys[0], args.packages, args.init)
     except ConfigError as exc:
         print(f"vmenv images build: {exc}", file=sys.stderr)
         return 2

@@ -42,7 +42,7 @@ def export_disk(src: Path, dest: Path, fmt: str = "vmdk") -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pytest_vmenv.cli.building import _recipe
+    from pytest_vmenv.cli.building import named_recipe
     from pytest_vmenv.errors import VmenvError
     from pytest_vmenv.images import LinePrinter, subscribe
     from pytest_vmenv.paths import state_dir
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     unsubscribe = subscribe(LinePrinter(lambda text: print(text, file=sys.stderr, flush=True)))
     try:
-        recipe = _recipe(args.name, args.packages, "systemd")
+        recipe = named_recipe(args.name, args.packages, "systemd")
         state = state_dir()
         image = ensure_debian(state, state / "libvirt" / "images", recipe)
         export_disk(image.disk, args.dest, args.format)
