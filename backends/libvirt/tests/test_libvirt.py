@@ -23,12 +23,13 @@ import pytest
 import vmenv_libvirt
 from vmenv_libvirt import LibvirtBackend
 from vmenv_libvirt.connection import is_transient
-from vmenv_libvirt.domains import NS
+from vmenv_libvirt.domains import NS, read_labels, set_labels
 
 from pytest_vmenv.backend import Network, Session, Snapshot, boot_id
 from pytest_vmenv.errors import BackendError, BackendUnavailable, MachineGone
 from pytest_vmenv.machine import Machine
 from pytest_vmenv.paths import state_dir
+from pytest_vmenv.reaper import sweep
 from pytest_vmenv.spec import MachineSpec
 
 SPEC = MachineSpec(image="tiny", backend="libvirt", memory=256 * 1024**2, timeout=120)
@@ -111,6 +112,32 @@ def test_labels_in_metadata_and_owned(
     assert ref.id not in {r.id for r in libvirt_backend.owned(session.id)}
     assert not (libvirt_backend.parts.pool.path / f"{ref.id}.qcow2").exists()
     assert not libvirt_backend.parts.paths.console(ref.id).exists()
+
+
+def test_a_sweep_of_another_state_dir_leaves_our_kept_machine(
+    libvirt_backend: LibvirtBackend, template: Snapshot, session: Session
+) -> None:
+    """libvirtd is shared by every checkout and user of a host: ``vmenv gc --all`` (a sweep
+    that includes kept machines of dead owners) of one state dir must not touch another's."""
+    ref = libvirt_backend.clone(template, replace(SPEC, name="kept-elsewhere"), session)
+    other = state_dir() / "libvirt-test" / secrets.token_hex(4)
+    try:
+        libvirt_backend.keep(ref)
+        conn = libvirt.open(libvirt_backend.uris[0])
+        try:  # as a session that ended with --vm-keep leaves it: its owner is gone
+            domain = conn.lookupByName(ref.id)
+            labels = read_labels(domain) or {}
+            set_labels(domain, {**labels, "owner": f"{boot_id()}:1:gone"})
+        finally:
+            conn.close()
+        elsewhere = LibvirtBackend({}, state_dir=other)
+        assert ref.id not in {r.id for r in elsewhere.owned(None)}
+        report = sweep([elsewhere], other, include_kept=True)
+        assert not any(ref.id in line for line in report.removed), report
+        assert ref.id in {r.id for r in libvirt_backend.owned(None)}
+    finally:
+        libvirt_backend.destroy(ref)
+        shutil.rmtree(other, ignore_errors=True)
 
 
 def test_lan_reaches_the_other_clone_by_name(

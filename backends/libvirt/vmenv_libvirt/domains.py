@@ -53,6 +53,7 @@ REVERT_RUNNING = libvirt.VIR_DOMAIN_SNAPSHOT_REVERT_RUNNING
 
 NS = "https://github.com/pytest-vmenv/libvirt/1"
 _LABEL_KEYS = (
+    "state",
     "session",
     "owner",
     "created",
@@ -116,6 +117,7 @@ def snapshot_xml(name: str) -> str:
 def machine_labels(session: Session, name: str, role: str, **extra: object) -> dict[str, object]:
     """The labels of a new domain of ``session``: machine ``name`` in ``role``, and ``extra``."""
     return {
+        "state": str(session.state_dir.resolve()),
         "session": session.id,
         "owner": session.owner,
         "created": f"{time.time():.3f}",

@@ -2,7 +2,10 @@
 
 Contract: :class:`Inventory` reads the labels in each domain's ``<metadata>`` on every URI,
 so it works from any process with no record but libvirt's: :meth:`Inventory.owned` lists our
-machines, :meth:`Inventory.built_on` says which clone a template's disk backs. A list of URIs
+machines, :meth:`Inventory.built_on` says which clone a template's disk backs. "Ours" is the
+machines of one state dir (label ``state``): a libvirtd is shared by every user and checkout
+of a host, and a sweep or ``vmenv gc --all`` of one state dir must never destroy another's
+kept machines (domains without the label, from before it existed, count as ours). A list of URIs
 is the scale-out path: :meth:`Inventory.roomiest` picks the host with the most free memory.
 """
 
@@ -16,6 +19,7 @@ import libvirt  # type: ignore[import-untyped]
 from pytest_vmenv import errors
 from pytest_vmenv.backend import MachineRef
 
+from .config import Paths
 from .connection import NAME, Hypervisor
 from .domains import read_labels
 from .remote import ssh_of
@@ -26,9 +30,10 @@ __all__ = ["Inventory"]
 class Inventory:
     """The domains of ours on ``uris`` (see the module docstring)."""
 
-    def __init__(self, hv: Hypervisor, uris: Sequence[str]) -> None:
+    def __init__(self, hv: Hypervisor, uris: Sequence[str], paths: Paths) -> None:
         self.hv = hv
         self.uris = list(uris)
+        self.paths = paths
 
     def roomiest(self) -> str:
         """The URI with the most free memory (the first one if there is only one)."""
@@ -46,10 +51,13 @@ class Inventory:
     def owned(self, session_id: str | None = None) -> list[MachineRef]:
         """Every domain with our labels (of ``session_id`` only, if given), any role or state."""
         refs = []
+        state = str(self.paths.state_dir.resolve())
         for uri in self.uris:
             for domain in self._domains(uri, f"cannot list the machines on {uri}"):
                 labels = read_labels(domain)
                 if labels is None or session_id not in (None, labels.get("session")):
+                    continue
+                if labels.get("state", state) != state:
                     continue
                 try:
                     active = bool(domain.isActive())

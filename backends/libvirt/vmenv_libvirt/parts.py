@@ -56,5 +56,5 @@ class Parts:
             pool=Pool(hv, paths),
             networks=Networks(hv, paths),
             records=Records(paths),
-            inventory=Inventory(hv, config.uris),
+            inventory=Inventory(hv, config.uris, paths),
         )
