@@ -9,7 +9,8 @@ its ``meta.json`` and a removal that died half way (``.rm-*``) are each a ``torn
 Who uses an image: a template's disk is a qcow2 overlay whose backing file is the image's
 ``rootfs.qcow2``, and it boots the image's kernel; the template's clones stack on the
 template. :func:`building_on` makes a template's overlay under the image's lock held shared
-and notes the template in the image's ``users/`` (its disk, key and state dir). An image is
+and notes the template in the image's ``users/`` (its disk, key and state dir; the note goes
+with the template, :func:`forget`; ``users/last-used`` is when one was last built). An image is
 held while a noted disk exists, whichever state dir it is in (CI's checkouts share one images
 dir through a symlink), while a template record of this state dir boots its kernel, and
 while its lock is held (it is being built, or a template is being built on it).
@@ -42,9 +43,10 @@ from pytest_vmenv.ledger import flocked
 from .connection import NAME
 from .debian import GUEST_PACKAGES
 
-__all__ = ["StoredImage", "building_on", "listing", "remove"]
+__all__ = ["StoredImage", "building_on", "forget", "listing", "remove"]
 
 _TORN = "torn image build"
+_STAMP = "last-used"
 
 
 @dataclass(frozen=True)
@@ -152,9 +154,11 @@ def _held(image: StoredImage, records: Iterable[Mapping[str, Any]], state_dir: P
 
 
 def _last_used(image: StoredImage) -> float:
-    """When a template was last built on ``image`` (0: never, as far as its notes say)."""
-    times = [n.stat().st_mtime for n in (image.path / "users").glob("*.json")]
-    return max(times, default=0.0)
+    """When a template was last built on ``image`` (0: never, as far as its stamp says)."""
+    try:
+        return (image.path / "users" / _STAMP).stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _detail(image: StoredImage) -> str:
@@ -243,4 +247,13 @@ def building_on(image: Path | None, key: str, state_dir: Path, make: Callable[[]
         tmp = note.with_suffix(f".{os.getpid()}.tmp")
         tmp.write_text(json.dumps(user))
         os.replace(tmp, note)
+        (note.parent / _STAMP).touch()
         return disk
+
+
+def forget(record: Mapping[str, Any]) -> None:
+    """Drop the note of the template of ``record`` (being removed) from its image's ``users/``."""
+    boot, disk = record.get("boot"), record.get("disk")
+    kernel = boot.get("kernel") if isinstance(boot, Mapping) else None
+    if kernel and disk:
+        _note(Path(str(kernel)).parent, Path(str(disk))).unlink(missing_ok=True)

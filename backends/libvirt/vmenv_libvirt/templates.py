@@ -38,7 +38,7 @@ from .guests import Launch
 from .images import BootImage, resolve
 from .parts import Parts
 from .remote import Runner, channel_config
-from .stored import building_on
+from .stored import building_on, forget
 
 if TYPE_CHECKING:
     from pytest_vmenv.spec import MachineSpec
@@ -231,4 +231,5 @@ class Templates:
         for path in (record.get("ram"), record.get("disk"), snapshot.handle):
             if path:
                 self.pool.delete(Path(str(path)))
+        forget(record or snapshot.data)
         self.records.delete(snapshot.key)
