@@ -5,8 +5,9 @@ templates are built and removed by :mod:`.templates`, machines cloned, kept and 
 :mod:`.machines`, snapshots taken and reverted by :mod:`.snapshots`, commands and files go
 through the channel a machine's template recorded (:mod:`.channels`: the guest agent, or SSH
 to the clone's DHCP-lease address for images without one), and :mod:`.inventory` finds every
-domain of ours from its labels. Every protocol method maps foreign exceptions at the one
-boundary, :data:`.faults.BOUNDARY`.
+domain of ours from its labels, and :mod:`.stored` lists and removes the built images for
+``vmenv images`` (with the templates, as a ``CacheKeeper``). Every protocol method maps
+foreign exceptions at the one boundary, :data:`.faults.BOUNDARY`.
 
 Every method that takes a :class:`MachineRef` works from any process on a ref from
 :meth:`LibvirtBackend.owned`, by the labels in the domain's ``<metadata>``: that is how
@@ -156,6 +157,7 @@ class LibvirtBackend:
         """Every template record, of any session, with its ``session``/``owner``/``created``."""
         return self.parts.records.listed()
 
+    @BOUNDARY
     def caches(self, live_sessions: Collection[str]) -> list[Cache]:
         """Its templates (as the core lists any backend's) and its built images, each with
         what holds it (see :mod:`.stored`); read from the state dir, without libvirtd."""
