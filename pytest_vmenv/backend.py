@@ -32,6 +32,7 @@ from .owners import boot_id, owner_alive, owner_token, process_start
 from .results import GET_LIMIT, OUTPUT_LIMIT, Output, Result
 
 if TYPE_CHECKING:
+    from .images import Recipe
     from .spec import MachineSpec
 
 __all__ = [
@@ -45,6 +46,7 @@ __all__ = [
     "Closer",
     "Configured",
     "Forwarder",
+    "ImageBuilder",
     "MachineRef",
     "Network",
     "Output",
@@ -278,6 +280,15 @@ class CacheKeeper(Protocol):
 
     def caches(self, live_sessions: Collection[str]) -> list[Cache]: ...
     def remove_cache(self, cache: Cache, live_sessions: Collection[str]) -> None: ...
+
+
+@runtime_checkable
+class ImageBuilder(Protocol):
+    """``vmenv images build NAME --backend NAME``: the backend's own image of ``recipe`` (one
+    it boots, beyond the core's tree), built ahead unless it is there, publishing progress
+    (:func:`~pytest_vmenv.images.publish`): (its id in ``vmenv images``, its path)."""
+
+    def build_image(self, recipe: Recipe) -> tuple[str, Path]: ...
 
 
 @runtime_checkable

@@ -59,11 +59,16 @@ def _write_atomic(path: Path, data: Mapping[str, Any]) -> None:
 
 
 @contextlib.contextmanager
-def flocked(path: Path) -> Iterator[None]:
-    """An exclusive ``flock`` on the file ``path`` (made if missing; released on exit or death)."""
+def flocked(path: Path, *, shared: bool = False, wait: bool = True) -> Iterator[None]:
+    """An exclusive ``flock`` on the file ``path`` (made if missing; released on exit or death).
+
+    ``shared``: a shared one instead (any number of holders, none while an exclusive one is
+    held). ``wait=False``: ``BlockingIOError`` at once if the lock is held elsewhere.
+    """
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        mode = fcntl.LOCK_SH if shared else fcntl.LOCK_EX
+        fcntl.flock(fd, mode if wait else mode | fcntl.LOCK_NB)
         yield
     finally:
         os.close(fd)

@@ -4,7 +4,8 @@
 ``vmenv ls``         live and kept machines: backend, session, age, state
 ``vmenv gc``         destroy what dead sessions left (``--all``: kept machines too)
 ``vmenv images``     what is cached between sessions, with sizes (``vmenv images rm ID...|--all``;
-                     ``vmenv images build NAME`` builds a Debian image ahead, for CI caches)
+                     ``vmenv images build NAME`` builds a Debian image ahead, for CI caches;
+                     ``--backend libvirt`` builds the qcow2 that backend boots, too)
 ``vmenv shell ID``   an interactive shell in a machine (a kept one, typically)
 """
 
@@ -42,6 +43,13 @@ def _images_arguments(images: argparse.ArgumentParser) -> None:
     )
     images.add_argument(
         "--init", default="systemd", choices=INITS, help="with build: the init (default systemd)"
+    )
+    images.add_argument(
+        "--backend",
+        default="",
+        metavar="NAME",
+        help="with build: that backend's own image of the recipe (libvirt: the qcow2 it "
+        "boots), not only the tree every backend starts from",
     )
 
 

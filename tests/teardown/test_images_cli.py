@@ -84,10 +84,10 @@ def test_images_lists_an_unpacked_tarball_with_its_size_and_rm_removes_it(
     image = mini_image(pytester.path / "mini.tar.gz")
     pytester.makepyfile(INNER)
     pytester.runpytest_subprocess("-p", "no:cacheprovider").assert_outcomes(passed=1)
-    # libvirt's tiny image cache, as a libvirt run leaves it (this listing only counts it)
-    tiny = state / "libvirt" / "images" / "tiny-test"
+    # files of a backend that lists no caches of its own here (vSphere): counted, never removed
+    tiny = state / "vsphere" / "leftover"
     tiny.mkdir(parents=True)
-    (tiny / "rootfs.qcow2").write_bytes(os.urandom(1 << 20))
+    (tiny / "disk.vmdk").write_bytes(os.urandom(1 << 20))
 
     listing = vmenv("images")
     assert listing.returncode == 0, listing
@@ -99,13 +99,13 @@ def test_images_lists_an_unpacked_tarball_with_its_size_and_rm_removes_it(
              .stdout.split()[0])  # fmt: skip
     assert size == f"{du / 1024:.1f} MiB", (size, du)
     (other,) = rows(listing.stdout, "other files")
-    assert other[1] == "libvirt" and other[2] == "1.0 MiB", listing.stdout
+    assert other[1] == "vsphere" and other[2] == "1.0 MiB", listing.stdout
     assert re.search(rf"^total \d+\.\d MiB in {re.escape(str(state))}", listing.stdout, re.M)
 
     removed = vmenv("images", "rm", "--all")
     assert removed.returncode == 0, removed
     assert f"removed emulator tarball image {cache_id} ({size})" in removed.stdout
-    assert f"left {state / 'libvirt'} (1.0 MiB): " in removed.stdout  # never ours to remove
+    assert f"left {state / 'vsphere'} (1.0 MiB): " in removed.stdout  # never ours to remove
     assert not unpacked_dir.exists() and tiny.exists()
     assert "tarball image" not in vmenv("images").stdout
 

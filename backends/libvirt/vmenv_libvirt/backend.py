@@ -5,8 +5,9 @@ templates are built and removed by :mod:`.templates`, machines cloned, kept and 
 :mod:`.machines`, snapshots taken and reverted by :mod:`.snapshots`, commands and files go
 through the channel a machine's template recorded (:mod:`.channels`: the guest agent, or SSH
 to the clone's DHCP-lease address for images without one), and :mod:`.inventory` finds every
-domain of ours from its labels. Every protocol method maps foreign exceptions at the one
-boundary, :data:`.faults.BOUNDARY`.
+domain of ours from its labels, and :mod:`.stored` lists and removes the built images for
+``vmenv images`` (with the templates, as a ``CacheKeeper``). Every protocol method maps
+foreign exceptions at the one boundary, :data:`.faults.BOUNDARY`.
 
 Every method that takes a :class:`MachineRef` works from any process on a ref from
 :meth:`LibvirtBackend.owned`, by the labels in the domain's ``<metadata>``: that is how
@@ -15,13 +16,14 @@ Every method that takes a :class:`MachineRef` works from any process on a ref fr
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pytest_vmenv.backend import (
     GET_LIMIT,
     OUTPUT_LIMIT,
+    Cache,
     Capabilities,
     MachineRef,
     Network,
@@ -29,10 +31,13 @@ from pytest_vmenv.backend import (
     Session,
     Snapshot,
 )
-from pytest_vmenv.images import BASES
+from pytest_vmenv.caches import template_caches
+from pytest_vmenv.images import BASES, Recipe
 
+from . import stored
 from .config import LibvirtConfig
 from .connection import NAME
+from .debian import ensure_debian
 from .faults import BOUNDARY
 from .machines import Machines
 from .parts import Parts
@@ -151,6 +156,32 @@ class LibvirtBackend:
     def templates(self) -> list[Snapshot]:
         """Every template record, of any session, with its ``session``/``owner``/``created``."""
         return self.parts.records.listed()
+
+    @BOUNDARY
+    def caches(self, live_sessions: Collection[str]) -> list[Cache]:
+        """Its templates (as the core lists any backend's) and its built images, each with
+        what holds it (see :mod:`.stored`); read from the state dir, without libvirtd."""
+        records = [t.data for t in self.parts.records.listed()]
+        snaps = [self.parts.records.snapshot(r) for r in records]
+        found = template_caches(self, snaps, live_sessions)
+        return found + stored.listing(self.parts.paths.images, records, self.parts.paths.state_dir)
+
+    @BOUNDARY
+    def remove_cache(self, cache: Cache, live_sessions: Collection[str]) -> None:
+        """Remove a template (:meth:`remove_template`) or a built image (:func:`.stored.remove`:
+        never one being built or built on, nor one a template is built on)."""
+        if isinstance(cache.handle, Snapshot):
+            self._templates.remove(cache.handle)
+        else:
+            records = [t.data for t in self.parts.records.listed()]
+            stored.remove(self.parts.paths.images, cache, records, self.parts.paths.state_dir)
+
+    @BOUNDARY
+    def build_image(self, recipe: Recipe) -> tuple[str, Path]:
+        """The qcow2 image of ``recipe`` as this backend boots it (:func:`.debian.ensure_debian`),
+        built now unless it is here: (its id in ``vmenv images``, its disk)."""
+        image = ensure_debian(self.parts.paths.state_dir, self.parts.paths.images, recipe)
+        return image.dir.name, image.disk
 
     @BOUNDARY
     def shell(self, ref: MachineRef, argv: Sequence[str] | None = None, /) -> int:

@@ -49,6 +49,7 @@ class BootImage:
     seed: Path | None = None
     tiny: bool = False
     systemd: bool = False
+    built: Path | None = None  # the image dir of a built image (tiny, a recipe), see .stored
 
 
 def _path(cfg: Mapping[str, Any], key: str, image: str) -> Path | None:
@@ -75,7 +76,7 @@ def resolve(
     if recipe is not None:
         built = ensure_debian(lv_dir.parent, lv_dir / "images", recipe)
         return BootImage(built.disk, built.kernel, built.initrd, built.cmdline,
-                         systemd=recipe.init == "systemd")  # fmt: skip
+                         systemd=recipe.init == "systemd", built=built.dir)  # fmt: skip
     if cfg.get("tiny") or (image == "tiny" and not cfg.get("disk")):
         variant = cfg.get("tiny", True)
         if variant not in (True, "ssh"):
@@ -83,7 +84,8 @@ def resolve(
                 f'{NAME}: images.{image}.libvirt.tiny = {variant!r}: use true or "ssh"'
             )
         tiny = ensure_tiny(lv_dir / "images", ssh=variant == "ssh")
-        return BootImage(tiny.disk, tiny.kernel, tiny.initrd, tiny.cmdline, None, True)
+        return BootImage(tiny.disk, tiny.kernel, tiny.initrd, tiny.cmdline, None, True,
+                         built=tiny.dir)  # fmt: skip
     if not cfg:
         raise errors.ConfigError(
             f'{NAME}: image {image!r} has no libvirt entry; use image="tiny" or add '

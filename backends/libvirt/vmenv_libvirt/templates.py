@@ -38,6 +38,7 @@ from .guests import Launch
 from .images import BootImage, resolve
 from .parts import Parts
 from .remote import Runner, channel_config
+from .stored import building_on, forget
 
 if TYPE_CHECKING:
     from pytest_vmenv.spec import MachineSpec
@@ -138,7 +139,10 @@ class Templates:
         net = None
         if build.ssh:
             net = self.networks.ensure(Network("build", short(build.key)), build.session.id)
-        disk = self.pool.create_overlay(f"tpl-{build.key}.qcow2", build.image.disk, spec.disk)
+        disk = building_on(
+            build.image.built, build.key, self.paths.state_dir,
+            lambda: self.pool.create_overlay(f"tpl-{build.key}.qcow2", build.image.disk, spec.disk),
+        )  # fmt: skip
         console = self.paths.console(dom)
         labels = machine_labels(
             build.session, spec.name, "template", template=build.key, disk=disk,
@@ -227,4 +231,5 @@ class Templates:
         for path in (record.get("ram"), record.get("disk"), snapshot.handle):
             if path:
                 self.pool.delete(Path(str(path)))
+        forget(record or snapshot.data)
         self.records.delete(snapshot.key)
