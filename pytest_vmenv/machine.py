@@ -27,6 +27,7 @@ from .tracebacks import hide, trimmed
 
 if TYPE_CHECKING:
     from .spec import MachineSpec
+    from .sshconfig import SSHConfig
 
 __all__ = ["CommandRecord", "Machine"]
 
@@ -355,3 +356,14 @@ class Machine:
         from .testinfra import host_of
 
         return host_of(self, user=user, timeout=timeout, max_output=max_output)
+
+    def ssh_config(self, user: str = "root") -> SSHConfig:
+        """How a real SSH client (``ssh``, ``scp``, ansible) logs in to the machine as
+        ``user``: host, port (``vm.forward(22)``), user, key file and the pinned host keys,
+        with ``ssh_argv()``/``scp_argv()``. Authorizes the session's key and starts sshd when
+        it is not running; an error says so on a backend that does not forward ports or an
+        image without sshd. See :mod:`pytest_vmenv.sshsetup`.
+        """
+        from .sshsetup import ssh_config
+
+        return ssh_config(self, user, self._scratch)

@@ -1,6 +1,9 @@
-"""``vm.testinfra()`` on the emulator's ``host`` image: testinfra's modules answer through the
-plugin's channel (no SSH). What needs Debian (packages, systemd services) is tested on
-``debian-12`` on the emulator and on libvirt, in ``backends/libvirt/tests/test_debian_both.py``.
+"""``vm.testinfra()`` and ``vm.ssh_config()`` on the emulator's ``host`` image.
+
+testinfra's modules answer through the plugin's channel (no SSH); the host image has no sshd,
+so ``ssh_config`` refuses it. What needs Debian (packages, systemd services, a real sshd) is
+tested on ``debian-12`` on the emulator and on libvirt, in
+``backends/libvirt/tests/test_debian_both.py``.
 """
 
 from __future__ import annotations
@@ -9,6 +12,7 @@ import os
 import subprocess
 import sys
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -16,10 +20,10 @@ from pytest_vmenv.backend import Session, Snapshot
 from pytest_vmenv.emulator import EmulatorBackend
 from pytest_vmenv.errors import ConfigError
 from pytest_vmenv.machine import Machine
+from pytest_vmenv.paths import state_dir
 from pytest_vmenv.spec import MachineSpec
 from pytest_vmenv.testinfra import TestinfraOutputTruncated
 
-testinfra = pytest.importorskip("testinfra", reason="the testinfra extra is not installed")
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or os.geteuid() != 0,
     reason="the emulator's host image needs Linux and root",
@@ -36,7 +40,14 @@ def vm(backend: EmulatorBackend, template: Snapshot, session: Session) -> Iterat
         backend.destroy(ref)
 
 
-def test_run_quotes_arguments_and_keeps_status_streams_and_bytes(vm: Machine) -> None:
+@pytest.fixture
+def testinfra() -> object:
+    return pytest.importorskip("testinfra", reason="the testinfra extra is not installed")
+
+
+def test_run_quotes_arguments_and_keeps_status_streams_and_bytes(
+    vm: Machine, testinfra: Any
+) -> None:
     host = vm.testinfra()
     assert isinstance(host, testinfra.host.Host)
     tricky = "a b;'c\" $(touch /pwned)"
@@ -51,7 +62,7 @@ def test_run_quotes_arguments_and_keeps_status_streams_and_bytes(vm: Machine) ->
         host.check_output("false")
 
 
-def test_file_user_and_socket_modules_report_the_guests_values(vm: Machine) -> None:
+def test_file_user_and_socket_modules_report_the_guests_values(vm: Machine, testinfra: Any) -> None:
     vm.write_text("/srv/conf", "key = 1\n")
     vm.succeed("chown nobody:nogroup /srv/conf && chmod 640 /srv/conf")
     host = vm.testinfra()
@@ -71,7 +82,7 @@ def test_file_user_and_socket_modules_report_the_guests_values(vm: Machine) -> N
     assert not host.socket("tcp://0.0.0.0:8000").is_listening  # bound to loopback only
 
 
-def test_user_and_sudo_go_through_the_channels_user_switch(vm: Machine) -> None:
+def test_user_and_sudo_go_through_the_channels_user_switch(vm: Machine, testinfra: Any) -> None:
     host = vm.testinfra()
     assert vm.run("command -v sudo").exit_code != 0  # the switch needs no sudo in the guest
     assert host.check_output("id -un") == "root"
@@ -84,7 +95,7 @@ def test_user_and_sudo_go_through_the_channels_user_switch(vm: Machine) -> None:
     assert vm.testinfra(user="nobody").check_output("id -un") == "nobody"
 
 
-def test_output_past_the_cap_raises_instead_of_a_wrong_answer(vm: Machine) -> None:
+def test_output_past_the_cap_raises_instead_of_a_wrong_answer(vm: Machine, testinfra: Any) -> None:
     host = vm.testinfra(max_output=10)
     assert host.check_output("echo short") == "short"
     with pytest.raises(TestinfraOutputTruncated, match=r"max_output= to vm\.testinfra\(\)"):
@@ -102,3 +113,10 @@ def test_without_testinfra_the_error_says_what_to_install() -> None:
     assert run.returncode == 1
     assert ConfigError.__name__ in run.stderr
     assert "pip install 'pytest-vmenv[testinfra]'" in run.stderr
+
+
+def test_ssh_config_refuses_an_image_without_sshd_before_changing_it(vm: Machine) -> None:
+    with pytest.raises(ConfigError, match=r"no sshd: add openssh-server to its packages"):
+        vm.ssh_config()
+    assert vm.run("grep -qs pytest-vmenv /root/.ssh/authorized_keys").exit_code != 0
+    assert not (state_dir() / "scratch" / "ssh").exists()  # no key made for it
