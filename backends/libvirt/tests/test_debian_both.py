@@ -147,6 +147,11 @@ def test_ssh_config_logs_the_openssh_client_in(machine: Machine, tmp_path: Path)
     other = replace(alice, key_file=tmp_path / "k")
     refused = subprocess.run(other.ssh_argv("true"), capture_output=True, text=True, timeout=60)
     assert refused.returncode == 255 and "Permission denied" in refused.stderr
+    impostor = tmp_path / "known_hosts"  # another key pinned for [host]:port: refused
+    impostor.write_text(f"[{config.host}]:{config.port} {(tmp_path / 'k.pub').read_text()}")
+    checked = replace(config, known_hosts=impostor).ssh_argv("true")
+    refused = subprocess.run(checked, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 255 and "Host key verification failed" in refused.stderr
     machine.succeed("systemctl stop ssh")
     assert 22 not in machine.listening_ports()
     _client(machine.ssh_config().ssh_argv("true"))  # started again, by systemctl
