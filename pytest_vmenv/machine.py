@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, TypedDict, TypeVar, Unpack
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 
 from .backend import Backend, Forwarder, MachineRef, Snapshot
 from .errors import (
@@ -27,6 +27,7 @@ from .tracebacks import hide, trimmed
 
 if TYPE_CHECKING:
     from .spec import MachineSpec
+    from .sshconfig import SSHConfig
 
 __all__ = ["CommandRecord", "Machine"]
 
@@ -340,3 +341,29 @@ class Machine:
         if not path.startswith("/"):
             path = "/" + path
         return f"{scheme}://{host}:{hostport}{path}"
+
+    def testinfra(
+        self, *, user: str | None = None, timeout: float | None = None,
+        max_output: int = OUTPUT_LIMIT,
+    ) -> Any:  # fmt: skip
+        """A pytest-testinfra ``Host`` (the ``testinfra`` extra) whose commands run through
+        :meth:`run`, as ``user`` (default: the channel's own, root on the emulator and
+        libvirt), each bounded by ``timeout``.
+
+        ``host.package``, ``host.service``, ``host.socket``, ``host.file``, ``host.user`` and
+        the rest work on every backend, with no SSH: see :mod:`pytest_vmenv.testinfra`.
+        """
+        from .testinfra import host_of
+
+        return host_of(self, user=user, timeout=timeout, max_output=max_output)
+
+    def ssh_config(self, user: str = "root") -> SSHConfig:
+        """How a real SSH client (``ssh``, ``scp``, ansible) logs in to the machine as
+        ``user``: host, port (``vm.forward(22)``), user, key file and the pinned host keys,
+        with ``ssh_argv()``/``scp_argv()``. Authorizes the session's key and starts sshd when
+        it is not running; an error says so on a backend that does not forward ports or an
+        image without sshd. See :mod:`pytest_vmenv.sshsetup`.
+        """
+        from .sshsetup import ssh_config
+
+        return ssh_config(self, user, self._scratch)

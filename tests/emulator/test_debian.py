@@ -27,6 +27,7 @@ from pytest_vmenv.emulator.guest.mounts import DOCKER_CAPS
 from pytest_vmenv.errors import BackendError, ConfigError
 from pytest_vmenv.images import ImageCache, Recipe, builder_problem
 from pytest_vmenv.images.cache import remove_tree
+from pytest_vmenv.machine import Machine
 from pytest_vmenv.paths import state_dir
 from pytest_vmenv.spec import MachineSpec
 
@@ -42,7 +43,8 @@ pytestmark = [
 ]
 
 SYSTEMD = Recipe("debian-12", ("cron",), "systemd")
-PLAIN = Recipe("debian-12", ("cron",), "none")
+PLAIN = Recipe("debian-12", ("cron", "openssh-server"), "none")
+"""openssh-server: with no init to start it, ``vm.ssh_config()`` starts sshd itself."""
 CAP_MASK = sum(1 << c for c in DOCKER_CAPS)
 
 
@@ -338,6 +340,10 @@ def test_init_none_runs_the_plugins_pid1(
         assert "VERSION_CODENAME=bookworm" in ok(backend, ref, "cat /etc/os-release")
         ok(backend, ref, "dpkg -s cron && useradd carol")
         assert ok(backend, ref, "id -un", user="carol") == "carol\n"
+        assert 22 not in Machine(backend, ref, _spec(PLAIN)).listening_ports()
+        ssh = Machine(backend, ref, _spec(PLAIN)).ssh_config()
+        login = subprocess.run(ssh.ssh_argv("cat /proc/1/comm"), capture_output=True, timeout=60)
+        assert login.stdout == b"vmenv-init\n", login.stderr
     finally:
         backend.destroy(ref)
         backend.remove_template(snap)

@@ -23,7 +23,10 @@ _DEBIAN = MachineSpec(
     backend="libvirt",
     memory=512 * 1024**2,
     timeout=900,
-    packages=("nginx",),
+    # iproute2 (``ss``, for testinfra's sockets) and openssh-server (``vm.ssh_config``) are in
+    # the libvirt image's GUEST_PACKAGES already, so its key is that of nginx alone; the
+    # emulator's tree of this spec (test_debian_both.py) gets them from here.
+    packages=("nginx", "iproute2", "openssh-server"),
     image_config={"base": "debian-12", "packages": []},
 )
 

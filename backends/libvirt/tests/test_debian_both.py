@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import os
 import secrets
+import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
-from pytest_vmenv.backend import Backend, Session, Snapshot
+from pytest_vmenv.backend import Backend, Forwarder, Session, Snapshot
+from pytest_vmenv.errors import BackendError
 from pytest_vmenv.images import builder_problem
 from pytest_vmenv.machine import Machine
 from pytest_vmenv.paths import state_dir
@@ -88,3 +91,71 @@ def test_a_useradd_user_runs_a_command(machine: Machine) -> None:
 
 def test_the_hostname_is_the_machines_name(machine: Machine) -> None:
     assert machine.succeed("hostname").strip() == "both"
+
+
+def test_testinfra_reports_packages_services_sockets_files_and_users(machine: Machine) -> None:
+    """The same on both backends: installed or not, running or not after ``systemctl stop``,
+    listening or not. The rest (versions, a file's owner and mode, a user) only on the
+    emulator: through libvirt's guest agent under TCG each of testinfra's commands is a round
+    trip of 1-4 s, and these modules use the same adapter."""
+    pytest.importorskip("testinfra", reason="the testinfra extra is not installed")
+    host = machine.testinfra(timeout=60)
+    assert host.package("nginx").is_installed and not host.package("apache2").is_installed
+    assert host.service("nginx").is_running
+    assert host.socket("tcp://0.0.0.0:80").is_listening
+    if machine.backend.name == "emulator":
+        assert host.package("nginx").version.startswith("1.22")
+        assert host.service("nginx").is_enabled
+        assert not host.socket("tcp://0.0.0.0:8080").is_listening
+        conf = host.file("/etc/nginx/nginx.conf")
+        assert (conf.user, conf.group, conf.mode) == ("root", "root", 0o644)
+        assert conf.contains("^user www-data;")
+        www = host.user("www-data")
+        assert www.exists and www.shell == "/usr/sbin/nologin" and www.home == "/var/www"
+    machine.succeed("systemctl stop nginx")
+    assert not host.service("nginx").is_running
+    assert not host.socket("tcp://0.0.0.0:80").is_listening
+
+
+def _client(argv: list[str]) -> str:
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"{argv}: exit {done.returncode}\n{done.stderr}"
+    return done.stdout
+
+
+def test_ssh_config_logs_the_openssh_client_in(machine: Machine, tmp_path: Path) -> None:
+    """On the emulator: ssh and scp log in through vm.forward(22) with the session's key. On
+    libvirt, which has no forward yet, ssh_config refuses with the reason."""
+    if not isinstance(machine.backend, Forwarder):
+        with pytest.raises(BackendError, match=r"forward\(22\), which the 'libvirt' backend"):
+            machine.ssh_config()
+        return
+    config = machine.ssh_config()
+    assert (config.host, config.port) == machine.forward(22) and config.user == "root"
+    assert config.key_file.is_relative_to(state_dir())
+    _client(config.ssh_argv("true"))
+    assert "VERSION_CODENAME=bookworm" in _client(config.ssh_argv("cat", "/etc/os-release"))
+    assert _client(config.ssh_argv("hostname")).strip() == "both"
+    data = os.urandom(300_000)
+    (tmp_path / "up").write_bytes(data)
+    _client(config.scp_argv(str(tmp_path / "up"), f"{config.destination}:/root/up"))
+    assert machine.read_bytes("/root/up") == data
+    _client(config.scp_argv(f"{config.destination}:/root/up", str(tmp_path / "down")))
+    assert (tmp_path / "down").read_bytes() == data
+    machine.succeed("useradd --create-home alice")
+    alice = machine.ssh_config("alice")
+    assert _client(alice.ssh_argv("id", "-un")).strip() == "alice"
+    assert machine.succeed("stat -c '%U %a' /home/alice/.ssh/authorized_keys") == "alice 600\n"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(tmp_path / "k")])
+    other = replace(alice, key_file=tmp_path / "k")
+    refused = subprocess.run(other.ssh_argv("true"), capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 255 and "Permission denied" in refused.stderr
+    impostor = tmp_path / "known_hosts"  # another key pinned for [host]:port: refused
+    impostor.write_text(f"[{config.host}]:{config.port} {(tmp_path / 'k.pub').read_text()}")
+    checked = replace(config, known_hosts=impostor).ssh_argv("true")
+    refused = subprocess.run(checked, capture_output=True, text=True, timeout=60)
+    assert refused.returncode == 255 and "Host key verification failed" in refused.stderr
+    machine.succeed("systemctl stop ssh")
+    assert 22 not in machine.listening_ports()
+    _client(machine.ssh_config().ssh_argv("true"))  # started again, by systemctl
+    assert machine.succeed("systemctl is-active ssh").strip() == "active"
