@@ -31,6 +31,7 @@ from pytest_vmenv.errors import (
     MachineGone,
     ProvisionError,
 )
+from pytest_vmenv.poll import poll_until
 from pytest_vmenv.spec import MachineSpec
 
 pytestmark = pytest.mark.skipif(
@@ -178,7 +179,12 @@ def test_background_daemon_does_not_hang_run(backend: EmulatorBackend, g: Machin
     start = time.monotonic()
     r = sh(backend, g, "sleep 30 & echo started")
     assert r.stdout == "started\n" and time.monotonic() - start < 2
-    assert ok(backend, g, "cat /proc/[0-9]*/comm | grep -c '^sleep$'").strip() == "1"
+
+    def sleeping(_: bool) -> str | None:  # the forked shell may not have exec'd sleep yet
+        count = ok(backend, g, "cat /proc/[0-9]*/comm | grep -c '^sleep$' || true").strip()
+        return None if count == "0" else count
+
+    assert poll_until(sleeping, timeout=10, what="the background sleep") == "1"
 
 
 def test_concurrent_commands(backend: EmulatorBackend, g: MachineRef) -> None:
