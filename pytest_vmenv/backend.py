@@ -46,6 +46,7 @@ __all__ = [
     "Closer",
     "Configured",
     "Forwarder",
+    "HostExposer",
     "ImageBuilder",
     "MachineRef",
     "Network",
@@ -298,6 +299,16 @@ class Forwarder(Protocol):
     (closed by ``destroy`` and ``close``); the same ``port`` and ``host`` again give the same."""
 
     def forward(self, ref: MachineRef, port: int, host: str = "127.0.0.1") -> tuple[str, int]: ...
+
+
+@runtime_checkable
+class HostExposer(Protocol):
+    """``vm.expose_host_port``: an address inside the machine (for its own processes) that
+    reaches TCP ``port`` on the host's ``127.0.0.1`` and nothing else of the host, while the
+    machine lives (closed by ``destroy`` and ``close``); the same ``port`` again gives the
+    same address."""
+
+    def expose_host_port(self, ref: MachineRef, port: int) -> tuple[str, int]: ...
 
 
 @runtime_checkable

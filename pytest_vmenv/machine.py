@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypedDict, TypeVar, Unpack
 
-from .backend import Backend, Forwarder, MachineRef, Snapshot
+from .backend import Backend, Forwarder, HostExposer, MachineRef, Snapshot
 from .errors import (
     BackendError,
     CommandFailed,
@@ -97,6 +97,7 @@ class Machine:
         self.intent: Path | None = None  # its ledger record, while the orchestrator owns it
         self._scratch = scratch or state_dir() / "scratch"
         self._forwards: dict[tuple[int, str], tuple[str, int]] = {}
+        self._exposed: dict[int, tuple[str, int]] = {}
         self._scratch.mkdir(parents=True, exist_ok=True)
 
     def __repr__(self) -> str:
@@ -314,8 +315,7 @@ class Machine:
         unless you ask for another address. Asking again for the same port gives the same
         address. See the backend's ``forward`` for where the relay lives.
         """
-        if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
-            raise ConfigError(f"{self.name}: forward(port): a TCP port 1..65535, got {port!r}")
+        _check_port(self.name, "forward", port)
         key = (port, host)
         known = self._forwards.get(key)
         if known is not None:
@@ -331,6 +331,30 @@ class Machine:
             )
         address = _backend(lambda: backend.forward(self.ref, port, host))
         self._forwards[key] = address
+        return address
+
+    def expose_host_port(self, port: int) -> tuple[str, int]:
+        """``(address, port)`` that code *inside* the machine connects to to reach TCP
+        ``port`` on the host's ``127.0.0.1`` (a mock server, a webhook receiver the test runs)
+        while the machine lives: the mirror of :meth:`forward`. Nothing else of the host is
+        reachable through it, only the machine's processes reach it (on the emulator: the
+        guest's own ``127.0.0.1``, ``port`` itself when free there); the same port again
+        gives the same address. See the backend's ``expose_host_port``."""
+        _check_port(self.name, "expose_host_port", port)
+        known = self._exposed.get(port)
+        if known is not None:
+            return known
+        backend = self.backend
+        if not isinstance(backend, HostExposer):
+            raise trimmed(
+                BackendError(
+                    f"{self.name}: the {backend.name!r} backend cannot expose host ports yet "
+                    "(vm.expose_host_port works on the emulator; libvirt and vSphere get it "
+                    "in a later release): run this test on backend='emulator'"
+                )
+            )
+        address = _backend(lambda: backend.expose_host_port(self.ref, port))
+        self._exposed[port] = address
         return address
 
     def url(self, port: int = 80, path: str = "/", scheme: str = "http") -> str:
@@ -367,3 +391,8 @@ class Machine:
         from .sshsetup import ssh_config
 
         return ssh_config(self, user, self._scratch)
+
+
+def _check_port(name: str, what: str, port: object) -> None:
+    if not isinstance(port, int) or isinstance(port, bool) or not 0 < port < 65536:
+        raise ConfigError(f"{name}: {what}(port): a TCP port 1..65535, got {port!r}")

@@ -30,7 +30,7 @@ applied (``LimitNotApplied``, once).
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -252,6 +252,19 @@ class EmulatorBackend:
         """A listener on ``host`` relayed to ``127.0.0.1:port`` inside the guest's network
         namespace, until the machine is destroyed or the backend closes (see
         :mod:`.host.forward`: it lives in this process and dies with it)."""
+        return self._forwards.forward(ref.id, port, host, self._current(ref))
+
+    @BOUNDARY
+    def expose_host_port(self, ref: MachineRef, port: int) -> tuple[str, int]:
+        """``127.0.0.1`` and a port on the guest's own loopback (``port`` itself when free
+        there) relayed to ``127.0.0.1:port`` on the host, until the machine is destroyed or
+        the backend closes (see :mod:`.host.forward`). The guest's loopback is there with or
+        without ``network=``, and only the guest's processes reach it; nothing else of the
+        host is reachable through it."""
+        return self._forwards.expose(ref.id, port, self._current(ref))
+
+    def _current(self, ref: MachineRef) -> Callable[[], Guest]:
+        """A function giving the guest's current record, raising once it is destroyed."""
         guests = self._machines.guests
         guests.find(ref)
         gid, name = ref.id, ref.name
@@ -262,4 +275,4 @@ class EmulatorBackend:
                 raise errors.MachineGone(f"{NAME}: machine {name!r} ({gid}) is destroyed")
             return guest
 
-        return self._forwards.forward(gid, port, host, current)
+        return current

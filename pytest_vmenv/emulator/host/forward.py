@@ -1,4 +1,4 @@
-"""Port forwards: a listener on the host's loopback relayed into a guest's network namespace.
+"""Port forwards both ways between the host's loopback and a guest's network namespace.
 
 ``forward(ref, port)`` opens a TCP listener on ``127.0.0.1`` (an ephemeral port). Its thread
 joins the guest's network namespace with ``setns(2)`` (that changes only the calling thread)
@@ -9,11 +9,16 @@ on the host ever connects to a guest address. The namespace comes from the guest
 verified by pid and start time (:func:`.pids.pidfd`), and is opened again when the guest's
 PID 1 changes, so a forward keeps working across a revert.
 
-The bytes are pumped by one worker per direction (:mod:`.workers`: threads are reused); when
-one side ends its stream, the other side's write half is shut (half-close passes through).
-Listeners and relays live in the pytest process: :meth:`Forwards.close` (on destroy) and
-:meth:`Forwards.close_all` (when the backend closes) stop them, and a crash of the process
-takes them down with it.
+``expose(ref, port)`` is the mirror: a listener made in the guest's namespace (by a thread of
+its own that joins it, and ends) on the guest's own ``127.0.0.1``, the same port number when
+it is free there, else an ephemeral one; its accepting thread never joins a namespace, so the
+socket it makes for each connection is the host's, connected to ``127.0.0.1:port`` on the
+host. Only that one host port is reached, and only by the guest's own processes (its loopback;
+a guest on ``network=`` has its LAN address too, but the listener is not on it).
+
+Both are a :class:`.relay.Relay` (one copy loop: half-close, many connections, close). They
+live in the pytest process: :meth:`Forwards.close` (on destroy) and :meth:`Forwards.close_all`
+(when the backend closes) stop them, and a crash of the process takes them down with it.
 
 Unprivileged, pytest may not ``setns`` into a guest's network namespace (that needs
 CAP_SYS_ADMIN in its own user namespace too): a helper process in the guest's user and network
@@ -22,28 +27,26 @@ namespaces makes the sockets instead (:mod:`.netns_helper`), one per listener.
 
 from __future__ import annotations
 
-import contextlib
-import functools
+import errno
 import os
 import socket
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 from ... import errors
 from ..syscalls import CLONE_NEWNET, setns
 from .netns_helper import Helper
 from .pids import pidfd, readable
 from .record import Guest
+from .relay import Relay
 from .state import NAME
 from .userns import rootless
 from .workers import Workers
 
 __all__ = ["Forwards", "guest_ns"]
 
-CONNECT_TIMEOUT = 10.0
-"""Seconds a relay waits for the guest's service to accept (a loopback connect: at once)."""
-_CHUNK = 256 * 1024
+_Key = tuple[str, int, str]
+"""A relay of one guest: ``("forward", port, host)`` or ``("expose", port, "")``."""
 
 
 def guest_ns(guest: Guest, *kinds: str) -> list[int]:
@@ -77,9 +80,7 @@ def guest_ns(guest: Guest, *kinds: str) -> list[int]:
 def _socket_in(netns: int) -> socket.socket:
     """A TCP socket made in the namespace ``netns``; the calling thread stays in it."""
     setns(netns, CLONE_NEWNET)
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    return sock
+    return _tcp()
 
 
 class _Netns:
@@ -112,9 +113,7 @@ class _Netns:
             sock = _socket_in(self.fd)
             self.joined = self.fd
             return sock
-        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
+        return _tcp()
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -124,126 +123,54 @@ class _Netns:
         self.fd, self.joined, self.helper, self.key = -1, -1, None, (0, "")
 
 
-@dataclass(eq=False)
-class _Pair:
-    """One relayed connection: the last of its two pumps to end closes both sockets."""
-
-    client: socket.socket
-    upstream: socket.socket
-    done: Callable[[_Pair], None]
-    pumps: int = 2
-    lock: threading.Lock = field(default_factory=threading.Lock)
-
-    def pump(self, src: socket.socket, dst: socket.socket) -> None:
-        """Copy ``src`` to ``dst`` until EOF (then shut ``dst``'s write half) or an error."""
-        buf = bytearray(_CHUNK)
-        view = memoryview(buf)
-        try:
-            while n := src.recv_into(buf):
-                dst.sendall(view[:n])
-            dst.shutdown(socket.SHUT_WR)
-        except OSError:
-            self.cut()
-        with self.lock:
-            self.pumps -= 1
-            last = self.pumps == 0
-        if last:
-            self.close()
-
-    def close(self) -> None:
-        self.client.close()
-        self.upstream.close()
-        self.done(self)
-
-    def cut(self) -> None:
-        for sock in (self.client, self.upstream):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
+def _tcp() -> socket.socket:
+    """A TCP socket in the calling thread's namespace."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
 
 
-@dataclass
-class _Forward:
-    """One listener and the connections it relays."""
-
-    listener: socket.socket
-    port: int
-    netns: _Netns
-    workers: Workers
-    live: set[_Pair] = field(default_factory=set)
-    lock: threading.Lock = field(default_factory=threading.Lock)
-    closed: bool = False
-
-    @property
-    def address(self) -> tuple[str, int]:
-        host, port = self.listener.getsockname()[:2]
-        return str(host), int(port)
-
-    def start(self) -> None:
-        name = f"vmenv-forward-{self.port}"
-        threading.Thread(target=self._accept, name=name, daemon=True).start()
-
-    def _accept(self) -> None:
-        """Accept, make the upstream socket in the guest (this thread joins its netns), and
-        hand the pair to a worker that connects it."""
-        netns = self.netns
-        try:
-            while True:
-                try:
-                    client, _ = self.listener.accept()
-                except OSError:
-                    return
-                client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-                try:
-                    upstream = netns.socket()
-                except (OSError, errors.VmenvError):
-                    client.close()  # the guest is gone: the client sees its connection close
-                    continue
-                pair = _Pair(client, upstream, self._forget)
-                with self.lock:
-                    closed = self.closed
-                    if not closed:
-                        self.live.add(pair)
-                if closed:
-                    pair.close()
-                    return
-                self.workers.run(functools.partial(self._connect, pair))
-        finally:
-            netns.close()
-
-    def _connect(self, pair: _Pair) -> None:
-        try:
-            pair.upstream.settimeout(CONNECT_TIMEOUT)
-            pair.upstream.connect(("127.0.0.1", self.port))
-            pair.upstream.settimeout(None)
-        except OSError:
-            pair.close()  # the guest refused: so does the relay, by closing
-            return
-        self.workers.run(functools.partial(pair.pump, pair.upstream, pair.client))
-        pair.pump(pair.client, pair.upstream)
-
-    def _forget(self, pair: _Pair) -> None:
-        with self.lock:
-            self.live.discard(pair)
-
-    def close(self) -> None:
-        """Stop accepting (the port then refuses) and cut every relayed connection."""
-        with self.lock:
-            self.closed = True
-            live, self.live = list(self.live), set()
-        with contextlib.suppress(OSError):
-            self.listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() thread
-        self.listener.close()
-        for pair in live:
-            pair.cut()
+def _listen(sock: socket.socket, port: int) -> None:
+    """Listen on ``127.0.0.1:port`` of ``sock``'s namespace, or an ephemeral port if taken."""
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise
+        sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
 
 
 class Forwards:
-    """Every forward of one backend instance, by guest id; thread-safe."""
+    """Every forward and exposed host port of one backend instance, by guest id; thread-safe."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._by_guest: dict[str, dict[tuple[int, str], _Forward]] = {}
+        self._by_guest: dict[str, dict[_Key, Relay]] = {}
         self._workers = Workers("vmenv-relay")
+
+    def relays(self, gid: str) -> list[Relay]:
+        """The live relays of guest ``gid`` (none once it is destroyed)."""
+        with self._lock:
+            return list(self._by_guest.get(gid, {}).values())
+
+    def _known(self, gid: str, key: _Key) -> tuple[str, int] | None:
+        with self._lock:
+            known = self._by_guest.get(gid, {}).get(key)
+        return None if known is None else known.address
+
+    def _add(self, gid: str, key: _Key, relay: Relay) -> tuple[str, int]:
+        """Start ``relay`` unless another thread got there first (then close it): the
+        address of the one that stays."""
+        with self._lock:
+            known = self._by_guest.setdefault(gid, {}).setdefault(key, relay)
+        if known is not relay:
+            relay.close()
+            relay.after()
+            return known.address
+        relay.start()
+        return relay.address
 
     def forward(
         self, gid: str, port: int, host: str, guest: Callable[[], Guest]
@@ -252,40 +179,51 @@ class Forwards:
         ``guest()`` gives (its current record: it raises once the guest is gone); the same
         ``(port, host)`` again gives the same address. A first socket is made in the guest
         here, so a forward that cannot work fails now rather than at each connection."""
-        if not 0 < port < 65536:
-            raise errors.ConfigError(f"forward: port must be 1..65535, got {port!r}")
-        with self._lock:
-            known = self._by_guest.get(gid, {}).get((port, host))
-            if known is not None:
-                return known.address
-        netns = self._probe(guest)
+        _check(port, "forward")
+        key = ("forward", port, host)
+        if (known := self._known(gid, key)) is not None:
+            return known
+        netns, probe = self._probe(guest)
+        probe.close()
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         try:
             listener = socket.create_server((host, 0), family=family, backlog=128)
         except BaseException:
             netns.close()
             raise
-        fwd = _Forward(listener, port, netns, self._workers)
-        with self._lock:
-            mine = self._by_guest.setdefault(gid, {})
-            known = mine.setdefault((port, host), fwd)
-        if known is not fwd:
+        relay = Relay(listener, port, netns.socket, self._workers, f"vmenv-forward-{port}")
+        relay.after = netns.close
+        return self._add(gid, key, relay)
+
+    def expose(self, gid: str, port: int, guest: Callable[[], Guest]) -> tuple[str, int]:
+        """Listen on the guest's ``127.0.0.1`` (``port`` when free there) and relay to
+        ``127.0.0.1:port`` on the host: the address the guest's processes connect to. The
+        same ``port`` again gives the same address."""
+        _check(port, "expose_host_port")
+        key = ("expose", port, "")
+        if (known := self._known(gid, key)) is not None:
+            return known
+        netns, listener = self._probe(guest)
+        netns.close()  # the listener keeps the guest's namespace; nothing else is made there
+        try:
+            _listen(listener, port)
+        except BaseException:
             listener.close()
-            netns.close()
-            return known.address
-        fwd.start()
-        return fwd.address
+            raise
+        relay = Relay(listener, port, _tcp, self._workers, f"vmenv-expose-{port}")
+        return self._add(gid, key, relay)
 
     @staticmethod
-    def _probe(guest: Callable[[], Guest]) -> _Netns:
-        """The guest's namespace, opened and tried (a socket made in it) in a thread of its
-        own, so that this one never joins it; the listener's thread goes on with it."""
+    def _probe(guest: Callable[[], Guest]) -> tuple[_Netns, socket.socket]:
+        """The guest's namespace and a socket made in it, in a thread of its own, so that
+        this one never joins it (a forward's listener thread goes on with the namespace)."""
         netns = _Netns(guest)
+        made: list[socket.socket] = []
         failure: list[BaseException] = []
 
         def make() -> None:
             try:
-                netns.socket().close()
+                made.append(netns.socket())
             except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
                 failure.append(exc)
 
@@ -296,17 +234,22 @@ class Forwards:
         if failure:
             netns.close()
             raise failure[0]
-        return netns
+        return netns, made[0]
 
     def close(self, gid: str) -> None:
-        """Close every forward of guest ``gid`` (its ports refuse from now on)."""
+        """Close every relay of guest ``gid`` (its ports refuse from now on)."""
         with self._lock:
             mine = self._by_guest.pop(gid, {})
-        for fwd in mine.values():
-            fwd.close()
+        for relay in mine.values():
+            relay.close()
 
     def close_all(self) -> None:
         with self._lock:
             gids = list(self._by_guest)
         for gid in gids:
             self.close(gid)
+
+
+def _check(port: int, what: str) -> None:
+    if not 0 < port < 65536:
+        raise errors.ConfigError(f"{what}: port must be 1..65535, got {port!r}")
