@@ -303,6 +303,7 @@ class Machine:
 
     def revert(self, snapshot: Snapshot) -> None:
         _backend(lambda: self.backend.revert(self.ref, snapshot))
+        self._exposed.clear()  # a revert may move an exposed port: ask the backend again
 
     def console_log(self) -> str:
         return _backend(lambda: self.backend.console_log(self.ref))

@@ -157,6 +157,7 @@ class EmulatorBackend:
     @BOUNDARY
     def revert(self, ref: MachineRef, snapshot: Snapshot) -> None:
         self._machines.revert(ref, snapshot)
+        self._forwards.reopen(ref.id, self._current(ref))
 
     def console_log(self, ref: MachineRef) -> str:
         return self._machines.console_log(ref) if valid_id(ref.id) else ""

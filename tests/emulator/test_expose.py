@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import importlib.util
 import os
 import socket
 import sys
@@ -18,6 +19,8 @@ import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +35,15 @@ pytestmark = pytest.mark.skipif(
     reason="the emulator's host image needs Linux and root",
 )
 
+_UNPRIVILEGED = importlib.util.spec_from_file_location(
+    "_expose_userns", Path(__file__).with_name("test_unprivileged.py")
+)
+assert _UNPRIVILEGED is not None and _UNPRIVILEGED.loader is not None
+unprivileged = sys.modules.setdefault(
+    "_expose_userns", importlib.util.module_from_spec(_UNPRIVILEGED)
+)
+_UNPRIVILEGED.loader.exec_module(unprivileged)
+area, nobody = unprivileged.area, unprivileged.nobody  # the fixtures, for the test as nobody
 BIG = os.urandom(24 * 1024 * 1024)
 FETCH = """
 import hashlib, sys, urllib.request
@@ -235,3 +247,70 @@ def test_a_machine_on_a_network(
         assert got == hashlib.sha256(b"hello from the host\n").hexdigest()
     finally:
         backend.destroy(ref)
+
+
+def test_an_exposed_port_outlives_a_revert(
+    vm: Machine, backend: EmulatorBackend, template: Snapshot, server: Server
+) -> None:
+    """A revert starts a new PID 1 in a new network namespace: the listener is made again
+    there, on the same guest port (free in the reverted guest), and the old one is closed."""
+    address = vm.expose_host_port(server.port)
+    [before] = backend._forwards.relays(vm.ref.id)
+    vm.revert(template)
+    assert vm.expose_host_port(server.port) == address
+    _, port = address
+    got = _in_guest(vm, FETCH, f"http://127.0.0.1:{port}/", 2)
+    assert got.split() == [hashlib.sha256(b"hello from the host\n").hexdigest()] * 2
+    [after] = backend._forwards.relays(vm.ref.id)
+    assert before.closed and after is not before and not after.closed
+
+
+AS_NOBODY = """
+import http.server, sys, threading
+from pathlib import Path
+from pytest_vmenv.backend import Session
+from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.machine import Machine
+from pytest_vmenv.spec import MachineSpec
+rootfs, state = sys.argv[1], Path(sys.argv[2])
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200)
+        self.send_header("Content-Length", "14")
+        self.end_headers()
+        self.wfile.write(b"rootless host\\n")
+    def log_message(self, *args):
+        pass
+httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+threading.Thread(target=httpd.serve_forever, daemon=True).start()
+b = EmulatorBackend(state_dir=state)
+s = Session(id="expose-userns", state_dir=state)
+spec = MachineSpec(name="u", image=rootfs, image_config={"rootfs": rootfs})
+template = b.build_template(spec, "expose-userns", s)
+ref = b.clone(template, spec, s)
+try:
+    vm = Machine(b, ref, spec, state / "scratch")
+    host, port = vm.expose_host_port(httpd.server_address[1])
+    print("fetched:", vm.succeed(f"wget -q -O - http://{host}:{port}/").strip())
+    b.destroy(ref)
+    print("relays left:", len(b._forwards.relays(ref.id)))
+finally:
+    b.close()
+    b.remove_template(template)
+    httpd.shutdown()
+"""
+
+
+def test_expose_as_nobody(area: object, nobody: object) -> None:
+    """Unprivileged, the guest-side listener is made by the namespace helper: busybox wget in
+    the guest fetches from a server the unprivileged process runs on the host's loopback."""
+    runner: Any = nobody
+    unprivileged._need_userns(runner)
+    where: Any = area
+    link = where.rootfs / "bin" / "wget"
+    if not link.is_symlink():
+        link.symlink_to("busybox")
+        os.lchown(link, unprivileged.NOBODY, unprivileged.NOBODY)
+    res = runner.run(["python", "-c", AS_NOBODY, str(where.rootfs), str(where.state)])
+    assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
+    assert res.stdout.splitlines() == ["fetched: rootless host", "relays left: 0"], res.stderr

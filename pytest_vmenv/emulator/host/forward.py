@@ -203,15 +203,38 @@ class Forwards:
         key = ("expose", port, "")
         if (known := self._known(gid, key)) is not None:
             return known
+        relay = self._exposer(guest, port, port)
+        return self._add(gid, key, relay)
+
+    def reopen(self, gid: str, guest: Callable[[], Guest]) -> None:
+        """After a revert (a new PID 1 in a new network namespace): every exposed port of
+        ``gid`` listens again in the new namespace, on the same guest port when it is free
+        there (``vm.expose_host_port`` then asks again: the address may have changed)."""
+        with self._lock:
+            mine = self._by_guest.get(gid, {})
+            old = [(key, relay) for key, relay in mine.items() if key[0] == "expose"]
+        for key, relay in old:
+            where = relay.address[1]
+            relay.close()
+            new = self._exposer(guest, relay.port, where)
+            with self._lock:
+                if self._by_guest.get(gid, {}).get(key) is relay:
+                    self._by_guest[gid][key] = new
+                    new.start()
+                    continue
+            new.close()  # destroyed meanwhile
+
+    def _exposer(self, guest: Callable[[], Guest], port: int, where: int) -> Relay:
+        """A relay (not started) from a listener on the guest's ``127.0.0.1:where`` (or an
+        ephemeral port if taken) to the host's ``127.0.0.1:port``."""
         netns, listener = self._probe(guest)
         netns.close()  # the listener keeps the guest's namespace; nothing else is made there
         try:
-            _listen(listener, port)
+            _listen(listener, where)
         except BaseException:
             listener.close()
             raise
-        relay = Relay(listener, port, _tcp, self._workers, f"vmenv-expose-{port}")
-        return self._add(gid, key, relay)
+        return Relay(listener, port, _tcp, self._workers, f"vmenv-expose-{port}")
 
     @staticmethod
     def _probe(guest: Callable[[], Guest]) -> tuple[_Netns, socket.socket]:
