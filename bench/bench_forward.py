@@ -17,7 +17,10 @@ Per round, interleaved (forward, then direct):
 * stream throughput: MiB/s of ``--mib`` MiB from the streamer (the relay's own ceiling, with
   ``http.server``'s Python copy loop out of the figure);
 * first byte: from calling ``forward()`` on a port not forwarded yet to the first byte of the
-  reply to a GET (listener set up, connection relayed, server answered).
+  reply to a GET (listener set up, connection relayed, server answered);
+* exposed latency: the median of ``--requests`` small GETs made *in the guest* by one
+  ``python3`` client, through ``expose_host_port`` to the host's ``http.server``, against the
+  same client and program on the guest's own loopback (the guest's server: direct).
 
 Printed: each figure as a range over the rounds (min-max of the round values, and their
 median), and the forward/direct ratios taken within a round. Targets: latency
@@ -59,6 +62,23 @@ def send(c):
             c.sendall(block)
 while True:
     threading.Thread(target=send, args=(s.accept()[0],), daemon=True).start()
+"""
+LATENCY = r"""
+import http.client, statistics, sys, time
+port, n = int(sys.argv[1]), int(sys.argv[2])
+def get():
+    c = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+    c.request("GET", "/small")
+    c.getresponse().read()
+    c.close()
+for _ in range(20):
+    get()
+times = []
+for _ in range(n):
+    start = time.perf_counter()
+    get()
+    times.append(time.perf_counter() - start)
+print(statistics.median(times))
 """
 
 
@@ -137,6 +157,7 @@ def _guest_servers(backend: EmulatorBackend, ref: MachineRef, mib: int) -> None:
     sh(f"mkdir -p /srv/www && cd /srv/www && head -c 200 /dev/zero > small && "
        f"head -c {mib << 20} /dev/zero > big")  # fmt: skip
     backend.copy_in(ref, _write(backend, "streamer.py", STREAMER), "/srv/streamer.py")
+    backend.copy_in(ref, _write(backend, "latency.py", LATENCY), "/srv/latency.py")
     sh(f"cd /srv/www && (setsid {PYTHON} -m http.server --bind 127.0.0.1 {HTTP_PORT} "
        f">/dev/null 2>&1 &) && (setsid {PYTHON} /srv/streamer.py {STREAM_PORT} {mib} "
        ">/dev/null 2>&1 &) && for i in $(seq 100); do "
@@ -185,6 +206,8 @@ def main() -> None:
             "stream": backend.forward(ref, STREAM_PORT),
         }
         direct = {k: ("127.0.0.1", v) for k, v in ports.items()}
+        forward["exposed"] = backend.expose_host_port(ref, ports["http"])
+        direct["exposed"] = ("127.0.0.1", HTTP_PORT)  # the guest's own server
         _rounds(args, backend, ref, forward, direct)
     finally:
         for proc in procs:
@@ -217,6 +240,7 @@ def _rounds(
         measure("http", _http_mibs, "http")
         measure("stream", _stream_mibs, "stream")
         figures.setdefault("first byte", []).append(_first_byte_fresh(backend, ref, i))
+        measure("exposed", lambda a: _guest_latency(backend, ref, a[1], args.requests), "exposed")
     print(f"forward benchmark: {args.rounds} rounds, {args.requests} requests, {args.mib} MiB")
     _show("small GET latency, forward", figures["latency forward"], "ms", 1e3)
     _show("small GET latency, direct", figures["latency direct"], "ms", 1e3)
@@ -228,6 +252,17 @@ def _rounds(
     _show("byte stream, direct", figures["stream direct"], "MiB/s")
     _show("stream throughput ratio (>= 0.5)", figures["stream ratio"], "x")
     _show("forward() to first byte", figures["first byte"], "ms", 1e3)
+    _show("in-guest GET, expose_host_port", figures["exposed forward"], "ms", 1e3)
+    _show("in-guest GET, guest loopback", figures["exposed direct"], "ms", 1e3)
+    _show("exposed latency ratio", figures["exposed ratio"], "x")
+
+
+def _guest_latency(backend: EmulatorBackend, ref: MachineRef, port: int, n: int) -> float:
+    """The median small GET from a client in the guest to its ``127.0.0.1:port``."""
+    argv = [PYTHON, "/srv/latency.py", str(port), str(n)]
+    result = backend.execute(ref, argv, timeout=300)
+    assert result.exit_code == 0, result
+    return float(result.stdout)
 
 
 def _first_byte_fresh(backend: EmulatorBackend, ref: MachineRef, i: int) -> float:
