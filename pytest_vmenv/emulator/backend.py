@@ -156,7 +156,14 @@ class EmulatorBackend:
 
     @BOUNDARY
     def revert(self, ref: MachineRef, snapshot: Snapshot) -> None:
-        self._machines.revert(ref, snapshot)
+        """Restart the guest on ``snapshot``'s files; its exposed host ports listen again in
+        its new network namespace (see :meth:`.host.forward.Forwards.reopen`)."""
+        try:
+            self._machines.revert(ref, snapshot)
+        except BaseException:
+            if self._machines.guests.known(ref.id) is None:
+                self._forwards.close(ref.id)  # the failed revert destroyed it
+            raise
         self._forwards.reopen(ref.id, self._current(ref))
 
     def console_log(self, ref: MachineRef) -> str:

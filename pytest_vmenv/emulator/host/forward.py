@@ -209,20 +209,36 @@ class Forwards:
     def reopen(self, gid: str, guest: Callable[[], Guest]) -> None:
         """After a revert (a new PID 1 in a new network namespace): every exposed port of
         ``gid`` listens again in the new namespace, on the same guest port when it is free
-        there (``vm.expose_host_port`` then asks again: the address may have changed)."""
+        there (``vm.expose_host_port`` then asks again: the address may have changed). If
+        one cannot be made again, it is dropped and the error raised."""
         with self._lock:
             mine = self._by_guest.get(gid, {})
             old = [(key, relay) for key, relay in mine.items() if key[0] == "expose"]
+        failures: list[BaseException] = []
         for key, relay in old:
-            where = relay.address[1]
-            relay.close()
+            try:
+                self._reopen(gid, key, relay, guest)
+            except BaseException as exc:  # noqa: BLE001 - the first is raised after the rest
+                failures.append(exc)
+        if failures:
+            raise failures[0]
+
+    def _reopen(self, gid: str, key: _Key, relay: Relay, guest: Callable[[], Guest]) -> None:
+        where = relay.address[1]
+        relay.close()
+        try:
             new = self._exposer(guest, relay.port, where)
-            with self._lock:
+        except BaseException:
+            with self._lock:  # asking again makes a new one, or says why it cannot
                 if self._by_guest.get(gid, {}).get(key) is relay:
-                    self._by_guest[gid][key] = new
-                    new.start()
-                    continue
-            new.close()  # destroyed meanwhile
+                    del self._by_guest[gid][key]
+            raise
+        with self._lock:
+            if self._by_guest.get(gid, {}).get(key) is relay:
+                self._by_guest[gid][key] = new
+                new.start()
+                return
+        new.close()  # destroyed meanwhile
 
     def _exposer(self, guest: Callable[[], Guest], port: int, where: int) -> Relay:
         """A relay (not started) from a listener on the guest's ``127.0.0.1:where`` (or an
