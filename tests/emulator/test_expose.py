@@ -30,6 +30,7 @@ from pytest_vmenv.errors import MachineGone
 from pytest_vmenv.machine import Machine
 from pytest_vmenv.spec import MachineSpec
 
+pytest_plugins = ["pytester"]
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or os.geteuid() != 0,
     reason="the emulator's host image needs Linux and root",
@@ -263,6 +264,43 @@ def test_an_exposed_port_outlives_a_revert(
     assert got.split() == [hashlib.sha256(b"hello from the host\n").hexdigest()] * 2
     [after] = backend._forwards.relays(vm.ref.id)
     assert before.closed and after is not before and not after.closed
+
+
+def test_expose_host_port_through_the_plugin_fixtures(pytester: pytest.Pytester) -> None:
+    pytester.makepyfile(
+        """
+        import http.server, threading
+        import pytest
+
+        class Hook(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                self.send_response(200)
+                self.send_header("Content-Length", "7")
+                self.end_headers()
+                self.wfile.write(b"called\\n")
+
+            def log_message(self, *args):
+                pass
+
+        @pytest.mark.vm(image="host")
+        def test_guest_calls_back(vm):
+            httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Hook)
+            threading.Thread(target=httpd.serve_forever, daemon=True).start()
+            try:
+                host, port = vm.expose_host_port(httpd.server_address[1])
+                out = vm.succeed(
+                    "python3 -c 'import sys, urllib.request; "
+                    "o = urllib.request.build_opener(urllib.request.ProxyHandler({})); "
+                    "print(o.open(sys.argv[1], timeout=30).read().decode(), end=str())' "
+                    f"http://{host}:{port}/hook"
+                )
+                assert out == "called\\n"
+            finally:
+                httpd.shutdown()
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1)
 
 
 AS_NOBODY = """
