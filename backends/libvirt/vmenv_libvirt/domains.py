@@ -101,6 +101,7 @@ def render_domain(custom: Path | None, **variables: Any) -> str:
     safe.setdefault("seed", None)
     safe.setdefault("network", None)
     safe.setdefault("mac", None)
+    safe.setdefault("controller", "virtio")
     safe.setdefault("on_reboot", "restart")
     if custom is not None:
         text = custom.read_text()
@@ -250,9 +251,12 @@ class Pool:
 
 
 def _image_format(path: Path) -> tuple[str, int]:
-    """("qcow2", virtual size) from a qcow2 header, else ("raw", file size)."""
+    """("qcow2", virtual size) from a qcow2 header, ("vmdk", capacity) from a sparse VMDK
+    extent's header (monolithicSparse, streamOptimized), else ("raw", file size)."""
     with open(path, "rb") as f:
         head = f.read(32)
     if head[:4] == b"QFI\xfb":
         return "qcow2", int.from_bytes(head[24:32], "big")
+    if head[:4] == b"KDMV":
+        return "vmdk", int.from_bytes(head[12:20], "little") * 512
     return "raw", path.stat().st_size

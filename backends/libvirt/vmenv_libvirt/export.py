@@ -1,13 +1,15 @@
-"""Export a recipe's qcow2 for another hypervisor: a VMDK for a vSphere template.
+"""Export a recipe as a whole bootable disk for another hypervisor: a VMDK for vSphere.
 
 Contract: :func:`export_disk` converts a disk with ``qemu-img convert``; for ``vmdk`` as a
 ``streamOptimized`` VMDK (the compressed, sequential subformat vSphere imports from an OVF
-or through ``vmkfstools -i``), SCSI adapter ``lsilogic``. The file is written beside its
+or with ``govc import.vmdk``), SCSI adapter ``lsilogic``. The file is written beside its
 destination and renamed into place, so a half-written export never has the final name.
+A conversion is announced as a progress event before it starts and when it is done.
 
 ``python -m vmenv_libvirt.export NAME DEST [--packages a,b] [--format vmdk|qcow2|raw]``
-builds the image of recipe ``NAME`` (``debian-12`` or an ``[images.NAME]`` recipe of
-``vmenv.toml`` here) as the libvirt backend boots it (:mod:`.debian`), then exports it.
+builds recipe ``NAME`` (``debian-12`` or an ``[images.NAME] recipe of ``vmenv.toml`` here)
+as the disk BIOS firmware boots by itself (:mod:`.bootdisk`: MBR, SYSLINUX, ext4 root,
+Debian's generic kernel, open-vm-tools, openssh-server), then exports it.
 """
 
 from __future__ import annotations
@@ -15,7 +17,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import time
 from pathlib import Path
+
+from pytest_vmenv.images import BuildEvent, publish
 
 from .debs import TinyBuildError, run
 
@@ -33,11 +38,22 @@ def export_disk(src: Path, dest: Path, fmt: str = "vmdk") -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
     part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    started = time.monotonic()
+
+    def say(state: str, step: str) -> None:
+        publish(BuildEvent(f"{dest.name} ({fmt})", "export", state, step,
+                           time.monotonic() - started))  # fmt: skip
+
+    say("building", f"converting {src.name} with qemu-img")
     try:
         run(["qemu-img", "convert", "-q", *FORMATS[fmt], str(src), str(part)])
         os.replace(part, dest)
+    except BaseException:
+        say("failed", "qemu-img convert failed")
+        raise
     finally:
         part.unlink(missing_ok=True)
+    say("built", f"in {time.monotonic() - started:.1f}s")
     return dest
 
 
@@ -47,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     from pytest_vmenv.images import LinePrinter, subscribe
     from pytest_vmenv.paths import state_dir
 
-    from .debian import ensure_debian
+    from .bootdisk import ensure_bootdisk
 
     parser = argparse.ArgumentParser(prog="python -m vmenv_libvirt.export")
     parser.add_argument("name", help="debian-12, or an [images.NAME] recipe of vmenv.toml")
@@ -59,14 +75,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = named_recipe(args.name, args.packages, "systemd")
         state = state_dir()
-        image = ensure_debian(state, state / "libvirt" / "images", recipe)
+        image = ensure_bootdisk(state, state / "libvirt" / "images", recipe)
         export_disk(image.disk, args.dest, args.format)
     except (VmenvError, TinyBuildError, ValueError) as exc:
         print(f"vmenv_libvirt.export: {exc}", file=sys.stderr)
         return 1
     finally:
         unsubscribe()
-    print(f"{args.dest}  ({args.format}, from {image.disk}; kernel {image.kernel})")
+    print(f"{args.dest}  ({args.format}, BIOS boot, from {image.disk}; {image.cmdline})")
     return 0
 
 

@@ -127,6 +127,7 @@ class Templates:
             "cmdline": cmdline,
             "tiny": image.tiny,
             "systemd": image.systemd,
+            "controller": image.controller,
         }
         return _Build(key, spec, session, image, boot, mode, ssh)
 
