@@ -43,6 +43,7 @@ __all__ = [
     "labels_xml",
     "machine_labels",
     "read_labels",
+    "image_format",
     "render_domain",
     "set_labels",
     "snapshot_xml",
@@ -201,7 +202,7 @@ class Pool:
 
     def create_overlay(self, name: str, backing: Path, capacity: int | None = None) -> Path:
         """A new qcow2 volume ``name`` backed by ``backing`` (read-only); its path."""
-        fmt, info = _image_format(backing)
+        fmt, info = image_format(backing)
         size = max(capacity or 0, info)
 
         def create(conn: libvirt.virConnect) -> str:
@@ -250,7 +251,7 @@ class Pool:
             path.unlink(missing_ok=True)
 
 
-def _image_format(path: Path) -> tuple[str, int]:
+def image_format(path: Path) -> tuple[str, int]:
     """("qcow2", virtual size) from a qcow2 header, ("vmdk", capacity) from a sparse VMDK
     extent's header (monolithicSparse, streamOptimized), else ("raw", file size)."""
     with open(path, "rb") as f:
