@@ -1,0 +1,122 @@
+"""The disk a vSphere template is made from: ``debian-12`` exported as a streamOptimized VMDK
+(:mod:`vmenv_libvirt.bootdisk`, :func:`vmenv_libvirt.export.export_disk`), booted by the
+firmware under QEMU on VMware's paravirtual SCSI controller.
+
+That VMDK is booted as a user's disk, ``{ disk = "debian-12.vmdk", controller = "pvscsi",
+cloud_init = false }``: no kernel is given, so SeaBIOS runs the disk's MBR, which runs
+SYSLINUX from the boot partition, which boots the kernel. The plugin's agent channel then
+runs the checks in the guest. The disk is built once per key (CI shares it across
+checkouts); the export and the boot are this module's cost.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+import struct
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from vmenv_libvirt import LibvirtBackend
+from vmenv_libvirt.bootdisk import BOOT_MIB, BootDisk, ensure_bootdisk
+from vmenv_libvirt.export import export_disk
+
+from pytest_vmenv.backend import Session
+from pytest_vmenv.images import Recipe, builder_problem
+from pytest_vmenv.machine import Machine
+from pytest_vmenv.paths import state_dir
+from pytest_vmenv.spec import MachineSpec
+
+pytestmark = pytest.mark.skipif(builder_problem() is not None, reason=str(builder_problem()))
+
+
+@pytest.fixture(scope="module")
+def bootdisk() -> BootDisk:
+    root = state_dir()
+    return ensure_bootdisk(root, root / "libvirt" / "images", Recipe("debian-12"))
+
+
+@pytest.fixture(scope="module")
+def vmdk(bootdisk: BootDisk, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return export_disk(bootdisk.disk, tmp_path_factory.mktemp("export") / "debian-12.vmdk")
+
+
+@pytest.fixture(scope="module")
+def booted(libvirt_backend: LibvirtBackend, vmdk: Path) -> Iterator[Machine]:
+    session = Session(id="lvk-" + secrets.token_hex(4), state_dir=state_dir(), worker_id="lvk")
+    entry = {"disk": str(vmdk), "controller": "pvscsi", "cloud_init": False}
+    spec = MachineSpec(name="ci-vmdk", image="vmdk", backend="libvirt",
+                       memory=768 * 1024**2, timeout=900, image_config=entry)  # fmt: skip
+    snap = libvirt_backend.build_template(spec, "lvk-" + session.id, session)
+    try:
+        ref = libvirt_backend.clone(snap, spec, session)
+        try:
+            yield Machine(libvirt_backend, ref, spec)
+        finally:
+            libvirt_backend.destroy(ref)
+    finally:
+        libvirt_backend.remove_template(snap)
+
+
+def _info(path: Path) -> dict[str, object]:
+    out = subprocess.run(["qemu-img", "info", "--output=json", str(path)],
+                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    info: dict[str, object] = json.loads(out)
+    return info
+
+
+def test_the_vmdk_is_a_stream_optimized_copy_of_the_disk(bootdisk: BootDisk, vmdk: Path) -> None:
+    info, source = _info(vmdk), _info(bootdisk.disk)
+    assert info["format"] == "vmdk"
+    assert info["format-specific"]["data"]["create-type"] == "streamOptimized"  # type: ignore[index]
+    assert info["virtual-size"] == source["virtual-size"]
+    compare = subprocess.run(
+        ["qemu-img", "compare", "-f", "qcow2", "-F", "vmdk", str(bootdisk.disk), str(vmdk)],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert compare.returncode == 0, compare.stdout + compare.stderr
+    assert "Images are identical" in compare.stdout
+
+
+def test_the_disk_starts_with_boot_code_and_two_partitions(vmdk: Path, tmp_path: Path) -> None:
+    sector = tmp_path / "mbr"
+    subprocess.run(["qemu-img", "dd", "-f", "vmdk", "-O", "raw", "bs=512", "count=1",
+                    f"if={vmdk}", f"of={sector}"], check=True)  # fmt: skip
+    mbr = sector.read_bytes()[:512]
+    assert mbr[510:] == b"\x55\xaa"
+    assert mbr[:440] == Path("/usr/lib/syslinux/mbr/mbr.bin").read_bytes().ljust(440, b"\0")
+    parts = [struct.unpack("<B3sB3sII", mbr[446 + 16 * i : 462 + 16 * i]) for i in range(4)]
+    assert [(p[0], p[2], p[4]) for p in parts[:2]] == [
+        (0x80, 0x0E, 2048),  # active FAT16 boot partition at 1 MiB
+        (0x00, 0x83, 2048 + BOOT_MIB * 2048),  # the Linux root right after it
+    ]
+    assert parts[2][2] == parts[3][2] == 0
+
+
+def test_the_firmware_booted_it_through_syslinux_on_pvscsi(
+    booted: Machine, bootdisk: BootDisk
+) -> None:
+    state = booted.run("systemctl is-system-running --wait").stdout.strip()
+    assert state in ("running", "degraded"), booted.run("systemctl --failed").stdout
+    cmdline = booted.succeed("cat /proc/cmdline").split()
+    assert cmdline[0] == "BOOT_IMAGE=/vmlinuz"  # SYSLINUX put it there: no direct kernel boot
+    assert f"root=UUID={bootdisk.root_uuid}" in cmdline
+    assert {"console=ttyS0,115200n8", "console=tty0"} <= set(cmdline)
+    assert booted.succeed("findmnt -no SOURCE /").strip() == "/dev/sda2"
+    hba = "$(readlink -f /sys/block/sda/device)/../../.."  # disk, target, host, PCI device
+    driver = booted.succeed(f"basename $(readlink -f {hba}/driver)")
+    assert driver.strip() == "vmw_pvscsi"
+    assert booted.succeed("echo $((6 * 7))").strip() == "42"
+
+
+def test_the_guest_has_what_vsphere_needs(booted: Machine) -> None:
+    enabled = booted.succeed("systemctl is-enabled open-vm-tools ssh").split()
+    assert enabled == ["enabled", "enabled"]
+    # the initramfs is one zstd-compressed cpio (lsinitramfs takes minutes under TCG)
+    listing = "zstd -dc /boot/initrd.img-$(uname -r) | cpio -t --quiet | grep -o '[a-z_0-9]*.ko$'"
+    modules = set(booted.succeed(listing, timeout=300).split())
+    # LSI Logic (vSphere's default), PVSCSI, SATA (AHCI), IDE: the root disk on any of them
+    assert {"mptspi.ko", "vmw_pvscsi.ko", "ahci.ko", "ata_piix.ko"} <= modules
+    assert booted.succeed("modinfo -n vmxnet3").strip().endswith("vmxnet3.ko")
