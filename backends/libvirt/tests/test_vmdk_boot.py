@@ -1,12 +1,12 @@
 """The disk a vSphere template is made from: ``debian-12`` exported as a streamOptimized VMDK
-(:mod:`vmenv_libvirt.bootdisk`, :func:`vmenv_libvirt.export.export_disk`), booted by the
-firmware under QEMU on VMware's paravirtual SCSI controller.
+(:mod:`vmenv_libvirt.bootdisk`, ``python -m vmenv_libvirt.export``), booted by the firmware
+under QEMU on VMware's paravirtual SCSI controller.
 
 That VMDK is booted as a user's disk, ``{ disk = "debian-12.vmdk", controller = "pvscsi",
 cloud_init = false }``: no kernel is given, so SeaBIOS runs the disk's MBR, which runs
 SYSLINUX from the boot partition, which boots the kernel. The plugin's agent channel then
-runs the checks in the guest. The disk is built once per key (CI shares it across
-checkouts); the export and the boot are this module's cost.
+runs the checks in the guest. The disk and its VMDK are built once per key (CI shares them
+across checkouts); the boots are this module's cost.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ import pytest
 from vmenv_libvirt import LibvirtBackend
 from vmenv_libvirt.bootdisk import BOOT_MIB, BootDisk, ensure_bootdisk
 from vmenv_libvirt.domains import image_format
-from vmenv_libvirt.export import export_disk
+from vmenv_libvirt.export import main
 from vmenv_libvirt.images import resolve
 
 from pytest_vmenv.backend import Session
@@ -44,7 +44,10 @@ def bootdisk() -> BootDisk:
 
 @pytest.fixture(scope="module")
 def vmdk(bootdisk: BootDisk, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return export_disk(bootdisk.disk, tmp_path_factory.mktemp("export") / "debian-12.vmdk")
+    """What ``python -m vmenv_libvirt.export debian-12 DEST`` writes (a copy of the build's)."""
+    dest = tmp_path_factory.mktemp("export") / "debian-12.vmdk"
+    assert main(["debian-12", str(dest)]) == 0
+    return dest
 
 
 @pytest.fixture(scope="module")
@@ -71,6 +74,7 @@ def _info(path: Path) -> Any:
 
 
 def test_the_vmdk_is_a_stream_optimized_copy_of_the_disk(bootdisk: BootDisk, vmdk: Path) -> None:
+    assert vmdk.read_bytes() == bootdisk.vmdk.read_bytes()
     info, source = _info(vmdk), _info(bootdisk.disk)
     assert info["format"] == "vmdk"
     assert info["format-specific"]["data"]["create-type"] == "streamOptimized"

@@ -1,9 +1,11 @@
 """A recipe as one whole disk that BIOS firmware boots by itself: a vSphere template's disk.
 
 Contract: :func:`ensure_bootdisk` turns a core :class:`~pytest_vmenv.images.Recipe` into a
-:class:`BootDisk` under ``<state>/libvirt/images/bootdisk-<FORMAT>-<key>/disk.qcow2``, built
-once per key (:func:`.debian.built_once`: lock, progress events, renamed into place). The
-disk, as the firmware sees it:
+:class:`BootDisk` under ``<state>/libvirt/images/bootdisk-<FORMAT>-<key>/``, built once per
+key (:func:`.debian.built_once`: lock, progress events, renamed into place): the disk as
+``disk.qcow2`` and as ``disk.vmdk``, the streamOptimized VMDK (:data:`VMDK_OPTIONS`) a
+vSphere template is imported from, converted once here so an export is a copy. The disk, as
+the firmware sees it:
 
 * an MBR (syslinux's ``mbr.bin`` as its code, the partition table written here) with two
   primary partitions: 1, a FAT16 boot partition (active, from 1 MiB, :data:`BOOT_MIB`) and
@@ -54,7 +56,10 @@ from .debian import (
 )
 from .debs import run
 
-__all__ = ["BOOT_MIB", "EXPORT_PACKAGES", "MBR_CODE", "BootDisk", "ensure_bootdisk"]
+__all__ = ["BOOT_MIB", "EXPORT_PACKAGES", "MBR_CODE", "VMDK_OPTIONS", "BootDisk", "ensure_bootdisk"]
+
+VMDK_OPTIONS = ["-O", "vmdk", "-o", "subformat=streamOptimized,adapter_type=lsilogic"]
+"""``qemu-img convert``'s options for the VMDK vSphere imports (compressed, sequential)."""
 
 EXPORT_PACKAGES = (
     *(p for p in GUEST_PACKAGES if p != "linux-image-cloud-amd64"),
@@ -104,6 +109,7 @@ class BootDisk:
 
     dir: Path
     disk: Path
+    vmdk: Path
     key: str
     root_uuid: str
     cmdline: str
@@ -173,8 +179,10 @@ def _build(cache: ImageCache, recipe: Recipe, key: str, work: Path, out: Path) -
     say("partitioning; the boot partition (SYSLINUX) and the ext4 root file system")
     _whole_disk(root, work / "boot", work / "disk.raw", root_uuid)
     say("converting the disk to qcow2")
-    run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(work / "disk.raw"),
-         str(out / "disk.qcow2")])  # fmt: skip
+    raw = ["qemu-img", "convert", "-q", "-f", "raw", str(work / "disk.raw")]
+    run([*raw, "-O", "qcow2", str(out / "disk.qcow2")])
+    say("converting the disk to a streamOptimized VMDK")
+    run([*raw, *VMDK_OPTIONS, str(out / "disk.vmdk")])
     (out / "root-uuid").write_text(root_uuid + "\n")
 
 
@@ -187,4 +195,5 @@ def ensure_bootdisk(state_dir: Path, images_dir: Path, recipe: Recipe) -> BootDi
     final = built_once(images_dir, f"bootdisk-{FORMAT}-{key}", full, key, "bootable disk",
                        lambda work, out: _build(cache, full, key, work, out))  # fmt: skip
     root_uuid = (final / "root-uuid").read_text().strip()
-    return BootDisk(final, final / "disk.qcow2", key, root_uuid, cmdline(root_uuid))
+    return BootDisk(final, final / "disk.qcow2", final / "disk.vmdk", key, root_uuid,
+                    cmdline(root_uuid))  # fmt: skip

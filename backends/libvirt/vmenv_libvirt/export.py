@@ -9,25 +9,28 @@ A conversion is announced as a progress event before it starts and when it is do
 ``python -m vmenv_libvirt.export NAME DEST [--packages a,b] [--format vmdk|qcow2|raw]``
 builds recipe ``NAME`` (``debian-12`` or an ``[images.NAME] recipe of ``vmenv.toml`` here)
 as the disk BIOS firmware boots by itself (:mod:`.bootdisk`: MBR, SYSLINUX, ext4 root,
-Debian's generic kernel, open-vm-tools, openssh-server), then exports it.
+Debian's generic kernel, open-vm-tools, openssh-server), then writes it: the VMDK the build
+converted once is copied (:func:`copy_disk`), qcow2 and raw are converted from the qcow2.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from pytest_vmenv.images import BuildEvent, publish
 
+from .bootdisk import VMDK_OPTIONS, ensure_bootdisk
 from .debs import TinyBuildError, run
 
-__all__ = ["FORMATS", "export_disk", "main"]
+__all__ = ["FORMATS", "copy_disk", "export_disk", "main"]
 
 FORMATS: dict[str, list[str]] = {
-    "vmdk": ["-O", "vmdk", "-o", "subformat=streamOptimized,adapter_type=lsilogic"],
+    "vmdk": VMDK_OPTIONS,
     "qcow2": ["-O", "qcow2"],
     "raw": ["-O", "raw"],
 }
@@ -57,13 +60,22 @@ def export_disk(src: Path, dest: Path, fmt: str = "vmdk") -> Path:
     return dest
 
 
+def copy_disk(src: Path, dest: Path) -> Path:
+    """``src`` copied to ``dest`` as :func:`export_disk` writes (a part file renamed)."""
+    part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        shutil.copyfile(src, part)
+        os.replace(part, dest)
+    finally:
+        part.unlink(missing_ok=True)
+    return dest
+
+
 def main(argv: list[str] | None = None) -> int:
     from pytest_vmenv.cli.building import named_recipe
     from pytest_vmenv.errors import VmenvError
     from pytest_vmenv.images import LinePrinter, subscribe
     from pytest_vmenv.paths import state_dir
-
-    from .bootdisk import ensure_bootdisk
 
     parser = argparse.ArgumentParser(prog="python -m vmenv_libvirt.export")
     parser.add_argument("name", help="debian-12, or an [images.NAME] recipe of vmenv.toml")
@@ -76,13 +88,17 @@ def main(argv: list[str] | None = None) -> int:
         recipe = named_recipe(args.name, args.packages, "systemd")
         state = state_dir()
         image = ensure_bootdisk(state, state / "libvirt" / "images", recipe)
-        export_disk(image.disk, args.dest, args.format)
+        source = image.vmdk if args.format == "vmdk" else image.disk
+        if args.format == "vmdk":
+            copy_disk(source, args.dest)
+        else:
+            export_disk(source, args.dest, args.format)
     except (VmenvError, TinyBuildError, ValueError) as exc:
         print(f"vmenv_libvirt.export: {exc}", file=sys.stderr)
         return 1
     finally:
         unsubscribe()
-    print(f"{args.dest}  ({args.format}, BIOS boot, from {image.disk}; {image.cmdline})")
+    print(f"{args.dest}  ({args.format}, BIOS boot, from {source}; {image.cmdline})")
     return 0
 
 
