@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -44,7 +45,13 @@ __all__ = [
     "GUEST_PACKAGES",
     "DebianImage",
     "ensure_debian",
+    "boot_files",
+    "built_once",
+    "copy_tree",
     "guest_recipe",
+    "progress",
+    "used_mib",
+    "write_guest_files",
 ]
 
 GUEST_PACKAGES = (
@@ -110,18 +117,20 @@ class DebianImage:
         return cls(d, d / "vmlinuz", d / "initrd.img", d / "rootfs.qcow2", key)
 
 
-def guest_recipe(recipe: Recipe) -> Recipe:
-    """``recipe`` with :data:`GUEST_PACKAGES`: the tree a libvirt machine boots."""
-    return Recipe(recipe.base, recipe.packages + GUEST_PACKAGES, recipe.init)
+def guest_recipe(recipe: Recipe, packages: tuple[str, ...] = GUEST_PACKAGES) -> Recipe:
+    """``recipe`` with ``packages`` (:data:`GUEST_PACKAGES`: the tree a libvirt machine boots)."""
+    return Recipe(recipe.base, recipe.packages + packages, recipe.init)
 
 
-def _progress(recipe: Recipe, key: str, step: str, started: float, state: str = "building") -> None:
+def progress(recipe: Recipe, key: str, what: str, step: str, started: float,
+             state: str = "building") -> None:  # fmt: skip
+    """A build event of ``recipe`` made into ``what`` (``qcow2``, ``bootable disk``)."""
     publish(
-        BuildEvent(f"{recipe.describe()} as qcow2", key, state, step, time.monotonic() - started)
+        BuildEvent(f"{recipe.describe()} as {what}", key, state, step, time.monotonic() - started)
     )
 
 
-def _boot_files(tree: Path, out: Path) -> None:
+def boot_files(tree: Path, out: Path) -> None:
     """The tree's newest ``/boot/vmlinuz-*`` and its ``initrd.img-*``, copied to ``out``."""
     kernels = sorted((tree / "boot").glob("vmlinuz-*"))
     if not kernels:
@@ -134,38 +143,89 @@ def _boot_files(tree: Path, out: Path) -> None:
     shutil.copyfile(initrd, out / "initrd.img")
 
 
-def _write_guest_files(root: Path) -> None:
-    """:data:`GUEST_FILES` and :data:`GUEST_LINKS` into the copied tree ``root``, link-safely."""
+def write_guest_files(root: Path, files: dict[str, str], links: dict[str, str]) -> None:
+    """``files`` (path: text) and ``links`` (path: target) into the copied tree ``root``,
+    link-safely (:class:`.tree.SafeTree`: never written through a link)."""
     tree = SafeTree.existing(root)
     try:
-        for rel, text in GUEST_FILES.items():
+        for rel, text in files.items():
             tree.replace(rel, text.encode())
-        for rel, target in GUEST_LINKS.items():
+        for rel, target in links.items():
             tree.replace_link(target, rel)
     finally:
         tree.close()
 
 
+def used_mib(root: Path) -> int:
+    """The MiB the tree ``root`` takes (``du -sxm``), to size a file system that holds it."""
+    out = subprocess.run(["du", "-sxm", str(root)], capture_output=True, text=True, check=True)
+    return int(out.stdout.split()[0])
+
+
 def _disk(root: Path, raw: Path, qcow2: Path) -> None:
     """The ext4 file system of ``root`` (sized to hold it, with room to spare) as ``qcow2``."""
-    used = int(subprocess.run(["du", "-sxm", str(root)], capture_output=True, text=True,
-                              check=True).stdout.split()[0])  # fmt: skip
-    size = max(2048, used * 2 + 512)
+    size = max(2048, used_mib(root) * 2 + 512)
     run(["mkfs.ext4", "-q", "-F", "-L", "vmenv-debian", "-d", str(root),
          "-E", "lazy_itable_init=1,lazy_journal_init=1", str(raw), f"{size}M"])  # fmt: skip
     run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(qcow2)])
 
 
+def copy_tree(cache: ImageCache, recipe: Recipe, work: Path, say: Callable[[str], None]) -> Path:
+    """The core's tree of ``recipe`` (built if needed, held while it is read) copied to
+    ``work/root`` (``cp -a``: links stay links); the copy's path."""
+    with cache.using(recipe) as tree:
+        say("copying the tree")
+        run(["cp", "-a", "--reflink=auto", "--", str(tree), str(work / "root")])
+    return work / "root"
+
+
 def _build(cache: ImageCache, recipe: Recipe, key: str, work: Path, out: Path) -> None:
     started = time.monotonic()
-    with cache.using(recipe) as tree:
-        _progress(recipe, key, "copying the tree", started)
-        run(["cp", "-a", "--reflink=auto", "--", str(tree), str(work / "root")])
-    _progress(recipe, key, "writing the guest's files", started)
-    _write_guest_files(work / "root")
-    _boot_files(work / "root", out)
-    _progress(recipe, key, "making the ext4 file system and the qcow2", started)
-    _disk(work / "root", work / "rootfs.raw", out / "rootfs.qcow2")
+
+    def say(step: str) -> None:
+        progress(recipe, key, "qcow2", step, started)
+
+    root = copy_tree(cache, recipe, work, say)
+    say("writing the guest's files")
+    write_guest_files(root, GUEST_FILES, GUEST_LINKS)
+    boot_files(root, out)
+    say("making the ext4 file system and the qcow2")
+    _disk(root, work / "rootfs.raw", out / "rootfs.qcow2")
+
+
+def built_once(images_dir: Path, name: str, full: Recipe, key: str, what: str,
+               build: Callable[[Path, Path], None]) -> Path:  # fmt: skip
+    """``images_dir/name``, made by ``build(work, out)`` unless it is there (finished: it
+    has ``meta.json``). Builds of one name are serialized by a lock beside it; ``out`` is
+    renamed into place when ``build`` returns, so a failed build leaves nothing."""
+    final = images_dir / name
+    if (final / "meta.json").exists():
+        return final
+    images_dir.mkdir(parents=True, exist_ok=True)
+    with flocked(images_dir / f"{name}.lock"):
+        if (final / "meta.json").exists():
+            return final
+        started = time.monotonic()
+        work = images_dir / f"{name}.build"
+        for stale in (work, final):
+            run(["rm", "-rf", "--one-file-system", "--", str(stale)])
+        (work / "out").mkdir(parents=True)
+        try:
+            build(work, work / "out")
+            os.rename(work / "out", final)
+        except BaseException:
+            progress(full, key, what, "failed", started, "failed")
+            raise
+        finally:
+            run(["rm", "-rf", "--one-file-system", "--", str(work)])
+        seconds = time.monotonic() - started
+        meta = {"recipe": full.to_json(), "key": key, "image": name, "seconds": seconds,
+                "created": time.time()}  # fmt: skip
+        for f in final.iterdir():
+            f.chmod(0o644)
+        (final / "meta.json").write_text(json.dumps(meta, indent=1))
+        progress(full, key, what, f"in {seconds:.1f}s", started, "built")
+        return final
 
 
 def ensure_debian(state_dir: Path, images_dir: Path, recipe: Recipe) -> DebianImage:
@@ -174,31 +234,6 @@ def ensure_debian(state_dir: Path, images_dir: Path, recipe: Recipe) -> DebianIm
     cache = ImageCache(state_dir)
     full = guest_recipe(recipe)
     key = cache.key(full)
-    images_dir.mkdir(parents=True, exist_ok=True)
-    final = images_dir / f"debian-{FORMAT}-{key}"
-    if (final / "meta.json").exists():
-        return DebianImage.at(final, key)
-    with flocked(images_dir / f"debian-{FORMAT}-{key}.lock"):
-        if (final / "meta.json").exists():
-            return DebianImage.at(final, key)
-        started = time.monotonic()
-        work = images_dir / f"debian-{FORMAT}-{key}.build"
-        for stale in (work, final):
-            run(["rm", "-rf", "--one-file-system", "--", str(stale)])
-        (work / "out").mkdir(parents=True)
-        try:
-            _build(cache, full, key, work, work / "out")
-            os.rename(work / "out", final)
-        except BaseException:
-            _progress(full, key, "failed", started, "failed")
-            raise
-        finally:
-            run(["rm", "-rf", "--one-file-system", "--", str(work)])
-        seconds = time.monotonic() - started
-        meta = {"recipe": full.to_json(), "key": key, "format": FORMAT, "seconds": seconds,
-                "created": time.time()}  # fmt: skip
-        for f in final.iterdir():
-            f.chmod(0o644)
-        (final / "meta.json").write_text(json.dumps(meta, indent=1))
-        _progress(full, key, f"in {seconds:.1f}s", started, "built")
-        return DebianImage.at(final, key)
+    final = built_once(images_dir, f"debian-{FORMAT}-{key}", full, key, "qcow2",
+                       lambda work, out: _build(cache, full, key, work, out))  # fmt: skip
+    return DebianImage.at(final, key)

@@ -43,6 +43,7 @@ __all__ = [
     "labels_xml",
     "machine_labels",
     "read_labels",
+    "image_format",
     "render_domain",
     "set_labels",
     "snapshot_xml",
@@ -102,6 +103,7 @@ def render_domain(custom: Path | None, **variables: Any) -> str:
     safe.setdefault("seed", None)
     safe.setdefault("network", None)
     safe.setdefault("mac", None)
+    safe.setdefault("controller", "virtio")
     safe.setdefault("on_reboot", "restart")
     if custom is not None:
         text = custom.read_text()
@@ -202,7 +204,7 @@ class Pool:
 
     def create_overlay(self, name: str, backing: Path, capacity: int | None = None) -> Path:
         """A new qcow2 volume ``name`` backed by ``backing`` (read-only); its path."""
-        fmt, info = _image_format(backing)
+        fmt, info = image_format(backing)
         size = max(capacity or 0, info)
 
         def create(conn: libvirt.virConnect) -> str:
@@ -251,10 +253,13 @@ class Pool:
             path.unlink(missing_ok=True)
 
 
-def _image_format(path: Path) -> tuple[str, int]:
-    """("qcow2", virtual size) from a qcow2 header, else ("raw", file size)."""
+def image_format(path: Path) -> tuple[str, int]:
+    """("qcow2", virtual size) from a qcow2 header, ("vmdk", capacity) from a sparse VMDK
+    extent's header (monolithicSparse, streamOptimized), else ("raw", file size)."""
     with open(path, "rb") as f:
         head = f.read(32)
     if head[:4] == b"QFI\xfb":
         return "qcow2", int.from_bytes(head[24:32], "big")
+    if head[:4] == b"KDMV":
+        return "vmdk", int.from_bytes(head[12:20], "little") * 512
     return "raw", path.stat().st_size

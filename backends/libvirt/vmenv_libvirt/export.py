@@ -1,28 +1,36 @@
-"""Export a recipe's qcow2 for another hypervisor: a VMDK for a vSphere template.
+"""Export a recipe as a whole bootable disk for another hypervisor: a VMDK for vSphere.
 
 Contract: :func:`export_disk` converts a disk with ``qemu-img convert``; for ``vmdk`` as a
 ``streamOptimized`` VMDK (the compressed, sequential subformat vSphere imports from an OVF
-or through ``vmkfstools -i``), SCSI adapter ``lsilogic``. The file is written beside its
+or with ``govc import.vmdk``), SCSI adapter ``lsilogic``. The file is written beside its
 destination and renamed into place, so a half-written export never has the final name.
+A conversion is announced as a progress event before it starts and when it is done.
 
 ``python -m vmenv_libvirt.export NAME DEST [--packages a,b] [--format vmdk|qcow2|raw]``
-builds the image of recipe ``NAME`` (``debian-12`` or an ``[images.NAME]`` recipe of
-``vmenv.toml`` here) as the libvirt backend boots it (:mod:`.debian`), then exports it.
+builds recipe ``NAME`` (``debian-12`` or an ``[images.NAME] recipe of ``vmenv.toml`` here)
+as the disk BIOS firmware boots by itself (:mod:`.bootdisk`: MBR, SYSLINUX, ext4 root,
+Debian's generic kernel, open-vm-tools, openssh-server), then writes it: the VMDK the build
+converted once is copied (:func:`copy_disk`), qcow2 and raw are converted from the qcow2.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
+import time
 from pathlib import Path
 
+from pytest_vmenv.images import BuildEvent, publish
+
+from .bootdisk import VMDK_OPTIONS, ensure_bootdisk
 from .debs import TinyBuildError, run
 
-__all__ = ["FORMATS", "export_disk", "main"]
+__all__ = ["FORMATS", "copy_disk", "export_disk", "main"]
 
 FORMATS: dict[str, list[str]] = {
-    "vmdk": ["-O", "vmdk", "-o", "subformat=streamOptimized,adapter_type=lsilogic"],
+    "vmdk": VMDK_OPTIONS,
     "qcow2": ["-O", "qcow2"],
     "raw": ["-O", "raw"],
 }
@@ -33,8 +41,30 @@ def export_disk(src: Path, dest: Path, fmt: str = "vmdk") -> Path:
     if fmt not in FORMATS:
         raise ValueError(f"format {fmt!r}: choose one of {', '.join(FORMATS)}")
     part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    started = time.monotonic()
+
+    def say(state: str, step: str) -> None:
+        publish(BuildEvent(f"{dest.name} ({fmt})", "export", state, step,
+                           time.monotonic() - started))  # fmt: skip
+
+    say("building", f"converting {src.name} with qemu-img")
     try:
         run(["qemu-img", "convert", "-q", *FORMATS[fmt], str(src), str(part)])
+        os.replace(part, dest)
+    except BaseException:
+        say("failed", "qemu-img convert failed")
+        raise
+    finally:
+        part.unlink(missing_ok=True)
+    say("built", f"in {time.monotonic() - started:.1f}s")
+    return dest
+
+
+def copy_disk(src: Path, dest: Path) -> Path:
+    """``src`` copied to ``dest`` as :func:`export_disk` writes (a part file renamed)."""
+    part = dest.with_name(f".{dest.name}.{os.getpid()}.part")
+    try:
+        shutil.copyfile(src, part)
         os.replace(part, dest)
     finally:
         part.unlink(missing_ok=True)
@@ -47,8 +77,6 @@ def main(argv: list[str] | None = None) -> int:
     from pytest_vmenv.images import LinePrinter, subscribe
     from pytest_vmenv.paths import state_dir
 
-    from .debian import ensure_debian
-
     parser = argparse.ArgumentParser(prog="python -m vmenv_libvirt.export")
     parser.add_argument("name", help="debian-12, or an [images.NAME] recipe of vmenv.toml")
     parser.add_argument("dest", type=Path, help="the file to write (e.g. web.vmdk)")
@@ -59,14 +87,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         recipe = named_recipe(args.name, args.packages, "systemd")
         state = state_dir()
-        image = ensure_debian(state, state / "libvirt" / "images", recipe)
-        export_disk(image.disk, args.dest, args.format)
+        image = ensure_bootdisk(state, state / "libvirt" / "images", recipe)
+        source = image.vmdk if args.format == "vmdk" else image.disk
+        if args.format == "vmdk":
+            copy_disk(source, args.dest)
+        else:
+            export_disk(source, args.dest, args.format)
     except (VmenvError, TinyBuildError, ValueError) as exc:
         print(f"vmenv_libvirt.export: {exc}", file=sys.stderr)
         return 1
     finally:
         unsubscribe()
-    print(f"{args.dest}  ({args.format}, from {image.disk}; kernel {image.kernel})")
+    print(f"{args.dest}  ({args.format}, BIOS boot, from {source}; {image.cmdline})")
     return 0
 
 

@@ -103,6 +103,7 @@ class Guests:
             initrd=launch.boot.get("initrd"),
             cmdline=cmdline,
             disk=str(launch.disk),
+            controller=launch.boot.get("controller") or "virtio",
             seed=launch.seed,
             network=launch.network,
             mac="52:54:00:" + secrets.token_bytes(3).hex(":"),

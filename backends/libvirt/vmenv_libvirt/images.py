@@ -8,7 +8,11 @@ Contract: :func:`resolve` turns a spec's image into a :class:`BootImage`:
   :func:`.debian.ensure_debian`, Debian's kernel and initramfs booted directly, systemd as
   init (``systemd`` is set: readiness waits for ``systemctl is-system-running``).
 * ``{ disk = "debian.qcow2" }``: any qcow2/raw disk, used read-only as the backing file of
-  the template's overlay. Optional ``kernel``/``initrd``/``cmdline`` for direct boot.
+  the template's overlay (a VMDK too: ``python -m vmenv_libvirt.export`` writes one).
+  Optional ``kernel``/``initrd``/``cmdline`` for direct boot; without ``kernel`` the
+  firmware (SeaBIOS) boots the disk. ``controller`` is the disk's bus: ``virtio`` (the
+  default), or one vSphere offers too: ``pvscsi``, ``lsilogic`` (QEMU's LSI 53C895A, not
+  VMware's LSI Logic), ``sata``.
   ``cloud_init`` (default true) attaches a NoCloud seed ISO (volume id ``cidata``) whose
   user-data is rendered from ``user_data`` (a Jinja2 template of the user's) or the package's
   ``user-data.j2`` (``user``, ``ssh_key``'s public half, hostname, qemu-guest-agent). The
@@ -37,7 +41,10 @@ from .domains import render
 from .remote import public_key
 from .tiny import ensure_tiny
 
-__all__ = ["BootImage", "resolve", "seed_iso"]
+__all__ = ["CONTROLLERS", "BootImage", "resolve", "seed_iso"]
+
+CONTROLLERS = ("virtio", "pvscsi", "lsilogic", "sata")
+"""The buses a user's disk can be on (``controller =``; the domain template maps them)."""
 
 
 @dataclass(frozen=True)
@@ -50,6 +57,7 @@ class BootImage:
     tiny: bool = False
     systemd: bool = False
     built: Path | None = None  # the image dir of a built image (tiny, a recipe), see .stored
+    controller: str = "virtio"
 
 
 def _path(cfg: Mapping[str, Any], key: str, image: str) -> Path | None:
@@ -97,10 +105,17 @@ def resolve(
             f'{NAME}: images.{image}.libvirt needs disk = "path/to/disk.qcow2"'
         )
     kernel, initrd = _path(cfg, "kernel", image), _path(cfg, "initrd", image)
+    controller = str(cfg.get("controller", "virtio"))
+    if controller not in CONTROLLERS:
+        raise errors.ConfigError(
+            f"{NAME}: images.{image}.libvirt.controller = {controller!r}: use one of "
+            f"{', '.join(CONTROLLERS)}"
+        )
     seed = None
     if cfg.get("cloud_init", True):
         seed = seed_iso(cfg, hostname, lv_dir / "seeds", image)
-    return BootImage(disk, kernel, initrd, str(cfg.get("cmdline", "")), seed, False)
+    return BootImage(disk, kernel, initrd, str(cfg.get("cmdline", "")), seed, False,
+                     controller=controller)  # fmt: skip
 
 
 def seed_iso(cfg: Mapping[str, Any], hostname: str, seeds: Path, image: str) -> Path:

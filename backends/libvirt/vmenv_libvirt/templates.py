@@ -4,10 +4,11 @@ Contract of :meth:`Templates.build`: a qcow2 overlay on the image (through the p
 storage pool) is booted, provisioned through its channel (the guest agent, or SSH for an
 image entry with ``agent = false``/``"auto"``, see :mod:`.remote`; such a template is built
 on a private network of its own), synced and stopped: that disk is the template, the
-read-only backing file of every clone. Then, the fast path (agent images, ``ram_state``):
-an overlay on the template is booted once more and an internal snapshot *with RAM*
-(:data:`.domains.READY_SNAPSHOT`) is taken of it. The result is recorded (:mod:`.records`);
-a complete record is returned as it is (xdist workers, ``--vm-reuse``).
+read-only backing file of every clone. Then, the fast path (agent images, ``ram_state``,
+an image that is not a VMDK: QEMU cannot save the RAM of a machine with a ``vmdk`` node in
+its disk's chain): an overlay on the template is booted once more and an internal snapshot
+*with RAM* (:data:`.domains.READY_SNAPSHOT`) is taken of it. The result is recorded
+(:mod:`.records`); a complete record is returned as it is (xdist workers, ``--vm-reuse``).
 
 :meth:`Templates.remove` deletes the disks and the record, unless a clone (``--vm-keep``)
 still has them as its backing file (``TemplateInUse``; a later sweep removes it with the
@@ -33,7 +34,7 @@ from pytest_vmenv.images import recipe_of
 
 from .agent import CommandTimedOut
 from .connection import NAME
-from .domains import READY_SNAPSHOT, machine_labels, snapshot_xml
+from .domains import READY_SNAPSHOT, image_format, machine_labels, snapshot_xml
 from .guests import Launch
 from .images import BootImage, resolve
 from .parts import Parts
@@ -95,7 +96,7 @@ class Templates:
         ram = None
         if used:
             build.boot["ssh"] = {k: used[k] for k in ("user", "key", "port")}
-        elif self.parts.config.ram_state:
+        elif self.parts.config.ram_state and image_format(build.image.disk)[0] != "vmdk":
             ram = self._capture_ram(build, disk)
         record = {
             "key": key,
@@ -128,6 +129,7 @@ class Templates:
             "cmdline": cmdline,
             "tiny": image.tiny,
             "systemd": image.systemd,
+            "controller": image.controller,
         }
         return _Build(key, spec, session, image, boot, mode, ssh)
 
