@@ -1,7 +1,8 @@
 """The built images under ``<state>/libvirt/images``, as ``vmenv images`` lists and removes them.
 
 Contract of :func:`listing`: one :class:`~pytest_vmenv.backend.Cache` per image dir, ``tiny-1``,
-``tiny-ssh-2`` (:mod:`.tiny`) and ``debian-<format>-<key>`` (:mod:`.debian`): kind ``image``,
+``tiny-ssh-2`` (:mod:`.tiny`), ``debian-<format>-<key>`` (:mod:`.debian`) and
+``bootdisk-<format>-<key>`` (:mod:`.bootdisk`): kind ``image``,
 id its dir name, the recipe it was built from (its ``meta.json``), its size on disk, when it
 was built and when a template was last built on it. A build dir (``*.build``), a dir without
 its ``meta.json`` and a removal that died half way (``.rm-*``) are each a ``torn image build``.
@@ -40,6 +41,7 @@ from pytest_vmenv.caches import disk_usage
 from pytest_vmenv.images import Recipe, remove_tree
 from pytest_vmenv.ledger import flocked
 
+from .bootdisk import EXPORT_PACKAGES
 from .connection import NAME
 from .debian import GUEST_PACKAGES
 
@@ -94,11 +96,13 @@ def describe(image: StoredImage) -> str:
     meta = image.meta
     recipe = meta.get("recipe")
     if isinstance(recipe, dict):
-        asked = [p for p in recipe.get("packages", ()) if p not in GUEST_PACKAGES]
-        return (
-            Recipe(str(recipe.get("base")), tuple(asked), str(recipe.get("init"))).describe()
-            + " plus the guest packages, as qcow2"
-        )
+        export = image.name.startswith("bootdisk-")
+        added = EXPORT_PACKAGES if export else GUEST_PACKAGES
+        asked = [p for p in recipe.get("packages", ()) if p not in added]
+        what = Recipe(str(recipe.get("base")), tuple(asked), str(recipe.get("init"))).describe()
+        if export:
+            return f"{what} plus the export packages, as a BIOS-bootable disk (qcow2 and VMDK)"
+        return f"{what} plus the guest packages, as qcow2"
     packages = meta.get("packages")
     debs = ", ".join(sorted(packages)) if isinstance(packages, dict) else "?"
     return f"the built-in {image.name.rsplit('-', 1)[0]} image, recipe {recipe} ({debs})"
