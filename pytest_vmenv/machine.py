@@ -302,8 +302,10 @@ class Machine:
         return _backend(lambda: self.backend.snapshot(self.ref, name))
 
     def revert(self, snapshot: Snapshot) -> None:
-        _backend(lambda: self.backend.revert(self.ref, snapshot))
-        self._exposed.clear()  # a revert may move an exposed port: ask the backend again
+        try:
+            _backend(lambda: self.backend.revert(self.ref, snapshot))
+        finally:
+            self._exposed.clear()  # a revert, even a failed one, may move an exposed port
 
     def console_log(self) -> str:
         return _backend(lambda: self.backend.console_log(self.ref))

@@ -44,7 +44,8 @@ class SSHConfig:
         return [
             "-F", "none", "-i", str(self.key_file),
             "-o", "IdentitiesOnly=yes", "-o", "BatchMode=yes",
-            "-o", "StrictHostKeyChecking=yes", "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes", "-o", "GlobalKnownHostsFile=/dev/null",
+            "-o", f"UserKnownHostsFile={_quoted(self.known_hosts)}",
         ]  # fmt: skip
 
     def ssh_argv(self, *command: str) -> list[str]:
@@ -54,6 +55,15 @@ class SSHConfig:
     def scp_argv(self, *paths: str) -> list[str]:
         """``scp ... paths...``; a path in the machine is ``f"{config.destination}:PATH"``."""
         return ["scp", *self.options(), "-P", str(self.port), *paths]
+
+
+def _quoted(path: Path) -> str:
+    """``path`` as one ssh option value: in double quotes (spaces), ``%`` doubled (ssh expands
+    ``%``-tokens in this option)."""
+    text = str(path)
+    if '"' in text:
+        raise ConfigError(f"{text}: ssh cannot take a known-hosts path with a double quote")
+    return '"' + text.replace("%", "%%") + '"'
 
 
 def session_key(scratch: Path) -> Path:

@@ -44,6 +44,10 @@ _START_SSHD = (
     'else ssh-keygen -A && mkdir -p -m 755 /run/sshd && "$1"; fi'
 )
 _MAKE_SSH_DIR = 'mkdir -p "$1" && chown "$2" "$1" && chmod 700 "$1"'
+_ADD_KEY = (  # appended in the guest: the other keys stay as they are, whatever their bytes
+    'touch "$1" && { grep -qxF -- "$2" "$1" || { [ ! -s "$1" ] || [ -z "$(tail -c 1 "$1")" ] '
+    '|| echo >>"$1"; printf \'%s\\n\' "$2" >>"$1"; }; } && chown "$3" "$1" && chmod 600 "$1"'
+)
 
 
 def _authorize(machine: Machine, user: str, public_key: str) -> None:
@@ -56,13 +60,7 @@ def _authorize(machine: Machine, user: str, public_key: str) -> None:
     ssh_dir = f"{home.rstrip('/')}/.ssh"
     machine.succeed(["sh", "-c", _MAKE_SSH_DIR, "sh", ssh_dir, owner])
     keys = f"{ssh_dir}/authorized_keys"
-    present = machine.run(["cat", keys])
-    known = present.stdout if present.exit_code == 0 else ""
-    if public_key not in known.splitlines():
-        if known and not known.endswith("\n"):
-            known += "\n"
-        machine.write_text(keys, f"{known}{public_key}\n")
-    machine.succeed(["sh", "-c", 'chown "$2" "$1" && chmod 600 "$1"', "sh", keys, owner])
+    machine.succeed(["sh", "-c", _ADD_KEY, "sh", keys, public_key, owner])
 
 
 def _pin_host_keys(machine: Machine, host: str, port: int, path: Path) -> None:

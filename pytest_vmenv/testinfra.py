@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import threading
 from typing import TYPE_CHECKING, Any
 
 from .errors import ConfigError, VmenvError
@@ -71,22 +72,22 @@ def _classes() -> tuple[Any, type[Any]]:
             self.user = user
             self.timeout = timeout
             self.max_output = max_output
-            self._switch: str | None = None
+            self._switch = threading.local()  # per thread: two threads may share one host
 
         def get_sudo_command(self, command: str, sudo_user: str | None) -> str:
             """``host.sudo(user)``: note the user for :meth:`run` (the first noted is the
             innermost ``sudo``, which wins) and leave the command as it is."""
-            if self._switch is None:
-                self._switch = sudo_user or "root"
+            if getattr(self._switch, "user", None) is None:
+                self._switch.user = sudo_user or "root"
             return command
 
         def run(self, command: str, *args: str, **kwargs: Any) -> Any:
-            self._switch = None
+            self._switch.user = None
             try:
                 cmd = self.get_command(command, *args)
-                user = self._switch or self.user
+                user = self._switch.user or self.user
             finally:
-                self._switch = None
+                self._switch.user = None
             result = self.machine.run(
                 cmd, user=user, timeout=self.timeout, max_output=self.max_output
             )

@@ -24,8 +24,10 @@ import pytest
 
 from pytest_vmenv.backend import Network, Session, Snapshot
 from pytest_vmenv.emulator import EmulatorBackend
+from pytest_vmenv.emulator.host import relay
 from pytest_vmenv.errors import MachineGone
 from pytest_vmenv.machine import Machine
+from pytest_vmenv.poll import poll_until
 from pytest_vmenv.spec import MachineSpec
 
 pytest_plugins = ["pytester"]
@@ -128,6 +130,44 @@ def test_half_close_passes_through(vm: Machine) -> None:
         while chunk := client.recv(65536):
             reply += chunk
     assert reply == b"got %d bytes" % len(payload)
+
+
+def test_connections_past_the_cap_are_closed_and_the_relay_goes_on(
+    vm: Machine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relay carries at most MAX_CONNECTIONS at once (for expose_host_port the guest picks
+    how many it opens): one more is closed at once, and once some end, new ones work again."""
+    monkeypatch.setattr(relay, "MAX_CONNECTIONS", 3)
+    address = _start_echo(vm)
+    held = [socket.create_connection(address, timeout=30) for _ in range(3)]
+    try:
+        for sock in held:
+            sock.sendall(b"x")
+
+        def refused(_: bool) -> bool | None:  # the three are counted once the relay took them
+            with socket.create_connection(address, timeout=30) as extra:
+                try:
+                    return extra.recv(100) == b"" or None
+                except ConnectionResetError:
+                    return True
+
+        assert poll_until(refused, timeout=10, what="a fourth connection closed by the relay")
+    finally:
+        for sock in held:
+            sock.close()
+
+    def echoed(_: bool) -> bytes | None:
+        with socket.create_connection(address, timeout=30) as client:
+            try:
+                client.sendall(b"again")
+                client.shutdown(socket.SHUT_WR)
+                return client.recv(100) or None
+            except OSError:  # still closed by the relay: the held ones are not all gone yet
+                return None
+
+    assert poll_until(echoed, timeout=30, what="a new connection after the held ones ended") == (
+        b"got 5 bytes"
+    )
 
 
 def test_after_destroy_the_port_refuses_and_live_connections_end(

@@ -116,10 +116,13 @@ def snapshot_xml(name: str) -> str:
     return f"<domainsnapshot><name>{name}</name><memory snapshot='internal'/></domainsnapshot>"
 
 
-def machine_labels(session: Session, name: str, role: str, **extra: object) -> dict[str, object]:
-    """The labels of a new domain of ``session``: machine ``name`` in ``role``, and ``extra``."""
+def machine_labels(
+    session: Session, state: Path, name: str, role: str, **extra: object
+) -> dict[str, object]:
+    """The labels of a new domain of ``session``: machine ``name`` in ``role``, and ``extra``;
+    ``state`` is the backend's own state dir (its ``Paths``), the one ``owned()`` matches."""
     return {
-        "state": str(session.state_dir.resolve()),
+        "state": str(state.resolve()),
         "session": session.id,
         "owner": session.owner,
         "created": f"{time.time():.3f}",

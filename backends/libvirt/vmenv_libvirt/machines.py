@@ -74,7 +74,7 @@ class Machines:
         net = self.parts.networks.ensure(network, session.id) if network else None
         disk = self.pool.path / f"{dom}.qcow2"
         labels = machine_labels(
-            session, spec.name, "clone", template=snapshot.key, disk=disk,
+            session, self.paths.state_dir, spec.name, "clone", template=snapshot.key, disk=disk,
             console=self.paths.console(dom), network=net, uri=uri, ram="1" if fast else "",
             channel="ssh" if ssh else "", ssh_user=ssh["user"] if ssh else "",
             ssh_key=ssh["key"] if ssh else "", ssh_port=ssh["port"] if ssh else "",

@@ -96,16 +96,23 @@ def describe(image: StoredImage) -> str:
     meta = image.meta
     recipe = meta.get("recipe")
     if isinstance(recipe, dict):
-        export = image.name.startswith("bootdisk-")
-        added = EXPORT_PACKAGES if export else GUEST_PACKAGES
-        asked = [p for p in recipe.get("packages", ()) if p not in added]
-        what = Recipe(str(recipe.get("base")), tuple(asked), str(recipe.get("init"))).describe()
-        if export:
-            return f"{what} plus the export packages, as a BIOS-bootable disk (qcow2 and VMDK)"
-        return f"{what} plus the guest packages, as qcow2"
+        try:
+            return _described(image.name, recipe)
+        except (errors.ConfigError, TypeError, ValueError):  # a meta.json of another version
+            return f"recipe {json.dumps(recipe, sort_keys=True)}"
     packages = meta.get("packages")
     debs = ", ".join(sorted(packages)) if isinstance(packages, dict) else "?"
     return f"the built-in {image.name.rsplit('-', 1)[0]} image, recipe {recipe} ({debs})"
+
+
+def _described(name: str, recipe: Mapping[str, Any]) -> str:
+    export = name.startswith("bootdisk-")
+    added = EXPORT_PACKAGES if export else GUEST_PACKAGES
+    asked = [p for p in recipe.get("packages", ()) if p not in added]
+    what = Recipe(str(recipe.get("base")), tuple(asked), str(recipe.get("init"))).describe()
+    if export:
+        return f"{what} plus the export packages, as a BIOS-bootable disk (qcow2 and VMDK)"
+    return f"{what} plus the guest packages, as qcow2"
 
 
 def _note(image: Path, disk: Path) -> Path:
@@ -181,7 +188,8 @@ def listing(images: Path, records: Iterable[Mapping[str, Any]], state_dir: Path)
     records = list(records)
     found = []
     for image in _entries(images):
-        created = float(image.meta.get("created") or 0.0)
+        stamp = image.meta.get("created")
+        created = float(stamp) if isinstance(stamp, int | float) else 0.0
         if not created:
             with contextlib.suppress(OSError):
                 created = image.path.stat().st_mtime

@@ -147,8 +147,8 @@ class Templates:
         )  # fmt: skip
         console = self.paths.console(dom)
         labels = machine_labels(
-            build.session, spec.name, "template", template=build.key, disk=disk,
-            console=console, network=net,
+            build.session, self.paths.state_dir, spec.name, "template", template=build.key,
+            disk=disk, console=console, network=net,
         )  # fmt: skip
         seed = str(build.image.seed) if build.image.seed else None
         try:
@@ -198,8 +198,9 @@ class Templates:
         spec, dom = build.spec, f"vmenv-ram-{short(build.key)}"
         self.guests.stop(dom)
         ram = self.pool.create_overlay(f"tpl-{build.key}-ram.qcow2", disk)
-        labels = machine_labels(build.session, spec.name, "state", template=build.key,
-                                disk=ram, console=self.paths.console(dom))  # fmt: skip
+        labels = machine_labels(build.session, self.paths.state_dir, spec.name, "state",
+                                template=build.key, disk=ram,
+                                console=self.paths.console(dom))  # fmt: skip
         try:
             self.guests.start(Launch(dom, labels, build.boot, ram, spec.memory, spec.cpus))
             self.channels.wait_agent(dom, spec.name, spec.timeout)

@@ -15,19 +15,26 @@ decides where a socket lives.
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import socket
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ... import errors
 from .workers import Workers
 
-__all__ = ["CONNECT_TIMEOUT", "Relay"]
+__all__ = ["CONNECT_TIMEOUT", "MAX_CONNECTIONS", "Relay"]
 
 CONNECT_TIMEOUT = 10.0
 """Seconds a relay waits for the far side's service to accept (a loopback connect: at once)."""
+MAX_CONNECTIONS = 256
+"""Connections one relay carries at once; past it a new one is closed at once. Each costs
+this process two sockets, two threads and their buffers, and for ``expose_host_port`` the
+guest decides how many it opens: a hostile guest must not exhaust pytest's threads or fds."""
+_SHORTAGE = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
 _CHUNK = 256 * 1024
 
 
@@ -103,8 +110,16 @@ class Relay:
             while True:
                 try:
                     client, _ = self.listener.accept()
-                except OSError:
+                except OSError as exc:
+                    if exc.errno in _SHORTAGE and not self.closed:
+                        time.sleep(0.05)  # out of fds or memory for now: not the end
+                        continue
                     return
+                with self.lock:
+                    full = len(self.live) >= MAX_CONNECTIONS
+                if full:
+                    client.close()
+                    continue
                 client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 try:
                     upstream = self.make()
@@ -119,9 +134,17 @@ class Relay:
                 if closed:
                     pair.close()
                     return
-                self.workers.run(functools.partial(self._connect, pair))
+                self._run(pair, functools.partial(self._connect, pair))
         finally:
             self.after()
+
+    def _run(self, pair: _Pair, job: Callable[[], None]) -> bool:
+        try:
+            self.workers.run(job)
+        except RuntimeError:  # no thread can be started now: drop this connection, not the relay
+            pair.close()
+            return False
+        return True
 
     def _connect(self, pair: _Pair) -> None:
         try:
@@ -131,8 +154,8 @@ class Relay:
         except OSError:
             pair.close()  # the far side refused: so does the relay, by closing
             return
-        self.workers.run(functools.partial(pair.pump, pair.upstream, pair.client))
-        pair.pump(pair.client, pair.upstream)
+        if self._run(pair, functools.partial(pair.pump, pair.upstream, pair.client)):
+            pair.pump(pair.client, pair.upstream)
 
     def _forget(self, pair: _Pair) -> None:
         with self.lock:
