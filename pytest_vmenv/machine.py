@@ -302,10 +302,8 @@ class Machine:
         return _backend(lambda: self.backend.snapshot(self.ref, name))
 
     def revert(self, snapshot: Snapshot) -> None:
-        try:
-            _backend(lambda: self.backend.revert(self.ref, snapshot))
-        finally:
-            self._exposed.clear()  # a revert, even a failed one, may move an exposed port
+        self._exposed.clear()  # a revert, even a failed one, may move an exposed port
+        _backend(lambda: self.backend.revert(self.ref, snapshot))
 
     def console_log(self) -> str:
         return _backend(lambda: self.backend.console_log(self.ref))

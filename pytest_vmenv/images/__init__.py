@@ -9,7 +9,7 @@ session and xdist worker on this host. Builds publish their progress (:mod:`.pro
 from __future__ import annotations
 
 from .build import builder_problem
-from .cache import BuiltImage, ImageCache, remove_tree
+from .cache import BuiltImage, ImageCache, read_json, remove_tree
 from .progress import BuildEvent, LinePrinter, publish, subscribe
 from .recipe import BASES, INITS, PACKAGE_RULE, RECIPE_VERSION, Recipe, check_packages, recipe_of
 
@@ -27,6 +27,7 @@ __all__ = [
     "check_packages",
     "publish",
     "recipe_of",
+    "read_json",
     "remove_tree",
     "subscribe",
 ]

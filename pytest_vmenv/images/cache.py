@@ -40,7 +40,7 @@ from .progress import BuildEvent, publish
 from .recipe import Recipe
 from .sources import host_sources, mirrors_for
 
-__all__ = ["BuiltImage", "ImageCache", "remove_tree"]
+__all__ = ["BuiltImage", "ImageCache", "read_json", "remove_tree"]
 
 
 @dataclass(frozen=True)
@@ -279,7 +279,7 @@ class ImageCache:
             return found
         for path in entries:
             if path.name.startswith((".build-", ".rm-")):
-                label = _json(path / "build.json")
+                label = read_json(path / "build.json")
                 found.append(
                     BuiltImage(
                         key=str(label.get("key", "")), path=path, complete=False, recipe=label,
@@ -288,7 +288,7 @@ class ImageCache:
                     )
                 )  # fmt: skip
             elif not path.name.startswith("."):
-                info = _json(path / "recipe.json")
+                info = read_json(path / "recipe.json")
                 found.append(
                     BuiltImage(
                         key=path.name, path=path, complete=True, recipe=info,
@@ -325,7 +325,9 @@ class ImageCache:
             os.close(fd)
 
 
-def _json(path: Path) -> dict[str, Any]:
+def read_json(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; ``{}`` if it is missing, unreadable or not an object (a
+    torn or foreign file never breaks a listing)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):

@@ -44,6 +44,7 @@ from pathlib import Path
 from pytest_vmenv.images import ImageCache, Recipe
 
 from .debian import (
+    GUEST_FILES,
     GUEST_LINKS,
     GUEST_PACKAGES,
     boot_files,
@@ -77,15 +78,6 @@ BOOT_MIB = 128
 _SECTOR = 512
 _ROOT_START = (1 + BOOT_MIB) * MIB
 
-_NETWORK = """[Match]
-Name=en* eth*
-
-[Network]
-DHCP=ipv4
-
-[DHCPv4]
-ClientIdentifier=mac
-"""
 _SYSLINUX = """SERIAL 0 115200
 DEFAULT debian
 PROMPT 0
@@ -172,7 +164,7 @@ def _build(cache: ImageCache, recipe: Recipe, key: str, work: Path, out: Path) -
     root_uuid = str(uuid.uuid4())
     say("writing the guest's files")
     fstab = f"UUID={root_uuid} / ext4 rw,errors=remount-ro 0 1\n"
-    files = {"etc/systemd/network/50-vmenv-dhcp.network": _NETWORK, "etc/fstab": fstab}
+    files = {**GUEST_FILES, "etc/fstab": fstab}
     write_guest_files(root, files, {**GUEST_LINKS, **_ENABLED})
     (work / "boot").mkdir()
     boot_files(root, work / "boot")

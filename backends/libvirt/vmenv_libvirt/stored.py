@@ -38,7 +38,7 @@ from typing import Any
 from pytest_vmenv import errors
 from pytest_vmenv.backend import Cache
 from pytest_vmenv.caches import disk_usage
-from pytest_vmenv.images import Recipe, remove_tree
+from pytest_vmenv.images import Recipe, read_json, remove_tree
 from pytest_vmenv.ledger import flocked
 
 from .bootdisk import EXPORT_PACKAGES
@@ -70,14 +70,6 @@ class StoredImage:
         return None if self.path.name.startswith(".") else self.path.with_name(f"{self.name}.lock")
 
 
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
-
-
 def _entries(images: Path) -> list[StoredImage]:
     try:
         dirs = sorted(p for p in images.iterdir() if p.is_dir() and not p.is_symlink())
@@ -85,7 +77,7 @@ def _entries(images: Path) -> list[StoredImage]:
         return []
     found = []
     for path in dirs:
-        meta = _json(path / "meta.json")
+        meta = read_json(path / "meta.json")
         whole = bool(meta) and not path.name.startswith(".") and not path.name.endswith(".build")
         found.append(StoredImage(path, whole, meta if whole else {}))
     return found
@@ -124,7 +116,7 @@ def _users(image: StoredImage, records: Iterable[Mapping[str, Any]]) -> list[dic
     records that boot its kernel."""
     found = []
     for note in sorted((image.path / "users").glob("*.json")):
-        user = _json(note)
+        user = read_json(note)
         if user.get("disk") and os.path.exists(str(user["disk"])):
             found.append(user)
     inside = str(image.path) + os.sep
