@@ -23,7 +23,7 @@ import pytest
 from vmenv_libvirt import LibvirtBackend
 from vmenv_libvirt.bootdisk import BOOT_MIB, BootDisk, ensure_bootdisk
 from vmenv_libvirt.domains import image_format
-from vmenv_libvirt.export import main
+from vmenv_libvirt.export import main, public_keys
 from vmenv_libvirt.images import resolve
 
 from pytest_vmenv.backend import Session
@@ -36,18 +36,38 @@ from pytest_vmenv.spec import MachineSpec
 pytestmark = pytest.mark.skipif(builder_problem() is not None, reason=str(builder_problem()))
 
 
+PUBLIC_KEY = (  # a key of this test only (its private half was never kept)
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIJERhyAz/7rz3h7KrKckImbL2kAvrivuHKLuq6Mz56le"
+    " vmenv-test-export"
+)
+
+
 @pytest.fixture(scope="module")
 def bootdisk() -> BootDisk:
     root = state_dir()
-    return ensure_bootdisk(root, root / "libvirt" / "images", Recipe("debian-12"))
+    keys = f"{PUBLIC_KEY}\n"  # as the export passes them: one line each
+    return ensure_bootdisk(root, root / "libvirt" / "images", Recipe("debian-12"), keys)
 
 
 @pytest.fixture(scope="module")
 def vmdk(bootdisk: BootDisk, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """What ``python -m vmenv_libvirt.export debian-12 DEST`` writes (a copy of the build's)."""
-    dest = tmp_path_factory.mktemp("export") / "debian-12.vmdk"
-    assert main(["debian-12", str(dest)]) == 0
+    """What ``python -m vmenv_libvirt.export debian-12 DEST --authorized-key K.pub`` writes
+    (a copy of the build's)."""
+    out = tmp_path_factory.mktemp("export")
+    (out / "k.pub").write_text(f"# the login of the template\n{PUBLIC_KEY}")
+    dest = out / "debian-12.vmdk"
+    assert main(["debian-12", str(dest), "--authorized-key", str(out / "k.pub")]) == 0
     return dest
+
+
+def test_only_a_public_key_file_is_taken(tmp_path: Path) -> None:
+    (tmp_path / "id").write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nb3Blbn...\n")
+    with pytest.raises(ValueError, match="not an OpenSSH public key file"):
+        public_keys(tmp_path / "id")
+    with pytest.raises(ValueError, match="cannot read it"):
+        public_keys(tmp_path / "missing.pub")
+    (tmp_path / "two.pub").write_text(f"{PUBLIC_KEY}\n\n{PUBLIC_KEY}")
+    assert public_keys(tmp_path / "two.pub") == f"{PUBLIC_KEY}\n{PUBLIC_KEY}\n"
 
 
 @pytest.fixture(scope="module")
@@ -161,3 +181,12 @@ def test_the_guest_has_what_vsphere_needs(booted: Machine) -> None:
     enabled = booted.succeed("systemctl is-enabled open-vm-tools ssh").split()
     assert enabled == ["enabled", "enabled"]
     assert booted.succeed("modinfo -n vmxnet3").strip().endswith("vmxnet3.ko")
+    # the one login of the disk: root by the key given to the export, as sshd reads it
+    assert booted.succeed("stat -c '%a %U' /root/.ssh /root/.ssh/authorized_keys").split() == [
+        "700",
+        "root",
+        "600",
+        "root",
+    ]
+    assert booted.read_text("/root/.ssh/authorized_keys") == f"{PUBLIC_KEY}\n"
+    assert "permitrootlogin without-password" in booted.succeed("sshd -T").lower()

@@ -35,6 +35,7 @@ libvirt backend's own images (:mod:`.debian`) are not changed by any of this.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 import time
 import uuid
@@ -56,6 +57,7 @@ from .debian import (
     write_guest_files,
 )
 from .debs import run
+from .tree import SafeTree
 
 __all__ = ["BOOT_MIB", "EXPORT_PACKAGES", "MBR_CODE", "VMDK_OPTIONS", "BootDisk", "ensure_bootdisk"]
 
@@ -154,7 +156,19 @@ def _whole_disk(root: Path, files: Path, raw: Path, root_uuid: str) -> None:
          str(raw), f"{root_mib}M"])  # fmt: skip
 
 
-def _build(cache: ImageCache, recipe: Recipe, key: str, work: Path, out: Path) -> None:
+def _authorize(root: Path, keys: str) -> None:
+    """``keys`` as root's authorized_keys in the tree ``root`` (link-safely, 0700/0600)."""
+    tree = SafeTree.existing(root)
+    try:
+        tree.mkdir("root/.ssh", 0o700)
+        tree.replace("root/.ssh/authorized_keys", keys.encode(), 0o600)
+    finally:
+        tree.close()
+
+
+def _build(
+    cache: ImageCache, recipe: Recipe, key: str, work: Path, out: Path, authorized_keys: str
+) -> None:
     started = time.monotonic()
 
     def say(step: str) -> None:
@@ -166,6 +180,8 @@ def _build(cache: ImageCache, recipe: Recipe, key: str, work: Path, out: Path) -
     fstab = f"UUID={root_uuid} / ext4 rw,errors=remount-ro 0 1\n"
     files = {**GUEST_FILES, "etc/fstab": fstab}
     write_guest_files(root, files, {**GUEST_LINKS, **_ENABLED})
+    if authorized_keys:
+        _authorize(root, authorized_keys)
     (work / "boot").mkdir()
     boot_files(root, work / "boot")
     say("partitioning; the boot partition (SYSLINUX) and the ext4 root file system")
@@ -178,14 +194,23 @@ def _build(cache: ImageCache, recipe: Recipe, key: str, work: Path, out: Path) -
     (out / "root-uuid").write_text(root_uuid + "\n")
 
 
-def ensure_bootdisk(state_dir: Path, images_dir: Path, recipe: Recipe) -> BootDisk:
+def ensure_bootdisk(
+    state_dir: Path, images_dir: Path, recipe: Recipe, authorized_keys: str = ""
+) -> BootDisk:
     """The bootable disk of ``recipe`` (plus :data:`EXPORT_PACKAGES`), built if this host
-    has none: see the module docstring. ``state_dir`` holds the core's trees."""
+    has none: see the module docstring. ``state_dir`` holds the core's trees.
+
+    ``authorized_keys`` (OpenSSH public key lines) become root's ``~/.ssh/authorized_keys``:
+    the disk has no other login (root has no password), and the vSphere backend reaches its
+    clones over SSH with the matching private key. They are part of the key of the disk."""
     cache = ImageCache(state_dir)
     full = guest_recipe(recipe, EXPORT_PACKAGES)
     key = cache.key(full)
+    if authorized_keys:
+        key = hashlib.sha256(f"{key}\n{authorized_keys}".encode()).hexdigest()[: len(key)]
     final = built_once(images_dir, f"bootdisk-{FORMAT}-{key}", full, key, "bootable disk",
-                       lambda work, out: _build(cache, full, key, work, out))  # fmt: skip
+                       lambda work, out: _build(cache, full, key, work, out,
+                                                authorized_keys))  # fmt: skip
     root_uuid = (final / "root-uuid").read_text().strip()
     return BootDisk(final, final / "disk.qcow2", final / "disk.vmdk", key, root_uuid,
                     cmdline(root_uuid))  # fmt: skip

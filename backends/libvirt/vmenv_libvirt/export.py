@@ -27,7 +27,7 @@ from pytest_vmenv.images import BuildEvent, publish
 from .bootdisk import VMDK_OPTIONS, ensure_bootdisk
 from .debs import TinyBuildError, run
 
-__all__ = ["FORMATS", "copy_disk", "export_disk", "main"]
+__all__ = ["FORMATS", "copy_disk", "export_disk", "main", "public_keys"]
 
 FORMATS: dict[str, list[str]] = {
     "vmdk": VMDK_OPTIONS,
@@ -71,6 +71,27 @@ def copy_disk(src: Path, dest: Path) -> Path:
     return dest
 
 
+_KEY_TYPES = ("ssh-", "ecdsa-sha2-", "sk-ssh-", "sk-ecdsa-sha2-")
+
+
+def public_keys(path: Path) -> str:
+    """The OpenSSH public key lines of ``path`` (blank and ``#`` lines dropped), for root's
+    authorized_keys; a file that holds anything else (a private key, say) is refused."""
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"--authorized-key {path}: cannot read it ({exc})") from None
+    lines = [line.strip() for line in text.splitlines()]
+    keys = [line for line in lines if line and not line.startswith("#")]
+    bad = [n for n, line in enumerate(keys, 1) if not line.startswith(_KEY_TYPES)]
+    if not keys or bad:
+        raise ValueError(
+            f"--authorized-key {path}: not an OpenSSH public key file (give the .pub file, "
+            "e.g. ~/.ssh/id_ed25519.pub)"
+        )
+    return "".join(f"{key}\n" for key in keys)
+
+
 def main(argv: list[str] | None = None) -> int:
     from pytest_vmenv.cli.building import named_recipe
     from pytest_vmenv.errors import VmenvError
@@ -82,12 +103,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("dest", type=Path, help="the file to write (e.g. web.vmdk)")
     parser.add_argument("--packages", default="", help="extra packages, comma-separated")
     parser.add_argument("--format", choices=sorted(FORMATS), default="vmdk")
+    parser.add_argument(
+        "--authorized-key", type=Path, metavar="FILE",
+        help="an OpenSSH public key file (e.g. ~/.ssh/id_ed25519.pub): root's authorized_keys "
+        "in the disk, the login the vSphere backend's ssh_key uses (the disk has no other)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     unsubscribe = subscribe(LinePrinter(lambda text: print(text, file=sys.stderr, flush=True)))
     try:
         recipe = named_recipe(args.name, args.packages, "systemd")
+        keys = public_keys(args.authorized_key) if args.authorized_key else ""
         state = state_dir()
-        image = ensure_bootdisk(state, state / "libvirt" / "images", recipe)
+        image = ensure_bootdisk(state, state / "libvirt" / "images", recipe, keys)
         source = image.vmdk if args.format == "vmdk" else image.disk
         if args.format == "vmdk":
             copy_disk(source, args.dest)
