@@ -302,12 +302,7 @@ def test_forward_as_nobody(area: object, nobody: object) -> None:
     a busybox httpd on the guest's loopback is fetched, across a revert, and refuses after."""
     runner: Any = nobody
     unprivileged._need_userns(runner)
-    where: Any = area
-    for applet in ("httpd", "mkdir"):
-        link = where.rootfs / "bin" / applet
-        if not link.is_symlink():
-            link.symlink_to("busybox")
-            os.lchown(link, unprivileged.NOBODY, unprivileged.NOBODY)
+    where: Any = area  # its busybox rootfs has httpd and mkdir (test_unprivileged.APPLETS)
     res = runner.run(["python", "-c", AS_NOBODY, str(where.rootfs), str(where.state)])
     assert res.returncode == 0, f"stdout:\n{res.stdout}\nstderr:\n{res.stderr}"
     lines = res.stdout.splitlines()

@@ -38,7 +38,7 @@ BUSYBOX = Path("/bin/busybox")
 APPLETS = (
     "sh", "cat", "echo", "sleep", "printf", "head", "wc", "test", "kill", "ls", "rm", "mkdir",
     "chmod", "id", "touch", "cut", "true", "false", "env", "stat", "tr", "grep", "sed",
-    "unshare",
+    "unshare", "httpd", "wget",
 )  # fmt: skip
 
 
