@@ -40,6 +40,7 @@ __all__ = [
     "remove_session_dir",
     "session_templates",
     "sessions",
+    "write_json",
 ]
 
 _SECRET_WORDS = ("password", "passwd", "secret", "token", "key", "credential")
@@ -52,7 +53,9 @@ def public_options(options: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def _write_atomic(path: Path, data: Mapping[str, Any]) -> None:
+def write_json(path: Path, data: Mapping[str, Any]) -> None:
+    """``data`` as the JSON file ``path``, atomically: a reader sees the old file or the new
+    one, never a torn one (a hidden temporary file beside it is renamed into place)."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(json.dumps(data, default=str))
     os.replace(tmp, path)
@@ -161,7 +164,7 @@ class Ledger:
 
     def _write_owner(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        _write_atomic(
+        write_json(
             self.dir / "owner.json",
             {
                 "session": self.session.id,
@@ -187,7 +190,7 @@ class Ledger:
         """Write an intent before creating a resource; returns its record."""
         with self._lock:
             path = self.dir / f"{next(self._seq)}.json"
-        _write_atomic(
+        write_json(
             path,
             {"kind": kind, "backend": backend, "name": name, "at": time.time(), **data},
         )
@@ -199,7 +202,7 @@ class Ledger:
         tdir.mkdir(parents=True, exist_ok=True)
         path = tdir / f"{key}.json"
         if not path.exists():
-            _write_atomic(path, {"kind": "template", "backend": backend, "key": key, **data})
+            write_json(path, {"kind": "template", "backend": backend, "key": key, **data})
         return path
 
     def update(self, record: Path, **data: Any) -> None:
@@ -207,7 +210,7 @@ class Ledger:
             current = json.loads(record.read_text())
         except (OSError, ValueError):
             current = {}
-        _write_atomic(record, {**current, **data})
+        write_json(record, {**current, **data})
 
     @staticmethod
     def forget(record: Path) -> None:

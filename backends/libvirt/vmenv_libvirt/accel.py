@@ -23,6 +23,7 @@ from pathlib import Path
 import libvirt  # type: ignore[import-untyped]
 
 from pytest_vmenv.backend import boot_id
+from pytest_vmenv.ledger import write_json
 from pytest_vmenv.poll import poll_until
 
 from .config import Paths
@@ -121,18 +122,11 @@ def decide(setting: str, hv: Hypervisor, tiny: TinyImage | None, run_dir: Path) 
         verdict = Verdict("tcg", "no probe kernel available")
     else:
         verdict = _probe(hv, tiny, run_dir)
-    tmp = cache.with_suffix(f".{os.getpid()}.tmp")
-    tmp.write_text(
-        json.dumps(
-            {
-                "boot_id": boot_id(),
-                "accel": verdict.accel,
-                "reason": verdict.reason,
-                "probed": time.time(),
-            }
-        )
-    )
-    os.replace(tmp, cache)
+    write_json(
+        cache,
+        {"boot_id": boot_id(), "accel": verdict.accel, "reason": verdict.reason,
+         "probed": time.time()},
+    )  # fmt: skip
     return verdict
 
 

@@ -11,13 +11,13 @@ fields (``session``, ``owner``, ``created``, ``reuse``, ``complete``) set from t
 from __future__ import annotations
 
 import json
-import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from pytest_vmenv import errors
 from pytest_vmenv.backend import Snapshot
+from pytest_vmenv.ledger import write_json
 
 from .config import Paths
 from .connection import NAME
@@ -40,10 +40,7 @@ class Records:
         return data if isinstance(data, dict) else None
 
     def save(self, key: str, record: Mapping[str, Any]) -> None:
-        path = self.paths.record(key)
-        tmp = path.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(dict(record), indent=1))
-        os.replace(tmp, path)
+        write_json(self.paths.record(key), record)
 
     def delete(self, key: str) -> None:
         self.paths.record(key).unlink(missing_ok=True)

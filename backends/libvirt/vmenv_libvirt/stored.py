@@ -39,7 +39,7 @@ from pytest_vmenv import errors
 from pytest_vmenv.backend import Cache
 from pytest_vmenv.caches import disk_usage
 from pytest_vmenv.images import Recipe, read_json, remove_tree
-from pytest_vmenv.ledger import flocked
+from pytest_vmenv.ledger import flocked, write_json
 
 from .bootdisk import EXPORT_PACKAGES
 from .connection import NAME
@@ -247,10 +247,8 @@ def building_on(image: Path | None, key: str, state_dir: Path, make: Callable[[]
         disk = make()
         note = _note(image, disk)
         note.parent.mkdir(exist_ok=True)
-        user = {"disk": str(disk), "key": key, "state_dir": str(state_dir), "at": time.time()}
-        tmp = note.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(user))
-        os.replace(tmp, note)
+        write_json(note, {"disk": str(disk), "key": key, "state_dir": str(state_dir),
+                          "at": time.time()})  # fmt: skip
         (note.parent / _STAMP).touch()
         return disk
 
