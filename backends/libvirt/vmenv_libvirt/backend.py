@@ -161,8 +161,8 @@ class LibvirtBackend:
     def caches(self, live_sessions: Collection[str]) -> list[Cache]:
         """Its templates (as the core lists any backend's) and its built images, each with
         what holds it (see :mod:`.stored`); read from the state dir, without libvirtd."""
-        records = [t.data for t in self.parts.records.listed()]
-        snaps = [self.parts.records.snapshot(r) for r in records]
+        snaps = self.parts.records.listed()
+        records = [snap.data for snap in snaps]
         found = template_caches(self, snaps, live_sessions)
         return found + stored.listing(self.parts.paths.images, records, self.parts.paths.state_dir)
 
