@@ -75,12 +75,15 @@ class Capabilities:
     honoured (a segment per environment instance). ``limits``: ``cpus``/``memory`` are
     enforced. ``console_log``: ``console_log()`` returns what the guest wrote on its console
     (the conformance suite proves it; failure reports show any non-empty tail either way).
+    ``outbound``: ``spec.outbound`` is honoured (a machine asking for it on a backend without
+    it is refused, with the reason).
     """
 
     live_snapshot: bool = False
     network: bool = False
     limits: bool = False
     console_log: bool = False
+    outbound: bool = False
 
 
 @dataclass(frozen=True)

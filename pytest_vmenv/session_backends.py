@@ -114,6 +114,11 @@ class SessionBackends:
         except BackendUnavailable:
             return None
         reason = backend.unavailable_for(spec) if isinstance(backend, SpecCheck) else None
+        if reason is None and spec.outbound and not self.capabilities(spec.backend).outbound:
+            reason = (
+                f"outbound=True: the {spec.backend} backend gives machines no outbound network "
+                "here; the emulator backend does (through slirp4netns)"
+            )
         with self._lock:
             self._refusals[ident] = reason
         return reason

@@ -26,7 +26,9 @@ class MachineSpec:
     ``memory``/``disk`` are bytes. ``provision`` items are shell strings or argv tuples.
     ``packages`` are Debian packages baked into a built image (``image_config`` then holds
     the recipe's ``base``); ``init`` is ``"systemd"``, ``"none"`` or None (the backend's
-    default for the image: systemd for a built Debian image).
+    default for the image: systemd for a built Debian image). ``outbound``: the machine may open
+    connections out through the host (NAT, with DNS), for provisioning and while it runs;
+    without it, nothing outside the machine (and its ``network``) is reachable.
     """
 
     name: str = "vm"
@@ -38,6 +40,7 @@ class MachineSpec:
     network: str | None = None
     packages: tuple[str, ...] = ()
     init: str | None = None
+    outbound: bool = False
     provision: tuple[str | tuple[str, ...], ...] = ()
     ready: str | None = None
     timeout: float = 300.0
@@ -49,7 +52,7 @@ class MachineSpec:
 
 _FIELDS = (
     "name", "image", "backend", "cpus", "memory", "disk", "network", "packages", "init",
-    "provision", "ready", "timeout", "scope", "isolation", "labels",
+    "outbound", "provision", "ready", "timeout", "scope", "isolation", "labels",
 )  # fmt: skip
 SCOPES = ("function", "module", "session")
 ISOLATIONS = ("clone", "revert")
@@ -117,6 +120,7 @@ class SpecParser:
         return MachineSpec(
             name=name, image=image, backend=backend, cpus=cpus, memory=memory, disk=disk,
             network=network, packages=packages, init=_init(get("init"), where),
+            outbound=_flag(get("outbound", False), where, "outbound"),
             provision=_provision(get("provision", ()), where), ready=_ready(get("ready"), where),
             timeout=_timeout(get("timeout", 300), where),
             scope=_choice(get("scope", "function"), SCOPES, "scope", where),
@@ -212,6 +216,12 @@ def _network(network: object, where: str) -> str | None:
     if network is not None and (not isinstance(network, str) or not network or "#" in network):
         raise ConfigError(f'{where}: network={network!r} must be a name like "lan" or a CIDR')
     return network
+
+
+def _flag(value: object, where: str, field_name: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where}: {field_name}={value!r} must be true or false")
+    return value
 
 
 def _init(init: object, where: str) -> str | None:

@@ -39,7 +39,8 @@ def _file_identity(value: str) -> Any:
 
 def template_key(spec: MachineSpec) -> str:
     """Hash of what shapes a template's disk: backend, image identity, provision, disk size,
-    the packages baked into a built image and the init it boots."""
+    the packages baked into a built image, the init it boots and whether it is provisioned
+    with an outbound network."""
     image_config = {
         k: _file_identity(v) if isinstance(v, str) and os.path.isabs(v) else v
         for k, v in sorted(spec.image_config.items())
@@ -55,6 +56,8 @@ def template_key(spec: MachineSpec) -> str:
         shape["packages"] = sorted(spec.packages)
     if spec.init is not None:
         shape["init"] = spec.init
+    if spec.outbound:
+        shape["outbound"] = True
     data = json.dumps(shape, sort_keys=True, default=str).encode()
     return hashlib.sha256(data).hexdigest()[:20]
 

@@ -52,3 +52,41 @@ def test_network_without_the_capability_warns_once(pytester: pytest.Pytester) ->
     result.assert_outcomes(passed=2, warnings=1)
     result.stdout.fnmatch_lines(["*warnings summary*", "*test_one*", WARNING])
 
+
+NO_OUTBOUND = """
+from dataclasses import replace
+
+def pytest_vmenv_make_backend(name, cls, options, config):
+    class NoOutbound(cls):
+        def capabilities(self):
+            return replace(super().capabilities(), outbound=False)
+
+    return NoOutbound(options)
+"""
+
+
+def test_outbound_without_the_capability_is_refused_with_the_reason(
+    pytester: pytest.Pytester,
+) -> None:
+    pytester.makeconftest(NO_OUTBOUND)
+    pytester.makepyfile(
+        """
+        import pytest
+
+        @pytest.mark.vm(image="host", outbound=True)
+        def test_out(vm):
+            pass
+
+        @pytest.mark.vm(image="host")
+        def test_plain(vm):
+            vm.succeed("true")
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(
+        [
+            "*test_out: machine 'vm' (emulator) cannot be made here: outbound=True: the emulator "
+            "backend gives machines no outbound network here*"
+        ]
+    )

@@ -9,6 +9,7 @@ import pytest
 from pytest_vmenv.config import load_config
 from pytest_vmenv.errors import ConfigError
 from pytest_vmenv.spec import SpecParser, parse_size
+from pytest_vmenv.templates import template_key
 
 BACKENDS = {"emulator": ("host",), "libvirt": ("tiny",)}
 
@@ -41,6 +42,14 @@ def test_defaults() -> None:
         "vm", "host", "emulator", 1, 512 * 2**20,
     )  # fmt: skip
     assert spec.scope == "function" and spec.isolation == "clone" and spec.network is None
+    assert spec.outbound is False
+
+
+def test_outbound_is_part_of_the_template_key_only_when_set() -> None:
+    plain, out = parser().machine({}, "t"), parser().machine({"outbound": True}, "t")
+    assert out.outbound is True
+    assert template_key(plain) == template_key(parser().machine({"outbound": False}, "t"))
+    assert template_key(plain) != template_key(out)
 
 
 @pytest.mark.parametrize(
@@ -57,6 +66,7 @@ def test_defaults() -> None:
         ({"provision": [1]}, r"provision step 1 must be"),
         ({"ready": "port:http"}, r"the port must be a number"),
         ({"timeout": -1}, r"timeout=-1 must be a positive"),
+        ({"outbound": "yes"}, r"outbound='yes' must be true or false"),
     ],
 )
 def test_bad_fields(fields: dict[str, object], pattern: str) -> None:

@@ -264,8 +264,9 @@ def provision(guest: Guest, spec: MachineSpec, start: float) -> str:
         with open(guest.dir / "boot.log", "a", encoding="utf-8") as f:
             f.write(log[-1])
         if code != 0:
-            # a template is built with no network at all: nothing can be fetched
-            raise provision_failed(NAME, spec.name, step, code, text_out, text_err, outbound=False)
+            raise provision_failed(
+                NAME, spec.name, step, code, text_out, text_err, outbound=spec.outbound
+            )
     return "".join(log)
 
 
