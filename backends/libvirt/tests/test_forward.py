@@ -116,6 +116,11 @@ def test_restrict_keeps_the_guest_from_the_host(
     port = canary.getsockname()[1]
     ref = libvirt_backend.clone(template, replace(SPEC, name="fwd-restrict"), session)
     try:
+        served = "busybox httpd -p 0.0.0.0:8080 -h /tmp && printf 'GET / HTTP/1.0\\r\\n\\r\\n'"
+        control = libvirt_backend.execute(
+            ref, ["/bin/sh", "-c", f"{served} | nc -w 3 10.0.2.15 8080"], timeout=60
+        )
+        assert control.exit_code == 0 and "HTTP/1." in control.stdout, control
         for target in ("10.0.2.2", "10.0.2.3"):
             tried = libvirt_backend.execute(
                 ref, ["/bin/sh", "-c", f"echo x | nc -w 3 {target} {port}"], timeout=60
