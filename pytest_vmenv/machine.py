@@ -326,7 +326,7 @@ class Machine:
             raise trimmed(
                 BackendError(
                     f"{self.name}: the {backend.name!r} backend cannot forward ports yet "
-                    "(vm.forward/vm.url work on the emulator; libvirt and vSphere get them in "
+                    "(vm.forward/vm.url work on the emulator and libvirt; vSphere gets them in "
                     "a later release): run this test on backend='emulator'"
                 )
             )

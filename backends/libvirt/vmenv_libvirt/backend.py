@@ -39,6 +39,7 @@ from .config import LibvirtConfig
 from .connection import NAME
 from .debian import ensure_debian
 from .faults import BOUNDARY
+from .forwards import Forwards
 from .machines import Machines
 from .parts import Parts
 from .snapshots import Snapshots
@@ -72,6 +73,7 @@ class LibvirtBackend:
         self._templates = Templates(self.parts)
         self._machines = Machines(self.parts)
         self._snapshots = Snapshots(self.parts)
+        self._forwards = Forwards(self.hv)
 
     # -- protocol -----------------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
@@ -133,6 +135,7 @@ class LibvirtBackend:
 
     @BOUNDARY
     def destroy(self, ref: MachineRef) -> None:
+        self._forwards.forget(ref.id)
         self._machines.destroy(ref)
 
     @BOUNDARY
@@ -152,6 +155,12 @@ class LibvirtBackend:
         return self.parts.inventory.owned(session_id)
 
     # -- optional protocols -------------------------------------------------------------------
+    @BOUNDARY
+    def forward(self, ref: MachineRef, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
+        """QEMU user-mode ``hostfwd`` on ``host`` to the guest's ``10.0.2.15:port`` (see
+        :mod:`.forwards`): a service bound only to the guest's ``127.0.0.1`` is not reached."""
+        return self._forwards.forward(ref, port, host)
+
     @BOUNDARY
     def templates(self) -> list[Snapshot]:
         """Every template record, of any session, with its ``session``/``owner``/``created``."""

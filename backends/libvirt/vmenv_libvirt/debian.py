@@ -70,7 +70,7 @@ CMDLINE = (
     "console=ttyS0 root=/dev/vda rw panic=-1 mitigations=off tsc=reliable no_timer_check "
     "systemd.show_status=false"
 )
-FORMAT = "1"
+FORMAT = "2"
 """The layout of the qcow2 made from a tree: bumped when :data:`GUEST_FILES` or the disk
 changes (it is part of the image dir's name)."""
 
@@ -83,7 +83,22 @@ DHCP=ipv4
 [DHCPv4]
 ClientIdentifier=mac
 """
+_FORWARD = """[Match]
+MACAddress=52:54:00:76:6d:66
+
+[Link]
+RequiredForOnline=no
+
+[Network]
+Address=10.0.2.15/24
+DHCP=no
+LinkLocalAddressing=no
+IPv6AcceptRA=no
+"""
 GUEST_FILES: dict[str, str] = {
+    # the port-forward NIC (see forwards.py): a fixed address, no DHCP, no route; it sorts
+    # before 50-vmenv-dhcp, and networkd applies the first file that matches
+    "etc/systemd/network/40-vmenv-forward.network": _FORWARD,
     # DHCP on every virtio NIC; by MAC, since clones of one template share a machine-id
     "etc/systemd/network/50-vmenv-dhcp.network": _NETWORK,
     "etc/fstab": "/dev/vda / ext4 rw,errors=remount-ro 0 1\n",

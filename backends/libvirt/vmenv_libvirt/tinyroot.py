@@ -50,6 +50,9 @@ for p in /sys/class/virtio-ports/*; do
 done
 for i in /sys/class/net/*; do
   n=${i##*/}; [ "$n" = lo ] && continue
+  if [ "$(cat "$i/address")" = 52:54:00:76:6d:66 ]; then
+    ip addr add 10.0.2.15/24 dev "$n"; ip link set "$n" up; continue
+  fi
   udhcpc -b -S -i "$n" -x "hostname:$(hostname)" -s /usr/share/udhcpc/default.script \\
     >/dev/null 2>&1
 done
@@ -179,7 +182,7 @@ class Variant:
 
 AGENT = Variant(
     stem="tiny",
-    recipe="1",
+    recipe="2",
     packages=("qemu-guest-agent",),
     respawn="/usr/sbin/qemu-ga -m virtio-serial -p /dev/virtio-ports/org.qemu.guest_agent.0"
     " -t /run/qemu-ga",
@@ -187,7 +190,7 @@ AGENT = Variant(
 )
 SSH = Variant(
     stem="tiny-ssh",
-    recipe="2",
+    recipe="3",
     packages=("dropbear-bin", "libtomcrypt1", "libtommath1"),
     respawn="/usr/sbin/dropbear -F -E -s -j -k -p 22 "
     + " ".join(f"-r /{k}" for k in HOST_KEYS.values()),
