@@ -9,6 +9,8 @@ proven by ``examples/libvirt`` and ``bench/bench_libvirt.py --only-debian``.
 
 from __future__ import annotations
 
+import subprocess
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import replace
 
@@ -70,6 +72,19 @@ def test_the_packages_service_is_active(web: Machine) -> None:
     get = "exec 3<>/dev/tcp/127.0.0.1/80 && printf 'GET / HTTP/1.0\\r\\n\\r\\n' >&3 && cat <&3"
     page = web.succeed(["bash", "-c", get], timeout=60)
     assert "200 OK" in page and "Welcome to nginx" in page
+
+
+def test_nginx_through_forward_and_openssh_through_ssh_config(web: Machine) -> None:
+    """The port-forward NIC of the Debian image (its ``40-vmenv-forward.network``): urllib from
+    the test to nginx through ``vm.url``, and the real OpenSSH client with ``vm.ssh_config()``
+    (its pinned host keys, the session's key) through ``vm.forward(22)``."""
+    with urllib.request.urlopen(web.url(80), timeout=60) as response:
+        assert b"Welcome to nginx" in response.read()
+    ssh = web.ssh_config()
+    login = subprocess.run(
+        ssh.ssh_argv("systemctl is-active ssh; hostname"), capture_output=True, timeout=120
+    )
+    assert login.stdout == b"active\nweb\n", login.stderr
 
 
 def test_the_hostname_is_the_machines_name(web: Machine) -> None:

@@ -91,7 +91,11 @@ class VsphereBackend:
 
     # -- protocol -----------------------------------------------------------------------------
     def capabilities(self) -> Capabilities:
-        return Capabilities(live_snapshot=False, network=False, limits=True, console_log=False)
+        """``outbound``: a VM's way out is its port group's (``network`` in the config); the
+        backend neither adds nor removes one, so ``outbound=True`` is accepted as such."""
+        return Capabilities(
+            live_snapshot=False, network=False, limits=True, console_log=False, outbound=True
+        )
 
     def check(self) -> None:
         with BOUNDARY.guard("read the inventory", Server(self.config)):

@@ -1,4 +1,8 @@
-"""Wires guests to private LANs (:mod:`.bridge`) and keeps their ``/etc/hosts`` current.
+"""Wires guests to private LANs and keeps their ``/etc/hosts`` current.
+
+As root a LAN is a Linux bridge in a namespace of its own (:mod:`.bridge`); unprivileged, a
+userspace switch over packet sockets on veths made inside each guest's own namespace
+(:mod:`.userlan`): veths cannot join namespaces of sibling user namespaces.
 
 Machines on one :class:`~pytest_vmenv.backend.Network` (equal ``id``) share one
 :class:`~.bridge.Lan`, made on the first attach and closed when its last member leaves. After
@@ -45,6 +49,9 @@ class Networks:
     def attach(self, guest: Guest, everyone: list[Guest], state_dir: Path) -> None:
         """Give ``guest`` an address on its network and refresh every member's hosts file."""
         from .bridge import Lan
+        from .forward import guest_ns
+        from .userlan import UserLan
+        from .userns import rootless
 
         network = guest.network
         assert network is not None
@@ -53,9 +60,13 @@ class Networks:
             if seg is None:
                 records = state_dir / "emulator" / "networks"
                 records.mkdir(parents=True, exist_ok=True)
-                seg = _Segment(Lan(network.subnet or DEFAULT_CIDR, state_dir=records))
+                cidr = network.subnet or DEFAULT_CIDR
+                seg = _Segment(UserLan(cidr) if rootless() else Lan(cidr, state_dir=records))
                 self._segments[network.id] = seg
-            guest.ip = seg.lan.attach(guest.pid)
+            if rootless():
+                guest.ip = seg.lan.attach(guest.pid, *guest_ns(guest, "user", "net"))
+            else:
+                guest.ip = seg.lan.attach(guest.pid)
             seg.members.add(guest.id)
             guest.save()
             members = [g for g in everyone if g.id in seg.members and g.conn is not None]

@@ -54,10 +54,10 @@ class LimitNotApplied(UserWarning):
 
 def capabilities(network_available: bool) -> Capabilities:
     root = sys.platform.startswith("linux") and not userns.rootless()
-    network = root and network_available
     return Capabilities(
-        live_snapshot=False, network=network, limits=root, console_log=True, outbound=True
-    )
+        live_snapshot=False, network=network_available, limits=root, console_log=True,
+        outbound=True,
+    )  # fmt: skip
 
 
 def check() -> None:
@@ -83,8 +83,6 @@ def _unprivileged_reasons(state: State, spec: MachineSpec, init: str) -> list[st
     reasons = []
     if is_host(spec.image, spec.image_config):
         reasons.append(userns.HOST_REASON)
-    if spec.network is not None:
-        reasons.append(userns.NETWORK_REASON)
     if recipe_of(spec) is not None:
         problem = subids.problem(SUBIDS_PURPOSE)
         reasons += [problem] if problem is not None else _image_reasons(state, spec)
@@ -132,9 +130,9 @@ def unavailable_for(state: State, spec: MachineSpec) -> str | None:
     Root makes every spec but these: ``disk=`` needs loop devices and mkfs.ext4, from
     :data:`.disk.MIN_SIZE` up; a Debian image that is not built yet needs its builder
     (see :func:`pytest_vmenv.images.builder_problem`) and the host's apt to serve its
-    suite; systemd needs a cgroup v2 hierarchy. Unprivileged, ``image="host"`` and
-    ``network=`` are refused, Debian images without subordinate ids (or built by root), and
-    ``init="systemd"`` without a delegated cgroup v2 group. ``outbound=True`` needs
+    suite; systemd needs a cgroup v2 hierarchy. Unprivileged, ``image="host"`` is refused,
+    Debian images without subordinate ids (or built by root), and ``init="systemd"`` without
+    a delegated cgroup v2 group. ``outbound=True`` needs
     slirp4netns (and, unprivileged, ``/dev/net/tun`` open to the user). Each refusal has its
     own reason (all that apply are given).
     """
@@ -183,8 +181,7 @@ def restrictions(state: State) -> str | None:
     systemd = "init='systemd'" if cgroups.v2_parent is not None else "no init='systemd'"
     return (
         f"unprivileged, uid {os.geteuid()}: rootfs directory and tarball images, {debian}, "
-        f"{systemd} (it needs a delegated cgroup v2 group); image='host' and network= need "
-        f"root{limits}"
+        f"{systemd} (it needs a delegated cgroup v2 group); image='host' needs root{limits}"
     )
 
 

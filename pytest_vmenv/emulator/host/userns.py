@@ -44,10 +44,10 @@ What changes in the guest:
   sanitizers) fail under it while using little;
 * ``init="systemd"`` needs a cgroup v2 group delegated to the user (pytest's own, see
   :mod:`.cgroups`): systemd manages the guest's leaf as its ``/sys/fs/cgroup``;
+* ``network=`` is a userspace switch (:mod:`.userlan`) instead of a bridge;
 * refused with :class:`~pytest_vmenv.errors.BackendUnavailable`: ``image="host"`` (its mask
-  layer needs ``trusted.*`` xattrs and a view of the whole host), ``network=`` (the LAN
-  helper needs root in the host's network namespace), Debian images without subordinate ids
-  or built by root, and ``init="systemd"`` without a delegated cgroup v2 group.
+  layer needs ``trusted.*`` xattrs and a view of the whole host), Debian images without
+  subordinate ids or built by root, and ``init="systemd"`` without a delegated cgroup v2 group.
 """
 
 from __future__ import annotations
@@ -63,7 +63,6 @@ from ...images import subids
 
 __all__ = [
     "HOST_REASON",
-    "NETWORK_REASON",
     "limit_problems",
     "mapped_argv",
     "probe",
@@ -77,10 +76,6 @@ HOST_REASON = (
     "image='host' needs root (its read-only view of the host's / cannot be built in a user "
     "namespace): use a rootfs directory or tarball image instead (image='/path/to/rootfs', or "
     "[images.NAME] emulator = { rootfs = PATH } in vmenv.toml), or run as root"
-)
-NETWORK_REASON = (
-    "network= needs root (the LAN helper makes veth pairs and a bridge in the host's network "
-    "namespace): drop network=, or run as root"
 )
 _CACHE: dict[str, str | None] = {}
 
