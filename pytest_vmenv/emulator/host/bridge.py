@@ -50,7 +50,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Self
 
-from ...errors import BackendError, ConfigError, MachineGone
+from ...errors import BackendError, MachineGone
+from .lanaddress import free_address, subnet
 
 __all__ = ["Lan"]
 
@@ -135,17 +136,7 @@ class Lan:
     """
 
     def __init__(self, cidr: str = "10.77.0.0/24", state_dir: Path | None = None) -> None:
-        try:
-            network = ipaddress.ip_network(cidr, strict=True)
-        except ValueError as exc:
-            raise ConfigError(
-                f"network {cidr!r} is not a valid subnet ({exc}); write it like '10.77.0.0/24'"
-            ) from None
-        if not isinstance(network, ipaddress.IPv4Network) or network.prefixlen > 30:
-            raise ConfigError(
-                f"network {cidr!r} must be an IPv4 subnet of at least 4 addresses "
-                "(prefix /30 or shorter), e.g. '10.77.0.0/24'"
-            )
+        network = subnet(cidr)
         self._network = network
         self._ip = _tool("ip", "iproute2")
         self._nsenter = _tool("nsenter", "util-linux")
@@ -354,16 +345,7 @@ class Lan:
             )  # fmt: skip
 
     def _free_address(self) -> ipaddress.IPv4Address:
-        used = {port.address for port in self._ports.values()}
-        hosts = self._network.hosts()
-        next(hosts)  # .1 is not handed to guests
-        for address in hosts:
-            if address not in used:
-                return address
-        raise BackendError(
-            f"the private network {self.cidr} has no free address left for another machine; "
-            "use a larger subnet"
-        )
+        return free_address(self._network, {port.address for port in self._ports.values()})
 
     def _run(
         self,

@@ -33,7 +33,8 @@ import subprocess
 import sys
 import threading
 
-from ...errors import BackendError, ConfigError
+from ...errors import BackendError
+from .lanaddress import free_address, subnet
 
 __all__ = ["UserLan"]
 
@@ -117,17 +118,7 @@ class UserLan:
     except that :meth:`attach` takes the guest's user and network namespaces as fds."""
 
     def __init__(self, cidr: str = "10.77.0.0/24") -> None:
-        try:
-            network = ipaddress.ip_network(cidr, strict=True)
-        except ValueError as exc:
-            raise ConfigError(
-                f"network {cidr!r} is not a valid subnet ({exc}); write it like '10.77.0.0/24'"
-            ) from None
-        if not isinstance(network, ipaddress.IPv4Network) or network.prefixlen > 30:
-            raise ConfigError(
-                f"network {cidr!r} must be an IPv4 subnet of at least 4 addresses "
-                "(prefix /30 or shorter), e.g. '10.77.0.0/24'"
-            )
+        network = subnet(cidr)
         self._network = network
         self._lock = threading.Lock()
         self._ports: dict[int, tuple[socket.socket, ipaddress.IPv4Address]] = {}
@@ -197,16 +188,7 @@ class UserLan:
         self.close()
 
     def _free_address(self) -> ipaddress.IPv4Address:
-        used = {address for _, address in self._ports.values()}
-        hosts = self._network.hosts()
-        next(hosts)  # .1 is not handed to guests, as on the root bridge
-        for address in hosts:
-            if address not in used:
-                return address
-        raise BackendError(
-            f"the private network {self.cidr} has no free address left for another machine; "
-            "use a larger subnet"
-        )
+        return free_address(self._network, {address for _, address in self._ports.values()})
 
     def _run(self) -> None:
         macs: dict[bytes, int] = {}
