@@ -47,9 +47,8 @@ _OFFLINE = re.compile(  # what fetchers print when there is no network to fetch 
 )
 _WRAPPERS = ("sudo", "env", "nice", "nohup", "time", "timeout", "xargs", "exec")
 NO_OUTBOUND = (
-    "the machine has no outbound network, so {tool!r} cannot download anything. Give it "
-    "one with outbound=True (the emulator), or use an image that already has what this step "
-    "fetches (a rootfs directory or tarball built "
+    "the machine has no outbound network, so {tool!r} cannot download anything. Use an "
+    "image that already has what this step fetches (a rootfs directory or tarball built "
     'with it; with image="host", install it on the host), or copy the files in from a '
     "test or fixture with vm.put(...)"
 )

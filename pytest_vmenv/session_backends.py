@@ -117,7 +117,8 @@ class SessionBackends:
         if reason is None and spec.outbound and not self.capabilities(spec.backend).outbound:
             reason = (
                 f"outbound=True: the {spec.backend} backend gives machines no outbound network "
-                "here; the emulator backend does (through slirp4netns)"
+                "yet (a machine has no route out); provision from an image that has what it "
+                "needs, or copy files in with vm.put"
             )
         with self._lock:
             self._refusals[ident] = reason

@@ -9,6 +9,7 @@ No traffic is sent to any address outside the guests' loopback and the Lan itsel
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -68,15 +69,25 @@ def in_ns(pid: int, *argv: str, check: bool = True) -> subprocess.CompletedProce
     return sh("nsenter", "-t", str(pid), "-n", *argv, check=check)
 
 
-def host_network() -> dict[str, str]:
-    """What the host's namespace shows: links, addresses, routes and netns ids."""
+def host_network() -> dict[str, list[str]]:
+    """What the host's namespace shows: links, addresses, routes and netns ids; without the
+    libvirt backend's bridges (``vmbr*``) and domain taps (``vnet*``), which CI's libvirt lane
+    makes and removes meanwhile."""
+
+    def lines(*argv: str) -> list[str]:
+        out = sh(*argv).stdout.splitlines()
+        return [ln for ln in out if not _LIBVIRT.search(ln)]
+
     return {
-        "link": sh("ip", "-o", "link").stdout,
-        "addr": sh("ip", "-o", "addr").stdout,
-        "route4": sh("ip", "-4", "route", "show", "table", "all").stdout,
-        "route6": sh("ip", "-6", "route", "show", "table", "all").stdout,
-        "nsid": sh("ip", "netns", "list-id").stdout,
+        "link": lines("ip", "-o", "link"),
+        "addr": lines("ip", "-o", "addr"),
+        "route4": lines("ip", "-4", "route", "show", "table", "all"),
+        "route6": lines("ip", "-6", "route", "show", "table", "all"),
+        "nsid": lines("ip", "netns", "list-id"),
     }
+
+
+_LIBVIRT = re.compile(r"\b(vmbr[0-9a-f]+|vnet[0-9]+)\b")
 
 
 def gone(pid: int) -> bool:

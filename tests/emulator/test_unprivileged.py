@@ -24,8 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from pytest_vmenv.emulator.host import outbound, userns
-from tests.emulator import uplink
+from pytest_vmenv.emulator.host import userns
 
 pytestmark = pytest.mark.skipif(
     not sys.platform.startswith("linux") or os.geteuid() != 0,
@@ -974,40 +973,3 @@ def test_examples_as_nobody(
     summary = out.strip().splitlines()[-1]
     assert "19 passed" in summary and "skipped" not in summary, out
     assert _nobody_leftovers(nobody_subids) == []
-
-
-def test_outbound_as_nobody(area: Area, nobody: Runner) -> None:
-    """``outbound=True`` unprivileged: slirp4netns joins the guest's user namespace to make its
-    tap; the guest fetches by name from the uplink namespace the test made (see
-    ``uplink.py``), during provisioning and in the test."""
-    _need_userns(nobody)
-    if not os.access(outbound.TUN, os.R_OK | os.W_OK) or os.stat(outbound.TUN).st_mode & 0o6 != 0o6:
-        pytest.skip(f"{outbound.TUN} is not open to every user (.ci/test-all opens it)")
-    work = area.root / "uplink"
-    for d in ("www", "loopback"):
-        (work / d).mkdir(parents=True)
-        (work / d / "canary").write_text("outbound-as-nobody\n")
-    url = f"http://{uplink.NAME}:{uplink.PORT}/canary"
-    (area.root / "test_outbound_inner.py").write_text(
-        textwrap.dedent(f"""
-        import pytest
-
-        @pytest.mark.vm(image={str(area.rootfs)!r}, outbound=True,
-                        provision=["wget -qO /root/fetched {url}"])
-        def test_fetch(vm):
-            assert vm.succeed("cat /root/fetched") == "outbound-as-nobody\\n"
-            assert vm.succeed("wget -qO- {url}") == "outbound-as-nobody\\n"
-    """)
-    )
-    _chown_tree(area.root / "test_outbound_inner.py")
-    inner = _setpriv([area.python, "-m", "pytest", "-p", "no:cacheprovider", "-q",
-                      str(area.root / "test_outbound_inner.py")])  # fmt: skip
-    proc = subprocess.Popen(
-        ["unshare", "--net", "--mount", "--propagation", "private", "--",
-         sys.executable, str(Path(uplink.__file__).resolve()), str(work), "--", *inner],
-        cwd=area.root, env=nobody.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-        text=True, start_new_session=True,
-    )  # fmt: skip
-    nobody.roots.add(proc.pid)
-    out, err = proc.communicate(timeout=300)
-    assert proc.returncode == 0 and "1 passed" in out, f"stdout:\n{out}\nstderr:\n{err}"

@@ -22,6 +22,7 @@ guest service bound only to ``127.0.0.1`` is not reached; bind it to ``0.0.0.0``
 
 from __future__ import annotations
 
+import ipaddress
 import socket
 import threading
 
@@ -59,7 +60,13 @@ class Forwards:
 
     def forward(self, ref: MachineRef, port: int, host: str = "127.0.0.1") -> tuple[str, int]:
         """``(host, hostport)`` that reaches ``GUEST_ADDRESS:port`` in ``ref``'s guest."""
-        key = (ref.id, port, host)
+        try:
+            host = str(ipaddress.ip_address(host))  # nothing else goes into the HMP command
+        except ValueError:
+            raise errors.ConfigError(
+                f"{NAME}: forward host={host!r} is not an IP address"
+            ) from None
+        key = (ref.id, int(port), host)
         with self._lock:
             if key in self._known:
                 return self._known[key]

@@ -21,7 +21,6 @@ from .guests import Guests, check_id, console_text
 from .hostmask import refresh_mask
 from .lifecycle import start_guest, stop_guest, wait_systemd
 from .networks import Networks
-from .outbound import Outbound
 from .record import Guest, guest_from_meta, read_meta
 from .state import NAME, State
 
@@ -41,7 +40,6 @@ class Machines:
         self.state = state
         self.guests = guests
         self.networks = networks
-        self.outbound = Outbound()
 
     def new_guest(
         self,
@@ -67,7 +65,6 @@ class Machines:
         support.warn_unfiltered()
         guest.memory, guest.cpus, guest.disk = spec.memory, spec.cpus, spec.disk
         guest.init = support.init_of(spec)
-        guest.outbound = spec.outbound
         self.guests.add(guest)
         timeout = min(spec.timeout, 60.0)
         try:
@@ -98,8 +95,6 @@ class Machines:
             timeout,
             state.pids_max,
         )
-        if guest.outbound:
-            self.outbound.attach(guest)
         if guest.init == "systemd":
             left = timeout - (time.monotonic() - started)
             wait_systemd(guest, left if systemd_timeout is None else systemd_timeout)
@@ -134,7 +129,6 @@ class Machines:
         stack = refresh_mask(layers.stack_of(snapshot), state.emu_dir, state.state_dir)
         self.networks.detach(guest)
         stop_guest(guest)
-        self.outbound.detach(guest)
         guest.stack = stack
         try:
             problems = self._start(guest, REVERT_TIMEOUT, REVERT_TIMEOUT)
@@ -195,7 +189,6 @@ class Machines:
             guest.conn = attached.conn if attached is not None else None
         self.networks.detach(guest)
         stop_guest(guest)
-        self.outbound.detach(guest)
         self._remove_snapshots(guest)
         disk.detach(gdir)
         userns.rmtree(gdir)
@@ -224,4 +217,3 @@ class Machines:
                 )
         self.guests.detach_all()
         self.networks.close()
-        self.outbound.close()

@@ -57,7 +57,6 @@ class Guest:
     kept: bool = False
     attached: bool = False  # another process's guest we only talk to (via ctl.sock)
     init: str = "none"  # "systemd": PID 1 is systemd, commands go to its agent (see .guest)
-    outbound: bool = False  # a slirp4netns gives it NAT out (see .outbound)
 
     def meta(self) -> dict[str, Any]:
         return {
@@ -72,7 +71,6 @@ class Guest:
             "zygote": self.zygote,
             "created": self.created,
             "kept": self.kept,
-            "outbound": self.outbound,
             "stack": self.stack,
             "ip": self.ip,
             "network": self.network.id if self.network else None,
@@ -105,7 +103,6 @@ def guest_from_meta(gid: str, gdir: Path, meta: dict[str, Any], cgroups: Cgroups
         keeper_start=str(meta.get("keeper_start", "")),
         zygote=int(meta.get("zygote") or 0),
         kept=bool(meta.get("kept")),
-        outbound=bool(meta.get("outbound")),
         ip=meta.get("ip"),
         attached=True,
     )

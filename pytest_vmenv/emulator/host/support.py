@@ -20,7 +20,7 @@ from ... import errors
 from ...backend import Capabilities
 from ...images import ImageCache, builder_problem, recipe_of, subids
 from ..guest import seccomp
-from . import disk, outbound, userns
+from . import disk, userns
 from .images import is_host
 from .state import NAME, State
 
@@ -55,9 +55,8 @@ class LimitNotApplied(UserWarning):
 def capabilities(network_available: bool) -> Capabilities:
     root = sys.platform.startswith("linux") and not userns.rootless()
     return Capabilities(
-        live_snapshot=False, network=network_available, limits=root, console_log=True,
-        outbound=True,
-    )  # fmt: skip
+        live_snapshot=False, network=network_available, limits=root, console_log=True
+    )
 
 
 def check() -> None:
@@ -132,17 +131,14 @@ def unavailable_for(state: State, spec: MachineSpec) -> str | None:
     (see :func:`pytest_vmenv.images.builder_problem`) and the host's apt to serve its
     suite; systemd needs a cgroup v2 hierarchy. Unprivileged, ``image="host"`` is refused,
     Debian images without subordinate ids (or built by root), and ``init="systemd"`` without
-    a delegated cgroup v2 group. ``outbound=True`` needs
-    slirp4netns (and, unprivileged, ``/dev/net/tun`` open to the user). Each refusal has its
-    own reason (all that apply are given).
+    a delegated cgroup v2 group. Each refusal has its own
+    reason (all that apply are given).
     """
     init = spec.init or ("systemd" if recipe_of(spec) else "none")
     if userns.rootless():
         reasons = _unprivileged_reasons(state, spec, init)
     else:
         reasons = _root_reasons(state, spec, init)
-    if spec.outbound and (missing := outbound.problem()) is not None:
-        reasons.append(missing)
     return "; and ".join(reasons) or None
 
 

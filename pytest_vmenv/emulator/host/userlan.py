@@ -41,6 +41,7 @@ __all__ = ["UserLan"]
 _TIMEOUT = 30.0
 _FRAME = 65536 + 64
 _VNET = 10  # struct virtio_net_hdr before each frame
+_MACS = 1024  # learned addresses kept at most (frames to the others are flooded)
 _TOOL_PATH = "/usr/sbin:/sbin:/usr/bin:/bin"
 
 _SCRIPT = r"""
@@ -217,7 +218,10 @@ class UserLan:
                 return
             if len(frame) < _VNET + 14 or addr[2] == socket.PACKET_OUTGOING:
                 return
-            macs[frame[_VNET + 6 : _VNET + 12]] = src
+            source = frame[_VNET + 6 : _VNET + 12]
+            if source not in macs and len(macs) >= _MACS:  # a guest forging sources: relearn
+                macs.clear()
+            macs[source] = src
             dst = macs.get(frame[_VNET : _VNET + 6]) if not frame[_VNET] & 1 else None
             targets = [dst] if dst is not None else [p for p in self._ports if p != src]
             for pid in targets:
