@@ -47,7 +47,7 @@ def vmenv(state: Path, *args: str, cwd: Path | None = None) -> subprocess.Comple
 
 @pytest.fixture
 def shared(libvirt_backend: LibvirtBackend) -> Iterator[tuple[Path, Path, Path]]:
-    """(state dir a, state dir b, the images dir both link to), holding a copy of tiny-1."""
+    """(state dir a, state dir b, the images dir both link to), holding a copy of tiny-2."""
     tiny = ensure_tiny(libvirt_backend.parts.paths.images)
     root = state_dir() / "libvirt-test" / secrets.token_hex(4)
     images = root / "shared"
@@ -77,25 +77,25 @@ def test_a_tiny_image_in_a_shared_dir_is_listed_held_and_removed(
     outside = a.parent / "outside"
     outside.mkdir()
     (outside / "keep").write_text("not the image's")
-    (images / "tiny-1" / "escape").symlink_to(outside)
-    torn = images / "tiny-ssh-2.build"  # a build that died half way
+    (images / "tiny-2" / "escape").symlink_to(outside)
+    torn = images / "tiny-ssh-3.build"  # a build that died half way
     (torn / "out").mkdir(parents=True)
     listing = vmenv(a, "images").stdout
-    assert re.search(r"^torn image build\s+libvirt\s.*\stiny-ssh-2\.build\s", listing, re.M)
-    row = re.search(r"^image\s+libvirt\s+(\S+ \S+)\s+\S+\s+tiny-1\s+(.*)$", listing, re.M)
+    assert re.search(r"^torn image build\s+libvirt\s.*\stiny-ssh-3\.build\s", listing, re.M)
+    row = re.search(r"^image\s+libvirt\s+(\S+ \S+)\s+\S+\s+tiny-2\s+(.*)$", listing, re.M)
     assert row, listing
-    assert "the built-in tiny image, recipe 1 (" in row.group(2) and "qemu-guest-agent" in row[2]
+    assert "the built-in tiny image, recipe 2 (" in row.group(2) and "qemu-guest-agent" in row[2]
     assert row.group(1).endswith("MiB") and "in use" not in row.group(2)
 
-    with flocked(images / "tiny-1.lock"):  # as a build of it, or a template build on it
-        busy = vmenv(a, "images", "rm", "tiny-1")
+    with flocked(images / "tiny-2.lock"):  # as a build of it, or a template build on it
+        busy = vmenv(a, "images", "rm", "tiny-2")
     assert busy.returncode == 1 and "it is being built, or a template is being built" in (
         busy.stdout
     ), busy
-    swept = vmenv(a, "images", "rm", "tiny-ssh-2.build")
+    swept = vmenv(a, "images", "rm", "tiny-ssh-3.build")
     assert (
         swept.returncode == 0
-        and "removed libvirt torn image build tiny-ssh-2.build (" in swept.stdout
+        and "removed libvirt torn image build tiny-ssh-3.build (" in swept.stdout
     ), swept
     assert not torn.exists()
 
@@ -103,26 +103,26 @@ def test_a_tiny_image_in_a_shared_dir_is_listed_held_and_removed(
     session = Session(id="lvi-" + secrets.token_hex(4), state_dir=b, worker_id="lvi")
     snap = other.build_template(SPEC, "lvi-" + session.id, session)
     try:
-        held = vmenv(a, "images", "rm", "tiny-1")
+        held = vmenv(a, "images", "rm", "tiny-2")
         assert held.returncode == 1, held
-        assert f"left image tiny-1: in use: template {snap.key} of the state dir {b}" in (
+        assert f"left image tiny-2: in use: template {snap.key} of the state dir {b}" in (
             held.stdout
         ), held
         assert f"`VMENV_STATE_DIR={b} vmenv images rm {snap.key}`" in held.stdout
         mine = LibvirtBackend({}, state_dir=a)
-        cache = next(c for c in mine.caches(set()) if c.id == "tiny-1")
+        cache = next(c for c in mine.caches(set()) if c.id == "tiny-2")
         with pytest.raises(BackendError, match="remove the template first"):
             mine.remove_cache(cache, set())
         assert "a template was last built on it" in vmenv(a, "images").stdout
-        assert (images / "tiny-1" / "rootfs.qcow2").is_file()
+        assert (images / "tiny-2" / "rootfs.qcow2").is_file()
     finally:
         other.remove_template(snap)
         other.close()
-    assert not list((images / "tiny-1" / "users").glob("*.json"))  # the note went with it
-    gone = vmenv(a, "images", "rm", "tiny-1")
-    assert gone.returncode == 0 and "removed libvirt image tiny-1 (" in gone.stdout, gone
+    assert not list((images / "tiny-2" / "users").glob("*.json"))  # the note went with it
+    gone = vmenv(a, "images", "rm", "tiny-2")
+    assert gone.returncode == 0 and "removed libvirt image tiny-2 (" in gone.stdout, gone
     assert (a / "libvirt" / "images").is_symlink()
-    assert sorted(p.name for p in images.iterdir()) == ["tiny-1.lock", "tiny-ssh-2.lock"]
+    assert sorted(p.name for p in images.iterdir()) == ["tiny-2.lock", "tiny-ssh-3.lock"]
     assert (outside / "keep").read_text() == "not the image's"
     assert "no cached images" in vmenv(a, "images").stdout
 

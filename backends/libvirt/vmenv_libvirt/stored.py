@@ -1,7 +1,7 @@
 """The built images under ``<state>/libvirt/images``, as ``vmenv images`` lists and removes them.
 
-Contract of :func:`listing`: one :class:`~pytest_vmenv.backend.Cache` per image dir, ``tiny-1``,
-``tiny-ssh-2`` (:mod:`.tiny`), ``debian-<format>-<key>`` (:mod:`.debian`) and
+Contract of :func:`listing`: one :class:`~pytest_vmenv.backend.Cache` per image dir, ``tiny-2``,
+``tiny-ssh-3`` (:mod:`.tiny`), ``debian-<format>-<key>`` (:mod:`.debian`) and
 ``bootdisk-<format>-<key>`` (:mod:`.bootdisk`): kind ``image``,
 id its dir name, the recipe it was built from (its ``meta.json``), its size on disk, when it
 was built and when a template was last built on it. A build dir (``*.build``), a dir without

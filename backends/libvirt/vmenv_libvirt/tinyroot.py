@@ -152,7 +152,7 @@ def _dropbear_files(roots: list[Path], work: Path) -> Files:
 class Variant:
     """One flavour of the tiny image: which daemon is the guest's command channel.
 
-    ``stem`` and ``recipe`` name its directory (``tiny-1``): a new recipe is a new build.
+    ``stem`` and ``recipe`` name its directory (``tiny-2``): a new recipe is a new build.
     ``packages`` are downloaded and extracted for it (in this order, as ``files`` gets them);
     ``respawn`` is the daemon's command line in ``inittab``; ``login_keys``: ``rcS`` writes
     ``authorized_keys`` from the kernel command line.
