@@ -37,6 +37,7 @@ from pytest_vmenv.images import BuildEvent, ImageCache, Recipe, publish
 from pytest_vmenv.ledger import flocked
 
 from .debs import run
+from .forwards import GUEST_ADDRESS, MAC
 from .tree import SafeTree
 
 __all__ = [
@@ -83,14 +84,14 @@ DHCP=ipv4
 [DHCPv4]
 ClientIdentifier=mac
 """
-_FORWARD = """[Match]
-MACAddress=52:54:00:76:6d:66
+_FORWARD = f"""[Match]
+MACAddress={MAC}
 
 [Link]
 RequiredForOnline=no
 
 [Network]
-Address=10.0.2.15/24
+Address={GUEST_ADDRESS}/24
 DHCP=no
 LinkLocalAddressing=no
 IPv6AcceptRA=no

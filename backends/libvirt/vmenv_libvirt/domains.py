@@ -34,6 +34,7 @@ from pytest_vmenv.backend import Session
 
 from .config import Paths
 from .connection import Hypervisor, is_gone
+from .forwards import MAC, NETDEV
 
 __all__ = [
     "NS",
@@ -105,6 +106,8 @@ def render_domain(custom: Path | None, **variables: Any) -> str:
     safe.setdefault("mac", None)
     safe.setdefault("controller", "virtio")
     safe.setdefault("on_reboot", "restart")
+    safe.setdefault("forward_netdev", NETDEV)
+    safe.setdefault("forward_mac", MAC)
     if custom is not None:
         text = custom.read_text()
         return _environment().from_string(text).render(**safe)

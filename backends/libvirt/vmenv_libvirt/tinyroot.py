@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .debs import TinyBuildError, libraries, run
+from .forwards import GUEST_ADDRESS, MAC
 from .tree import SafeTree
 
 __all__ = ["AGENT", "HOST_KEYS", "READY_MARKER", "SSH", "Variant", "write_rootfs"]
@@ -33,7 +34,8 @@ READY_MARKER = "vmenv: tiny ready"
 Files = dict[str, tuple[bytes, int]]
 """Files to add to the tree: relative path -> (content, mode)."""
 
-_RCS = """#!/bin/sh
+_RCS = (
+    """#!/bin/sh
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mkdir -p /dev/pts /dev/virtio-ports
@@ -50,13 +52,16 @@ for p in /sys/class/virtio-ports/*; do
 done
 for i in /sys/class/net/*; do
   n=${i##*/}; [ "$n" = lo ] && continue
-  if [ "$(cat "$i/address")" = 52:54:00:76:6d:66 ]; then
-    ip addr add 10.0.2.15/24 dev "$n"; ip link set "$n" up; continue
+"""
+    + f"""  if [ "$(cat "$i/address")" = {MAC} ]; then
+    ip addr add {GUEST_ADDRESS}/24 dev "$n"; ip link set "$n" up; continue
   fi
-  udhcpc -b -S -i "$n" -x "hostname:$(hostname)" -s /usr/share/udhcpc/default.script \\
+"""
+    + """  udhcpc -b -S -i "$n" -x "hostname:$(hostname)" -s /usr/share/udhcpc/default.script \\
     >/dev/null 2>&1
 done
 """
+)
 _LOGIN_KEYS = """for a in $(cat /proc/cmdline); do
   case $a in vmenv.ssh_key=*)
     mkdir -p /root/.ssh; chmod 700 /root/.ssh
