@@ -24,7 +24,7 @@ import sys
 from ... import errors
 from .state import NAME
 
-__all__ = ["Helper"]
+__all__ = ["Helper", "spawn"]
 
 _SCRIPT = r"""
 import ctypes, os, socket, sys
@@ -46,26 +46,38 @@ while chan.recv(1):
 """
 
 
+def spawn(
+    script: str, user: int, net: int, *args: str
+) -> tuple[socket.socket, subprocess.Popen[bytes]]:
+    """``python -I -S -c script CHAN USER NET *args`` with the namespace fds ``user`` and
+    ``net`` (closed here) and one end of a socket pair (``CHAN``) passed to it; the other end
+    and the process. Its stderr is a pipe, for the error it gives when it fails."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        fds = (theirs.fileno(), user, net)
+        proc = subprocess.Popen(
+            [sys.executable, "-I", "-S", "-c", script, *map(str, fds), *args],
+            pass_fds=fds,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+    except BaseException:
+        ours.close()
+        raise
+    finally:
+        theirs.close()
+        os.close(user)
+        os.close(net)
+    return ours, proc
+
+
 class Helper:
     """One helper process in the namespaces ``user`` and ``net`` (fds; they are closed)."""
 
     def __init__(self, user: int, net: int) -> None:
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            fds = (theirs.fileno(), user, net)
-            self._proc = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", _SCRIPT, *map(str, fds)],
-                pass_fds=fds,
-                stdin=subprocess.DEVNULL,
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.PIPE,
-            )
-        finally:
-            theirs.close()
-            os.close(user)
-            os.close(net)
-        self._chan = ours
-        if ours.recv(1) != b"+":
+        self._chan, self._proc = spawn(_SCRIPT, user, net)
+        if self._chan.recv(1) != b"+":
             _, err = self._proc.communicate(timeout=30)
             self.close()
             raise errors.BackendError(

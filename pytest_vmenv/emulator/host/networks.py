@@ -63,7 +63,7 @@ class Networks:
                 cidr = network.subnet or DEFAULT_CIDR
                 seg = _Segment(UserLan(cidr) if rootless() else Lan(cidr, state_dir=records))
                 self._segments[network.id] = seg
-            if rootless():
+            if isinstance(seg.lan, UserLan):  # it makes the veths from inside the guest
                 guest.ip = seg.lan.attach(guest.pid, *guest_ns(guest, "user", "net"))
             else:
                 guest.ip = seg.lan.attach(guest.pid)

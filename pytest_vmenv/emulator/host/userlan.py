@@ -30,11 +30,11 @@ import os
 import selectors
 import socket
 import subprocess
-import sys
 import threading
 
 from ...errors import BackendError
 from .lanaddress import free_address, subnet
+from .netns_helper import spawn
 
 __all__ = ["UserLan"]
 
@@ -78,20 +78,7 @@ def _config(address: ipaddress.IPv4Interface) -> str:
 
 def _port_socket(user: int, net: int, address: ipaddress.IPv4Interface) -> socket.socket:
     """A packet socket on a new ``sw0`` in the namespaces ``user``/``net`` (fds, closed)."""
-    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        fds = (theirs.fileno(), user, net)
-        proc = subprocess.Popen(
-            [sys.executable, "-I", "-S", "-c", _SCRIPT, *map(str, fds), _config(address)],
-            pass_fds=fds,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-    finally:
-        theirs.close()
-        os.close(user)
-        os.close(net)
+    ours, proc = spawn(_SCRIPT, user, net, _config(address))
     with ours:
         ours.settimeout(_TIMEOUT)
         try:
